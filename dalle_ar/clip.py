@@ -1,0 +1,154 @@
+"""CLIP through open_clip: build small models from config, train them on our shards, load local
+checkpoints (ours or a user's), embed, and rerank generated candidates (DALL-E section 2.6).
+
+An exported CLIP directory is also an open_clip `local-dir:` model (`open_clip_config.json` +
+`model.safetensors`), so `open_clip.create_model("local-dir:<dir>")` opens it without this package.
+Nothing here ever downloads: pretrained *tags* are refused, only local files are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_ar.config import ClipConfig, from_dict
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+def _quiet_open_clip():
+    logging.getLogger("root").setLevel(max(logging.getLogger().level, logging.WARNING))
+
+
+def _write_open_clip_dir(cfg: ClipConfig, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": cfg.open_clip_dict(), "preprocess_cfg": {}}, indent=2))
+    return directory
+
+
+def build_clip(cfg: ClipConfig) -> nn.Module:
+    """A randomly initialised open_clip model with our architecture (no weights touched)."""
+    import open_clip
+
+    _quiet_open_clip()
+    with tempfile.TemporaryDirectory() as d:
+        model = open_clip.create_model(f"local-dir:{_write_open_clip_dir(cfg, Path(d))}", load_weights=False)
+    return model
+
+
+def load_clip(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """Load a CLIP from local files only. `spec` is either
+      - a directory: one exported by `train/train_clip.py`, or any open_clip `local-dir` model
+        (`open_clip_config.json` + weights), or
+      - `ARCH:/path/to/weights` for an open_clip architecture with a local checkpoint
+        (e.g. `ViT-B-32:/models/vit_b_32.safetensors`).
+    Returns (model in eval mode, tokenizer)."""
+    import open_clip
+
+    _quiet_open_clip()
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / OPEN_CLIP_CONFIG).exists():
+            raise FileNotFoundError(f"{path}: no {OPEN_CLIP_CONFIG}; pass a CLIP export directory "
+                                    f"(runs/<name>/export from train/train_clip.py) or ARCH:/path/weights")
+        name = f"local-dir:{path}"
+        model = open_clip.create_model(name, device=device)
+    else:
+        arch, sep, weights = spec.partition(":")
+        if not sep or not Path(weights).is_file():
+            raise FileNotFoundError(f"{spec}: CLIP not found; pass an export directory or ARCH:/local/weights "
+                                    f"(pretrained tags would download, which dalle-ar never does)")
+        if arch not in open_clip.list_models():
+            raise ValueError(f"{spec}: unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+        name = arch
+        model = open_clip.create_model(arch, pretrained=weights, device=device)
+    return model.eval(), open_clip.get_tokenizer(name)
+
+
+def clip_tokenizer(cfg: ClipConfig):
+    import open_clip
+
+    return open_clip.get_tokenizer("RN50", context_length=cfg.context_length)  # the packaged BPE, no download
+
+
+def export_files(cfg: ClipConfig, directory: Path) -> dict[str, str]:
+    """Extra files a CLIP export carries (see module docstring)."""
+    _write_open_clip_dir(cfg, directory)
+    return {OPEN_CLIP_CONFIG: str(directory / OPEN_CLIP_CONFIG)}
+
+
+def clip_config_from_export(config: dict) -> ClipConfig:
+    return from_dict(ClipConfig, config["clip"], source="config.json")
+
+
+def normalize_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (B, 3, H, W) -> resized and normalised the way this CLIP was trained."""
+    pre = model.visual.preprocess_cfg
+    size = pre["size"] if isinstance(pre["size"], int) else pre["size"][0]
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(pre["mean"], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def contrastive_loss(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Symmetric InfoNCE (open_clip's ClipLoss) over the batch; images already normalised."""
+    import open_clip
+
+    out = model(images, tokens)
+    if isinstance(out, dict):
+        img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    else:
+        img, txt, scale = out[:3]
+    loss = open_clip.ClipLoss()(img.float(), txt.float(), scale.float())
+    return loss, {"logit_scale": float(scale.detach().float().reshape(-1)[0])}
+
+
+class ClipScorer:
+    """Cosine similarity between images and captions under a CLIP model."""
+
+    def __init__(self, model: nn.Module, tokenizer, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+
+    @classmethod
+    def load(cls, spec: str, device: str | torch.device = "cpu") -> "ClipScorer":
+        model, tok = load_clip(spec, device)
+        return cls(model, tok, device)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        feats = [self.model.encode_image(normalize_images(self.model, chunk.to(self.device).float()), normalize=True)
+                 for chunk in images.split(batch_size)]
+        return torch.cat(feats).float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
+
+    def scores(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """(num_images, num_texts) cosine similarities."""
+        return self.encode_images(images) @ self.encode_texts(texts).T
+
+
+def rerank(scorer: ClipScorer, images: torch.Tensor, caption: str, top_k: int | None = None):
+    """Order candidate images for one caption by CLIP similarity; returns (indices, scores), best first."""
+    s = scorer.scores(images, [caption])[:, 0]
+    order = torch.argsort(s, descending=True)
+    if top_k:
+        order = order[:top_k]
+    return order, s[order]
+
+
+def clip_export_config(cfg: ClipConfig) -> dict:
+    return {"kind": "clip", "clip": asdict(cfg)}

@@ -1,0 +1,272 @@
+"""Configs: one dataclass per concern, JSON load/save, presets, and the one CLI loader.
+
+Every script builds its argparse parser from the dataclasses it uses (`add_config_args`), so every
+field is a flag with the same default as the class. `--config run.json` supplies values too; flags
+given on the command line win over the file, the file wins over the preset, the preset over defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the file/field and the fix."""
+
+
+@dataclass
+class DVAEConfig:
+    """Gumbel-softmax dVAE (DALL-E section 2.1). Layout follows OpenAI's released dVAE."""
+
+    image_size: int = 64
+    num_tokens: int = 512          # codebook size K
+    group_count: int = 4           # resolution halves between groups: grid = image_size / 2**(group_count-1)
+    n_hid: int = 32                # width of the first group; group g has n_hid * 2**(g-1) channels
+    n_blk_per_group: int = 1
+    n_init: int = 128              # decoder width after the 1x1 conv from the K one-hot channels
+    straight_through: bool = False  # hard one-hot forward, soft gradients (ablation; paper uses soft)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // 2 ** (self.group_count - 1)
+
+
+@dataclass
+class DVAELossConfig:
+    """dVAE objective schedule (paper appendix A.2: tau 1 -> 1/16, KL weight 0 -> beta)."""
+
+    kl_weight: float = 1e-3          # beta at the end of the anneal (paper: 6.6 with a sum-reduced loss)
+    temperature_start: float = 1.0
+    temperature_end: float = 1 / 16
+    anneal_steps: int = 0            # 0 = anneal over the whole run
+
+
+@dataclass
+class DalleConfig:
+    """Decoder-only transformer over [text tokens | image tokens] (DALL-E section 2.2)."""
+
+    text_vocab_size: int = 512      # BPE vocabulary (without the per-position pad tokens)
+    text_len: int = 16              # paper: 256
+    num_image_tokens: int = 512     # dVAE codebook size, paper: 8192
+    image_fmap_size: int = 8        # dVAE grid side, paper: 32
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    text_loss_weight: float = 1 / 8  # paper: 1/8 text, 7/8 image
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.image_fmap_size ** 2
+
+    @property
+    def num_text_tokens(self) -> int:
+        """BPE vocabulary plus one distinct pad token per text position (paper section 2.2)."""
+        return self.text_vocab_size + self.text_len
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_seq_len
+
+
+@dataclass
+class ClipConfig:
+    """A small open_clip model trained on our shards (for rerank and metrics)."""
+
+    image_size: int = 64
+    embed_dim: int = 128
+    vision_layers: int = 3
+    vision_width: int = 192
+    patch_size: int = 8
+    context_length: int = 32
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 3
+
+    def open_clip_dict(self) -> dict:
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {"image_size": self.image_size, "layers": self.vision_layers,
+                           "width": self.vision_width, "patch_size": self.patch_size},
+            "text_cfg": {"context_length": self.context_length, "vocab_size": 49408,
+                         "width": self.text_width, "heads": self.text_heads, "layers": self.text_layers},
+        }
+
+
+@dataclass
+class TrainConfig:
+    """What every trainer shares. DeepSpeed-only settings (ZeRO details, offload, buckets) live in
+    `ds_config`; the fields here that overlap it (batch, accumulation, stage, clipping, precision) win."""
+
+    data: str = "data/shapes"       # directory of .tar shards, a glob, or a brace pattern
+    out: str = "runs/run"
+    steps: int = 1000                # optimizer steps
+    batch_size: int = 32             # micro-batch per GPU/process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.96
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    precision: str = "auto"          # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32
+    ds_config: str = "ds_config.json"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500            # also saved at the end; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = True              # continue from <out>/checkpoints/latest when it exists
+    num_workers: int = 0
+    wandb: str = "offline"           # offline | online | disabled
+    wandb_project: str = "dalle-ar"
+    progress: bool = True            # tqdm bar on rank 0
+
+
+@dataclass
+class SampleConfig:
+    """Sampling and rerank (paper section 2.3 / 3: N candidates per caption, keep the CLIP top k)."""
+
+    num_candidates: int = 16
+    top_k_rerank: int = 4
+    temperature: float = 1.0
+    top_k: int = 0                   # 0 = off; sample among the k most likely image tokens
+    top_p: float = 0.0               # 0 = off; nucleus sampling
+    batch_size: int = 64
+    seed: int = 0
+
+
+PRESETS: dict[str, dict[type, dict[str, Any]]] = {
+    # CPU tests and the demo: 64px images -> 8x8 grid over 512 codes.
+    "tiny": {
+        DVAEConfig: dict(image_size=64, num_tokens=512, group_count=4, n_hid=32, n_blk_per_group=1, n_init=128),
+        DalleConfig: dict(text_len=16, num_image_tokens=512, image_fmap_size=8, dim=256, depth=4, heads=4),
+        ClipConfig: dict(image_size=64),
+    },
+    # The paper: 256px -> 32x32 over 8192 codes; 12B transformer (64 layers, 62 heads of 64, d=3968).
+    "paper": {
+        DVAEConfig: dict(image_size=256, num_tokens=8192, group_count=4, n_hid=256, n_blk_per_group=2, n_init=128),
+        DalleConfig: dict(text_vocab_size=16384, text_len=256, num_image_tokens=8192, image_fmap_size=32,
+                          dim=3968, depth=64, heads=62),
+        ClipConfig: dict(image_size=224, embed_dim=512, vision_layers=12, vision_width=768, patch_size=16,
+                         context_length=77, text_width=512, text_heads=8, text_layers=12),
+    },
+}
+
+
+def preset(cls: type, name: str, **overrides):
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return cls(**{**PRESETS[name].get(cls, {}), **overrides})
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(cls: type, data: dict, source: str = "config"):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(known)}")
+    return cls(**data)
+
+
+def save_json(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def load_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found; pass an existing JSON file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the file") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: dataclass fields -> flags
+# ----------------------------------------------------------------------------------------------
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_type(cls: type, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    t = hints[f.name]
+    return _parse_bool if t is bool else t
+
+
+def add_config_args(parser: argparse.ArgumentParser, *classes: type) -> None:
+    """Add one flag per dataclass field (defaults None so we can tell what the user typed)."""
+    seen: dict[str, type] = {}
+    for cls in classes:
+        group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+        for f in fields(cls):
+            if f.name in seen:
+                raise RuntimeError(f"flag --{f.name} defined by both {seen[f.name].__name__} and {cls.__name__}")
+            seen[f.name] = cls
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(f"--{f.name}", type=_field_type(cls, f), default=None, metavar=type(default).__name__.upper(),
+                               help=f"(default: {default})")
+    parser.add_argument("--config", default=None, help="JSON file with values for any of the fields above "
+                        "(flat, or nested by section name); flags given here override it")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size preset (default: tiny)")
+    # The `deepspeed` launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+_SECTION = {DVAEConfig: "dvae", DVAELossConfig: "dvae_loss", DalleConfig: "model", ClipConfig: "clip", TrainConfig: "train", SampleConfig: "sample"}
+
+
+def resolve(args: argparse.Namespace, *classes: type):
+    """Build each dataclass from preset < --config file < command-line flags."""
+    file_data = load_json(args.config) if args.config else {}
+    out = []
+    for cls in classes:
+        section = file_data.get(_SECTION.get(cls, cls.__name__), {})
+        flat = {k: v for k, v in file_data.items() if not isinstance(v, dict)}
+        names = {f.name for f in fields(cls)}
+        values = dict(PRESETS[args.preset].get(cls, {}))
+        values.update({k: v for k, v in flat.items() if k in names})
+        values.update(section)
+        values.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+        out.append(from_dict(cls, values, source=args.config or "command line"))
+    known = set().union(*({f.name for f in fields(c)} for c in classes)) | set(_SECTION.values())
+    stray = sorted(k for k in file_data if k not in known and k not in _SECTION.values())
+    if stray:
+        raise ConfigError(f"{args.config}: unknown field(s) {stray}; valid: {sorted(known)}")
+    return out[0] if len(out) == 1 else out
+
+
+def parse(description: str, *classes: type, extra=None, argv=None):
+    """Standard script entry: parser from dataclasses (+ `extra(parser)` flags), then resolve."""
+    parser = argparse.ArgumentParser(description=description)
+    if extra:
+        extra(parser)
+    add_config_args(parser, *classes)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args, resolve(args, *classes)
+    except ConfigError as e:
+        parser.error(str(e))

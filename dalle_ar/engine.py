@@ -1,0 +1,279 @@
+"""The one training engine: every trainer (dVAE, transformer, CLIP) runs through `Trainer`.
+
+It owns everything parallelism- and bookkeeping-related, so model code never imports DeepSpeed:
+`deepspeed.initialize` from `ds_config.json` (+ the run's overrides), a torch AdamW client optimizer,
+warmup + cosine LR, gradient accumulation, checkpoint save / resume (all ranks), export of
+consolidated fp32 weights to `.safetensors` + `config.json`, and logging to tqdm and wandb (rank 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from dalle_ar.checkpoint import save_pretrained
+from dalle_ar.config import ConfigError, TrainConfig, load_json, save_json
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any, int], "tuple[torch.Tensor, dict]"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed, also for a plain `python script.py`.
+
+    Launchers (deepspeed, torchrun, srun via mpirun) set RANK/WORLD_SIZE; without them DeepSpeed would
+    try MPI discovery and fail, so a single process gets rank 0 of 1 on a free local port."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # CPU runs are tests and demos: gloo all-reduce is enough, skip JIT-building the shm comm op.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+
+
+def build_ds_config(cfg: TrainConfig) -> dict:
+    """ds_config.json, with the run's batch, accumulation, ZeRO stage, clipping and precision on top."""
+    ds = load_json(cfg.ds_config)
+    ds.pop("train_batch_size", None)  # derived: micro * accumulation * world size
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["gradient_clipping"] = cfg.grad_clip
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": use_bf16(cfg)}
+    ds["fp16"] = {"enabled": False}
+    ds["zero_allow_untested_optimizer"] = True  # our client optimizer is torch AdamW
+    ds.setdefault("steps_per_print", 10 ** 9)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{cfg.ds_config}: remove the '{key}' section; the engine builds a torch AdamW with "
+                              f"warmup+cosine from the run's --lr/--warmup_steps (DeepSpeed's FusedAdam needs a CUDA build)")
+    return ds
+
+
+def warmup_cosine(cfg: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (weights, embeddings), not gains and biases (nanoGPT's rule)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def to_device(batch, device, dtype: torch.dtype):
+    """Move tensors to the device; floating tensors take the engine's compute dtype."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, dtype=dtype if batch.is_floating_point() else None, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, dtype) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, dtype) for k, v in batch.items()}
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Wraps a model in a DeepSpeed engine and runs a step-counted training loop.
+
+    `loss_fn(module, batch, step) -> (loss, metrics)` is the only model-specific piece. `export_config`
+    is written next to the exported weights so `<out>/export` is self-describing."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, name: str, export_config: dict,
+                 extra_files: dict[str, str] | None = None):
+        setup_distributed()
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+
+        self.cfg, self.name = cfg, name
+        self.export_config, self.extra_files = export_config, extra_files or {}
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.is_main = rank() == 0
+        torch.manual_seed(cfg.seed)
+        ds_config = build_ds_config(cfg)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available())
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: LambdaLR(opt, warmup_cosine(cfg)))
+        self.device = self.engine.device
+        self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+        self.step = 0
+        self.skipped: dict[str, int] = {}
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_json(self.out / "train_config.json", asdict(cfg))
+            save_json(self.out / "ds_config.resolved.json", ds_config)
+        if cfg.resume and (self.ckpt_dir / "latest").exists():
+            self.load()
+        self._wandb = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self) -> str:
+        """Save on all ranks. DeepSpeed writes the tag directory first and `latest` last, so a crash
+        mid-save leaves `latest` pointing at the previous complete checkpoint."""
+        tag = f"step_{self.step:08d}"
+        state = {"step": self.step, "torch_rng": torch.get_rng_state(), "skipped": self.skipped}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        barrier()
+        if self.is_main:
+            self._prune(keep=tag)
+        return tag
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - self.cfg.keep_checkpoints)]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self) -> None:
+        path, state = self.engine.load_checkpoint(str(self.ckpt_dir))
+        if path is None:
+            raise RuntimeError(f"{self.ckpt_dir}: could not load the latest checkpoint; delete the directory "
+                               f"or pass --resume false to start over")
+        self.step = int(state["step"])
+        self.skipped = state.get("skipped", {})
+        torch.set_rng_state(state["torch_rng"])
+        if self.is_main:
+            log.info("resumed %s from %s at step %d", self.name, path, self.step)
+
+    def consolidated_state_dict(self, tag: str) -> dict[str, torch.Tensor]:
+        """fp32 weights on rank 0: from the module (ZeRO-0) or gathered from the ZeRO shards (1-3)."""
+        if self.cfg.zero_stage == 0:
+            return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_dir), tag=tag)
+
+    def export(self, tag: str) -> Path:
+        out = self.out / "export"
+        if self.is_main:
+            save_pretrained(self.consolidated_state_dict(tag), out, self.export_config, self.extra_files)
+        barrier()
+        return out
+
+    # -- logging -----------------------------------------------------------------------------
+    def _init_wandb(self) -> None:
+        if not self.is_main or self.cfg.wandb == "disabled":
+            return
+        import wandb
+
+        self._wandb = wandb.init(mode=self.cfg.wandb, project=self.cfg.wandb_project, dir=str(self.out),
+                                 name=f"{self.name}-{self.out.name}", resume="allow",
+                                 config={"train": asdict(self.cfg), "model": self.export_config},
+                                 settings=wandb.Settings(console="off", silent=True))
+
+    def log(self, metrics: dict) -> None:
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=self.step)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, batches: Iterable, loss_fn: LossFn, items: Callable[[Any], int] = lambda b: len(b[0]),
+            on_step: Callable[["Trainer"], None] | None = None) -> Path:
+        """Train until `cfg.steps` optimizer steps; returns the export directory.
+
+        On resume, the data stream is fast-forwarded past the micro-batches already consumed, so a
+        deterministic stream continues exactly where the checkpoint left it."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        it = iter(batches)
+        for _ in range(self.step * cfg.grad_accum):
+            next(it)
+        self._init_wandb()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, dynamic_ncols=True, mininterval=1.0,
+                   disable=not (self.is_main and cfg.progress))
+        ema, t0, seen = None, time.perf_counter(), 0
+        while self.step < cfg.steps:
+            for micro in range(cfg.grad_accum):
+                batch = to_device(next(it), self.device, self.dtype)
+                loss, metrics = loss_fn(self.engine, batch, self.step)
+                self.engine.backward(loss)
+                self.engine.step()
+                seen += items(batch)
+            self.step += 1
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{self.name}: loss is {value} at step {self.step}; lower --lr or check the "
+                                         f"data. Last good checkpoint: {self.ckpt_dir / 'latest'}")
+            ema = value if ema is None else 0.9 * ema + 0.1 * value
+            dt = time.perf_counter() - t0
+            rate = seen * world_size() / max(dt, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self.log({"loss": value, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate, **metrics})
+                t0, seen = time.perf_counter(), 0
+            if on_step is not None:
+                on_step(self)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+        bar.close()
+        final = f"step_{self.step:08d}"
+        latest = self.ckpt_dir / "latest"
+        if not (latest.exists() and latest.read_text().strip() == final):
+            self.save()
+        export = self.export(final)
+        if self._wandb is not None:
+            self._wandb.summary.update({"final_loss": ema, "steps": self.step})
+            self._wandb.finish()
+        return export

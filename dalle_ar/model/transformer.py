@@ -1,0 +1,140 @@
+"""The DALL-E transformer (section 2.2): one decoder-only stack over [text tokens | image tokens].
+
+Sequence layout (L = text_len, N = image_seq_len):
+    input   [BOS, t_0 .. t_{L-1}, i_0 .. i_{N-2}]     (L + N slots)
+    target  [t_0 .. t_{L-1},      i_0 .. i_{N-1}]
+Text and image tokens have separate embeddings and output heads; text slots get a learned position
+embedding, image tokens a row + column embedding. Loss = w * text CE + (1 - w) * image CE, w = 1/8.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_ar.config import DalleConfig
+from dalle_ar.model.attention import CausalSelfAttention
+from dalle_ar.model.kv_cache import KVCache
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden)
+        self.proj = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DalleConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg.dim, cfg.heads, cfg.dropout)
+        self.ln_2 = nn.LayerNorm(cfg.dim)
+        self.mlp = MLP(cfg.dim, int(cfg.mlp_ratio * cfg.dim), cfg.dropout)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class DalleTransformer(nn.Module):
+    def __init__(self, cfg: DalleConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.dim
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.text_emb = nn.Embedding(cfg.num_text_tokens, d)
+        self.text_pos = nn.Embedding(cfg.text_len + 1, d)  # slot 0 is BOS
+        self.image_emb = nn.Embedding(cfg.num_image_tokens, d)
+        self.image_row = nn.Embedding(cfg.image_fmap_size, d)
+        self.image_col = nn.Embedding(cfg.image_fmap_size, d)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(d)
+        self.to_text_logits = nn.Linear(d, cfg.num_text_tokens, bias=False)
+        self.to_image_logits = nn.Linear(d, cfg.num_image_tokens, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / (2 * cfg.depth) ** 0.5)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """text (B, L) -> (B, L + 1, d) for slots [BOS, t_0 .. t_{L-1}]."""
+        bos = self.bos.expand(text.shape[0], 1, -1)
+        x = torch.cat([bos, self.text_emb(text)], dim=1)
+        return x + self.text_pos.weight[: x.shape[1]]
+
+    def embed_image(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """image codes (B, n) at image positions start .. start+n-1 -> (B, n, d)."""
+        pos = torch.arange(start, start + codes.shape[1], device=codes.device)
+        side = self.config.image_fmap_size
+        return self.image_emb(codes) + self.image_row(pos // side) + self.image_col(pos % side)
+
+    # -- trunk --------------------------------------------------------------------------------
+    def trunk(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.ln_f(x)
+
+    def forward(self, text: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. text (B, L), codes (B, N) or (B, h, w) -> (text logits (B, L, Vt),
+        image logits (B, N, Vi)); image logit j predicts image token j."""
+        codes = codes.flatten(1)
+        x = torch.cat([self.embed_text(text), self.embed_image(codes[:, :-1])], dim=1)
+        h = self.trunk(x)
+        L = self.config.text_len
+        return self.to_text_logits(h[:, :L]), self.to_image_logits(h[:, L:])
+
+    def loss(self, text: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.loss_from_logits(*self(text, codes), text, codes)
+
+    def loss_from_logits(self, text_logits, image_logits, text, codes) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy in fp32 (bf16 logits lose the small probabilities), weighted text vs image."""
+        codes = codes.flatten(1)
+        text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), text.flatten())
+        image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), codes.flatten())
+        w = self.config.text_loss_weight
+        loss = w * text_loss + (1 - w) * image_loss
+        return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
+
+    # -- incremental decoding -----------------------------------------------------------------
+    def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        p = self.to_image_logits.weight
+        cfg = self.config
+        return KVCache(cfg.depth, batch, cfg.heads, cfg.seq_len, cfg.dim // cfg.heads,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def prefill(self, text: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run [BOS, text] into the cache; returns image logits for image token 0 (B, Vi)."""
+        h = self.trunk(self.embed_text(text), cache)
+        return self.to_image_logits(h[:, -1])
+
+    def decode_step(self, code: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
+        """Feed image token `index` (B,); returns image logits for token index + 1 (B, Vi)."""
+        h = self.trunk(self.embed_image(code[:, None], start=index), cache)
+        return self.to_image_logits(h[:, -1])
+
+    def num_params(self, exclude_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= sum(m.weight.numel() for m in (self.text_emb, self.image_emb, self.text_pos, self.image_row, self.image_col))
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (6N + attention, PaLM appendix B), for MFU accounting."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.depth * cfg.dim * cfg.seq_len

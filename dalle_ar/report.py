@@ -1,0 +1,52 @@
+"""Things people look at: image grids (the one grid writer) and, later, tables and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> PIL RGB."""
+    arr = image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] | None = None,
+              scale: int = 2, label_width: int = 300) -> Path:
+    """Save (N, 3, H, W) images in [0, 1] as a grid with `nrow` images per row, optionally with a
+    text label left of each row (the prompt), upscaled `scale`x with nearest neighbour for small images."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = to_pil(make_grid(images.float().cpu(), nrow=nrow, padding=2, pad_value=1.0))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if row_labels:
+        canvas = Image.new("RGB", (grid.width + label_width, grid.height), "white")
+        canvas.paste(grid, (label_width, 0))
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default()
+        row_h = grid.height / len(row_labels)
+        for i, label in enumerate(row_labels):
+            lines = _wrap(label, max_chars=label_width // 7)
+            y = i * row_h + row_h / 2 - 6 * len(lines)
+            for j, line in enumerate(lines):
+                draw.text((6, y + 12 * j), line, fill="black", font=font)
+        grid = canvas
+    grid.save(path)
+    return path
+
+
+def _wrap(text: str, max_chars: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > max_chars:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])

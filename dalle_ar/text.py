@@ -1,0 +1,83 @@
+"""Caption tokenizer: a byte-level BPE trained with `tokenizers`, encoded to a fixed `text_len`.
+
+DALL-E (section 2.2) pads every caption to 256 positions with a *distinct* pad token per position, so
+the model can tell "no more text at position i" apart from any other position. Pad ids therefore live
+after the BPE vocabulary: the pad at position i has id `bpe_vocab_size + i`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+UNK = "[UNK]"
+
+
+def train_bpe(captions: Iterable[str], vocab_size: int = 16384, min_frequency: int = 2) -> Tokenizer:
+    """Train a lower-cased byte-level BPE on captions (no unknown tokens possible)."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[UNK],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(captions, trainer=trainer)
+    return tok
+
+
+class TextTokenizer:
+    """Fixed-length caption encoder with per-position pad tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, text_len: int):
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        self.num_truncated = 0  # captions longer than text_len seen so far (counted, not fatal)
+
+    @classmethod
+    def load(cls, path: str | Path, text_len: int) -> "TextTokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: tokenizer not found; train one with `python train/train_tokenizer.py "
+                                    f"--data <shards> --out {path.parent}` or pass --tokenizer <path/to/tokenizer.json>")
+        return cls(Tokenizer.from_file(str(path)), text_len)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        """BPE vocabulary size (pad ids come after it)."""
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def num_text_tokens(self) -> int:
+        return self.vocab_size + self.text_len
+
+    def pad_id(self, position: int) -> int:
+        return self.vocab_size + position
+
+    def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """(B, text_len) long ids; overlong captions are truncated (and counted)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.arange(self.text_len).add(self.vocab_size).repeat(len(texts), 1)
+        for row, enc in enumerate(self.tokenizer.encode_batch([t.strip() for t in texts])):
+            ids = enc.ids
+            if len(ids) > self.text_len:
+                self.num_truncated += 1
+                ids = ids[: self.text_len]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str | list[str]:
+        ids = torch.as_tensor(ids)
+        if ids.ndim == 2:
+            return [self.decode(row) for row in ids]
+        keep = [i for i in ids.tolist() if i < self.vocab_size]
+        return self.tokenizer.decode(keep).strip()

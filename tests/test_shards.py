@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalle_ar.data import shards, synthetic
+
+
+def test_image_shards_round_trip(tmp_path):
+    examples = [(f"{i:09d}", *synthetic.make_example(i)) for i in range(25)]
+    assert shards.write_image_shards(examples, tmp_path, samples_per_shard=10) == 25
+    assert len(shards.shard_urls(str(tmp_path))) == 3
+    got = {key: (img, txt) for img, txt, key in shards.image_text_dataset(str(tmp_path), 64)}
+    assert len(got) == 25
+    for key, image, text in examples:
+        img, txt = got[key]
+        assert txt == text
+        expected = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+        assert torch.equal(img, expected)  # PNG is lossless
+
+
+def test_import_folder_with_sidecar_captions(tmp_path):
+    src = tmp_path / "src" / "sub"
+    src.mkdir(parents=True)
+    for i in range(5):
+        image, text = synthetic.make_example(i)
+        image.save(src / f"img{i}.jpg" if i % 2 else src / f"img{i}.png")
+        if i != 3:
+            (src / f"img{i}.txt").write_text(text + "\n")
+    stats = shards.import_folder(tmp_path / "src", tmp_path / "out")
+    assert stats == {"written": 4, "skipped_no_caption": 1}
+    texts = sorted(t for _, t, _ in shards.image_text_dataset(str(tmp_path / "out"), 32))
+    assert texts == sorted(synthetic.make_example(i)[1] for i in (0, 1, 2, 4))
+
+
+def test_token_shards_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    examples = [(f"{i:04d}", rng.integers(0, 8192, (32, 32)), f"caption {i}") for i in range(7)]
+    shards.write_token_shards(examples, tmp_path)
+    got = sorted(shards.token_dataset(str(tmp_path)), key=lambda x: x[2])
+    for (key, codes, text), (c, t, k) in zip(examples, got):
+        assert k == key and t == text and torch.equal(c, torch.from_numpy(codes.astype(np.int64)))
+
+
+def test_missing_shards_error_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make_shards.py"):
+        shards.shard_urls(str(tmp_path / "nothing"))
+
+
+def test_image_to_tensor_handles_any_mode_and_size():
+    for mode in ("L", "RGBA", "P", "CMYK"):
+        t = shards.image_to_tensor(Image.new(mode, (100, 60)), 32)
+        assert t.shape == (3, 32, 32) and 0 <= t.min() <= t.max() <= 1

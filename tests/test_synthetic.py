@@ -1,0 +1,347 @@
+"""Tests for the shapes world (dalle_ar.data.synthetic): determinism, caption grammar, and the
+pixel checker's acceptance of true captions (also after blur/JPEG) and rejection of wrong ones."""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from dalle_ar.data import synthetic as S
+
+N = 300  # examples per measured rate
+SEED = 1234
+
+OPPOSITE = {
+    "on the left": "on the right",
+    "on the right": "on the left",
+    "at the top": "at the bottom",
+    "at the bottom": "at the top",
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def jpeg(im: Image.Image, quality: int = 90) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def blur(im: Image.Image) -> Image.Image:
+    """Gaussian blur of radius 1 at 64 px, scaled with the image (radius 4 at 256 px)."""
+    return im.filter(ImageFilter.GaussianBlur(im.width / 64))
+
+
+def color_shift(im: Image.Image) -> Image.Image:
+    """Slightly dimmer with a per-channel cast, like a model's colour drift."""
+    levels = np.arange(256) * 0.92
+    luts = [np.clip(levels + off, 0, 255).round().astype(int) for off in (12, -10, 8)]
+    return im.point([v for lut in luts for v in lut])
+
+
+def speckle(im: Image.Image, frac: float = 0.02, seed: int = 0) -> Image.Image:
+    """Replace a few percent of pixels with random colours."""
+    rng = np.random.default_rng(seed)
+    a = np.asarray(im).copy()
+    hit = rng.random(a.shape[:2]) < frac
+    a[hit] = rng.integers(0, 256, (int(hit.sum()), 3))
+    return Image.fromarray(a)
+
+
+def degrade(im: Image.Image) -> Image.Image:
+    return speckle(jpeg(blur(color_shift(im))))
+
+
+@lru_cache(maxsize=None)
+def scenes(n: int = N, seed: int = SEED) -> tuple[S.Scene, ...]:
+    return tuple(S.sample_scene(np.random.default_rng([seed, i])) for i in range(n))
+
+
+@lru_cache(maxsize=None)
+def images(size: int, transform: str = "clean") -> tuple[Image.Image, ...]:
+    if transform == "clean":
+        return tuple(S.render(sc, size) for sc in scenes())
+    fn = {"blur": blur, "jpeg": jpeg, "blur+jpeg": lambda im: jpeg(blur(im)), "degrade": degrade}
+    return tuple(fn[transform](im) for im in images(size))
+
+
+def acceptance(size: int, transform: str = "clean") -> float:
+    ok = [S.check(im, S.caption(sc)) for im, sc in zip(images(size, transform), scenes())]
+    return float(np.mean(ok))
+
+
+def with_shape(spec: S.SceneSpec, k: int, **changes) -> S.SceneSpec:
+    shapes = list(spec.shapes)
+    shapes[k] = S.ShapeSpec(**{**vars(shapes[k]), **changes})
+    return S.SceneSpec(tuple(shapes), spec.relation)
+
+
+def corrupt(spec: S.SceneSpec, kind: str, rng: np.random.Generator) -> S.SceneSpec | None:
+    """A caption that is wrong about exactly one thing; None if not applicable to this scene."""
+    k = int(rng.integers(len(spec.shapes)))
+    if kind == "color":
+        unused = [c for c in S.COLORS if c not in {s.color for s in spec.shapes}]
+        return with_shape(spec, k, color=unused[int(rng.integers(len(unused)))])
+    if kind == "shape":
+        others = [s for s in S.SHAPES if s != spec.shapes[k].shape]
+        return with_shape(spec, k, shape=others[int(rng.integers(len(others)))])
+    if kind == "size":
+        return with_shape(spec, k, size="large" if spec.shapes[k].size == "small" else "small")
+    if kind == "relation" and len(spec.shapes) == 2:
+        return S.SceneSpec(spec.shapes, OPPOSITE[spec.relation])
+    if kind == "position" and len(spec.shapes) == 1:
+        return S.SceneSpec(spec.shapes, OPPOSITE[spec.relation])
+    return None
+
+
+def rejection(kind: str, size: int = 64, transform: str = "clean") -> tuple[float, int]:
+    rng = np.random.default_rng(0)
+    rejected = []
+    for im, sc in zip(images(size, transform), scenes()):
+        bad = corrupt(sc.spec, kind, rng)
+        if bad is not None:
+            rejected.append(not S.check(im, S.caption(bad)))
+    return float(np.mean(rejected)), len(rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism and sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_make_example_is_deterministic():
+    for index in (0, 1, 17):
+        im1, cap1 = S.make_example(index, seed=5)
+        im2, cap2 = S.make_example(index, seed=5)
+        assert cap1 == cap2
+        assert im1.mode == "RGB" and im1.size == (64, 64)
+        assert im1.tobytes() == im2.tobytes()
+
+
+def test_different_indices_and_seeds_differ():
+    examples = [S.make_example(i, seed=0) for i in range(50)]
+    assert len({im.tobytes() for im, _ in examples}) >= 49
+    assert len({cap for _, cap in examples}) >= 40
+    other_seed = [S.make_example(i, seed=1) for i in range(50)]
+    same = sum(a[0].tobytes() == b[0].tobytes() for a, b in zip(examples, other_seed))
+    assert same <= 1
+
+
+def test_make_example_options():
+    im, cap = S.make_example(3, seed=2, image_size=128, max_shapes=1)
+    assert im.size == (128, 128)
+    assert len(S.parse_caption(cap).shapes) == 1
+    two = [S.make_example(i, p_two=1.0)[1] for i in range(20)]
+    assert all(len(S.parse_caption(c).shapes) == 2 for c in two)
+    with pytest.raises(ValueError):
+        S.sample_scene(np.random.default_rng(0), max_shapes=3)
+
+
+def test_sampled_scenes_are_well_formed():
+    n_two = 0
+    for sc in scenes():
+        assert 1 <= len(sc.shapes) <= 2
+        for s in sc.shapes:
+            assert s.color in S.COLORS and s.shape in S.SHAPES and s.size in S.SIZES
+            assert isinstance(s.color, str) and type(s.x) is float
+            r = S.SIZE_FRAC[s.size] / 2
+            assert r <= s.x <= 1 - r and r <= s.y <= 1 - r, "shape leaves the image"
+        if len(sc.shapes) == 1:
+            assert sc.relation in S.POSITIONS
+            continue
+        n_two += 1
+        a, b = sc.shapes
+        assert a.color != b.color
+        axis, sign = S.RELATIONS[sc.relation]
+        d = np.array([a.x - b.x, a.y - b.y])
+        reach = (S.SIZE_FRAC[a.size] + S.SIZE_FRAC[b.size]) / 2
+        assert sign * d[axis] >= reach + S.MIN_GAP - 1e-9, "shapes too close along the axis"
+        assert abs(d[1 - axis]) < abs(d[axis]), "relation axis must dominate"
+    assert 0.35 < n_two / len(scenes()) < 0.65
+
+
+def test_sampling_covers_the_vocabulary():
+    seen = {"color": set(), "shape": set(), "size": set(), "relation": set()}
+    for sc in scenes():
+        seen["relation"].add(sc.relation)
+        for s in sc.shapes:
+            seen["color"].add(s.color)
+            seen["shape"].add(s.shape)
+            seen["size"].add(s.size)
+    assert seen["color"] == set(S.COLORS)
+    assert seen["shape"] == set(S.SHAPES)
+    assert seen["size"] == set(S.SIZES)
+    assert seen["relation"] == set(S.POSITIONS) | set(S.RELATIONS)
+
+
+def test_render_is_resolution_independent():
+    """A 256 px render, box-downsampled, is (almost) the 64 px render."""
+    for sc in scenes()[:20]:
+        small = np.asarray(S.render(sc, 64)).astype(int)
+        big = np.asarray(S.render(sc, 256).resize((64, 64), Image.Resampling.BOX)).astype(int)
+        differ = np.abs(small - big).max(-1) > 100
+        assert differ.mean() < 0.03
+
+
+def test_shapes_are_big_enough_for_a_token_grid():
+    side = {k: v * 64 for k, v in S.SIZE_FRAC.items()}
+    assert 16 <= side["small"] <= 20 and 26 <= side["large"] <= 32
+    for s in S.SHAPES:  # every kind actually paints roughly its expected pixel count
+        sc = S.Scene((S.Shape("red", s, "large", 0.5, 0.5),), None)
+        painted = (np.asarray(S.render(sc, 64)) != S.BACKGROUND).any(-1).sum()
+        assert painted > 0.45 * side["large"] ** 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_caption_examples():
+    one = S.Scene((S.Shape("red", "circle", "small", 0.25, 0.5),), "on the left")
+    assert S.caption(one) == "a small red circle on the left"
+    a = S.Shape("blue", "square", "large", 0.25, 0.5)
+    b = S.Shape("green", "triangle", "small", 0.75, 0.5)
+    two = S.Scene((a, b), "to the left of")
+    assert S.caption(two) == "a large blue square to the left of a small green triangle"
+
+
+def test_parse_caption_round_trips():
+    for sc in scenes():
+        text = S.caption(sc)
+        assert text == text.lower() and not text.endswith(".")
+        assert S.parse_caption(text) == sc.spec
+        assert S.caption(S.parse_caption(text)) == text
+
+
+def test_parse_caption_is_lenient_about_formatting():
+    spec = S.parse_caption("  A Small  RED circle on the left. ")
+    assert spec == S.SceneSpec((S.ShapeSpec("red", "circle", "small"),), "on the left")
+    assert S.parse_caption("a large green square").relation is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello world",
+        "a red circle on the left",  # no size
+        "a small pink circle on the left",  # unknown colour
+        "a small red hexagon on the left",  # unknown shape
+        "a medium red circle on the left",  # unknown size
+        "a small red circle in the middle",  # unknown position
+        "a small red circle next to a large blue square",  # unknown relation
+        "a small red circle to the left of",  # dangling relation
+        "a small red circle on the left of a large blue square",  # position used as relation
+        "a small red circle to the left of a large red square",  # same colour twice
+        "a small red circle above a large blue square below a small green triangle",
+    ],
+)
+def test_parse_caption_rejects_garbage(text):
+    with pytest.raises(ValueError):
+        S.parse_caption(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checker: acceptance
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_check_accepts_true_captions(size):
+    assert acceptance(size) >= 0.99
+
+
+def test_check_accepts_true_captions_at_32px():
+    assert acceptance(32) >= 0.97  # 9 px small shapes: pixelation makes circles look squarish
+
+
+@pytest.mark.parametrize(
+    "size, transform",
+    [(64, "blur"), (64, "jpeg"), (64, "blur+jpeg"), (64, "degrade"),
+     (256, "blur+jpeg"), (256, "degrade")],
+)
+def test_check_tolerates_degradation(size, transform):
+    assert acceptance(size, transform) >= 0.95
+
+
+def test_check_accepts_all_input_formats():
+    im, text = S.make_example(4, seed=9)
+    u8 = np.asarray(im)
+    hwc = u8.astype(np.float32) / 255
+    chw = np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    for x in (im, u8, hwc, chw, hwc.astype(np.float64)):
+        assert S.check(x, text)
+    assert S.check_batch([im, chw], [text, text]) == [True, True]
+    with pytest.raises(ValueError):
+        S.check_batch([im], [text, text])
+
+
+def test_check_accepts_torch_tensors():
+    torch = pytest.importorskip("torch")
+    im, text = S.make_example(4, seed=9)
+    t = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+    assert S.check(t, text)
+    assert S.check(t.to(torch.bfloat16), text)
+    assert S.check_batch(t[None].repeat(2, 1, 1, 1), [text, text]) == [True, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checker: rejection
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "size", "relation", "position"])
+def test_check_rejects_corrupted_captions(kind):
+    rate, n = rejection(kind)
+    assert n >= 100
+    assert rate >= 0.95, f"{kind}: only {rate:.1%} of {n} wrong captions rejected"
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "size", "relation", "position"])
+def test_check_rejects_corrupted_captions_on_degraded_images(kind):
+    rate, _ = rejection(kind, transform="degrade")
+    assert rate >= 0.95
+
+
+def test_check_rejects_missing_and_extra_shapes():
+    # An image with two shapes does not match a caption naming only one of them, and vice versa.
+    two = [(im, sc) for im, sc in zip(images(64), scenes()) if len(sc.shapes) == 2][:50]
+    one = [(im, sc) for im, sc in zip(images(64), scenes()) if len(sc.shapes) == 1][:50]
+    for im, sc in two:
+        assert not S.check(im, S.caption(S.Scene(sc.shapes[:1], None)))
+    for (im, _), (_, sc) in zip(one, two):
+        assert not S.check(im, S.caption(sc))
+
+
+def test_check_rejects_blank_image():
+    blank = Image.new("RGB", (64, 64), S.BACKGROUND)
+    for sc in scenes()[:30]:
+        assert not S.check(blank, S.caption(sc))
+    assert S.find_blobs(blank) == []
+
+
+def test_check_rejects_random_noise():
+    rng = np.random.default_rng(0)
+    for i, sc in enumerate(scenes()[:30]):
+        size = 64 if i % 2 else 256
+        noise = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        assert not S.check(noise, S.caption(sc))
+        assert not S.check(rng.random((3, 64, 64)), S.caption(sc))
+
+
+def test_check_raises_on_non_caption():
+    im, _ = S.make_example(0)
+    with pytest.raises(ValueError):
+        S.check(im, "a photo of a cat")

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Make webdataset shards: the built-in synthetic shapes world, or an image folder with .txt captions.
+
+  python train/make_shards.py synthetic --out data/shapes --num 8000
+  python train/make_shards.py folder --src my_images/ --out data/mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dalle_ar.data import shards, synthetic
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="source", required=True)
+    s = sub.add_parser("synthetic", help="render the shapes world (deterministic by --seed)")
+    s.add_argument("--out", required=True, help="output directory for NNNNNN.tar shards")
+    s.add_argument("--num", type=int, default=8000, help="number of image/caption pairs (default: 8000)")
+    s.add_argument("--image_size", type=int, default=64, help="image side in pixels (default: 64; paper: 256)")
+    s.add_argument("--seed", type=int, default=0, help="world seed; use another seed for a held-out set (default: 0)")
+    s.add_argument("--max_shapes", type=int, default=2, choices=(1, 2), help="shapes per image at most (default: 2)")
+    s.add_argument("--p_two", type=float, default=0.5, help="probability of a two-shape scene (default: 0.5)")
+    s.add_argument("--samples_per_shard", type=int, default=1000, help="(default: 1000)")
+    f = sub.add_parser("folder", help="pack NAME.jpg|png + NAME.txt files from a folder (recursively)")
+    f.add_argument("--src", required=True, help="folder with images and sidecar .txt captions")
+    f.add_argument("--out", required=True, help="output directory for NNNNNN.tar shards")
+    f.add_argument("--samples_per_shard", type=int, default=1000, help="(default: 1000)")
+    args = p.parse_args(argv)
+
+    if args.source == "synthetic":
+        def examples():
+            for i in tqdm(range(args.num), desc="render", mininterval=1.0):
+                image, text = synthetic.make_example(i, seed=args.seed, image_size=args.image_size,
+                                                     max_shapes=args.max_shapes, p_two=args.p_two)
+                yield f"{i:09d}", image, text
+        n = shards.write_image_shards(examples(), args.out, args.samples_per_shard)
+        stats = {"written": n, "source": "synthetic", "seed": args.seed, "image_size": args.image_size}
+    else:
+        stats = {**shards.import_folder(args.src, args.out, args.samples_per_shard), "source": str(args.src)}
+    (Path(args.out) / "stats.json").write_text(json.dumps(stats, indent=2))
+    print(json.dumps(stats))
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Train a small open_clip model contrastively on image shards (for reranking and metrics).
+
+  python train/train_clip.py --data data/shapes --out runs/clip --steps 1000
+The export directory (<out>/export) is also an open_clip `local-dir:` model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dalle_ar.clip import build_clip, clip_export_config, clip_tokenizer, contrastive_loss, export_files, normalize_images
+from dalle_ar.config import ClipConfig, TrainConfig, parse
+from dalle_ar.data.shards import batches, image_text_dataset, infinite
+from dalle_ar.engine import Trainer, rank
+
+
+def main(argv=None):
+    _, (clip_cfg, cfg) = parse(__doc__, ClipConfig, TrainConfig, argv=argv)
+    model = build_clip(clip_cfg)
+    tokenizer = clip_tokenizer(clip_cfg)
+    trainer = Trainer(model, cfg, name="clip", export_config=clip_export_config(clip_cfg),
+                      extra_files=export_files(clip_cfg, Path(cfg.out) / "open_clip"))
+    data = image_text_dataset(cfg.data, clip_cfg.image_size, resampled=True, shuffle=2000, seed=cfg.seed + rank())
+    stream = ((images, tokenizer(list(texts))) for images, texts, _ in
+              infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False)))
+
+    def loss_fn(engine, batch, step):
+        images, tokens = batch
+        return contrastive_loss(engine, normalize_images(trainer.module, images), tokens)
+
+    return trainer.fit(stream, loss_fn)
+
+
+if __name__ == "__main__":
+    main()

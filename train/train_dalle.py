@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Train the DALL-E transformer on token shards (text BPE ids + dVAE codes) through DeepSpeed.
+
+  python train/train_dalle.py --data data/tokens --tokenizer runs/tokenizer --out runs/dalle --steps 2000
+  deepspeed --num_gpus 8 train/train_dalle.py --preset paper --data 'tokens/{000000..000999}.tar' ...
+  torchrun --nproc_per_node 2 train/train_dalle.py ...
+Writes <out>/export (config.json + model.safetensors + tokenizer.json), checkpoints in <out>/checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, parse
+from dalle_ar.data.shards import batches, infinite, token_dataset
+from dalle_ar.engine import Trainer, rank
+from dalle_ar.model import DalleTransformer
+from dalle_ar.text import TextTokenizer
+
+
+def extra_args(p):
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or its directory) from train/train_tokenizer.py")
+
+
+def check_tokens(data: str, cfg: DalleConfig) -> dict:
+    """The token shards must come from a dVAE with the grid and codebook the model expects."""
+    meta_path = Path(data) / "meta.json"
+    if not meta_path.exists():
+        return {}
+    meta = json.loads(meta_path.read_text())
+    if meta["num_tokens"] != cfg.num_image_tokens or meta["grid_size"] != cfg.image_fmap_size:
+        raise ConfigError(f"{meta_path}: tokens are {meta['grid_size']}x{meta['grid_size']} over {meta['num_tokens']} "
+                          f"codes, model expects {cfg.image_fmap_size}x{cfg.image_fmap_size} over {cfg.num_image_tokens}; "
+                          f"pass --image_fmap_size {meta['grid_size']} --num_image_tokens {meta['num_tokens']}")
+    return meta
+
+
+def main(argv=None):
+    args, (model_cfg, cfg) = parse(__doc__, DalleConfig, TrainConfig, extra=extra_args, argv=argv)
+    tok = TextTokenizer.load(args.tokenizer, model_cfg.text_len)
+    model_cfg = replace(model_cfg, text_vocab_size=tok.vocab_size)
+    meta = check_tokens(cfg.data, model_cfg)
+    tok_file = args.tokenizer if args.tokenizer.endswith(".json") else str(Path(args.tokenizer) / "tokenizer.json")
+    trainer = Trainer(DalleTransformer(model_cfg), cfg, name="dalle",
+                      export_config={"kind": "dalle", "model": asdict(model_cfg), "dvae": meta.get("dvae")},
+                      extra_files={"tokenizer.json": tok_file})
+    data = token_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank())
+    stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in
+              infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False)))
+
+    def loss_fn(engine, batch, step):
+        text, codes = batch
+        return trainer.module.loss_from_logits(*engine(text, codes), text, codes)
+
+    return trainer.fit(stream, loss_fn)
+
+
+if __name__ == "__main__":
+    main()
