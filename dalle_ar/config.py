@@ -32,6 +32,10 @@ class DVAEConfig:
     n_blk_per_group: int = 1
     n_init: int = 128              # decoder width after the 1x1 conv from the K one-hot channels
     straight_through: bool = False  # hard one-hot forward, soft gradients (ablation; paper uses soft)
+    # Zero-init the bias of the encoder's final 1x1 conv (OpenAI's dall_e zero-inits all conv biases).
+    # PyTorch's default uniform bias gives every code a fixed offset larger than the input-dependent
+    # part of the initial logits, so a handful of codes win everywhere and the codebook collapses.
+    zero_logit_bias: bool = True
 
     @property
     def grid_size(self) -> int:
@@ -46,6 +50,11 @@ class DVAELossConfig:
     temperature_start: float = 1.0
     temperature_end: float = 1 / 16
     anneal_steps: int = 0            # 0 = anneal over the whole run
+    # Codebook entropy penalty (MAGVIT-v2, Yu et al. 2023, sec. 3.1): adds
+    # entropy_weight * (entropy_cell_weight * mean H(q(z|x)) - H(batch-mean q)), i.e. confident
+    # per-cell codes but many codes used per batch. Without it short runs use only ~6-15 codes.
+    entropy_weight: float = 0.0
+    entropy_cell_weight: float = 1.0
 
 
 @dataclass
@@ -148,7 +157,9 @@ class SampleConfig:
 PRESETS: dict[str, dict[type, dict[str, Any]]] = {
     # CPU tests and the demo: 64px images -> 8x8 grid over 512 codes.
     "tiny": {
-        DVAEConfig: dict(image_size=64, num_tokens=512, group_count=4, n_hid=32, n_blk_per_group=1, n_init=128),
+        DVAEConfig: dict(image_size=64, num_tokens=512, group_count=4, n_hid=16, n_blk_per_group=1, n_init=128,
+                         straight_through=True),
+        DVAELossConfig: dict(kl_weight=0.0, entropy_weight=1e-2, entropy_cell_weight=0.1),
         DalleConfig: dict(text_len=16, num_image_tokens=512, image_fmap_size=8, dim=256, depth=4, heads=4),
         ClipConfig: dict(image_size=64),
     },

@@ -71,6 +71,8 @@ class Encoder(nn.Module):
         self.input = nn.Conv2d(3, widths[0], 7, padding=3)
         self.groups, n_out = _groups(cfg, EncoderBlock, widths, widths[0], lambda: nn.MaxPool2d(2))
         self.output = nn.Sequential(nn.ReLU(), nn.Conv2d(n_out, cfg.num_tokens, 1))
+        if cfg.zero_logit_bias:
+            nn.init.zeros_(self.output[1].bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> logits (B, K, H/f, W/f)."""
