@@ -15,16 +15,6 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return (log_q.exp() * log_q).sum(dim=1).mean() + math.log(logits.shape[1])
 
 
-def diversity_loss(logits: torch.Tensor) -> torch.Tensor:
-    """1 - perplexity(mean code distribution) / K: zero when the batch uses all codes evenly.
-
-    Not in the DALL-E paper; wav2vec 2.0's remedy for gumbel codebook collapse (few codes used),
-    which short runs on small data otherwise hit."""
-    mean_q = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))
-    perplexity = torch.exp(-(mean_q * torch.log(mean_q + 1e-9)).sum())
-    return 1 - perplexity / logits.shape[1]
-
-
 def entropy_penalty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean per-cell entropy H(q(z|x)), entropy of the batch-mean code distribution H(E_x q)).
 
@@ -57,7 +47,7 @@ def kl_weight(step: int, anneal_steps: int, beta: float) -> float:
 
 
 def dvae_loss(model, images: torch.Tensor, step: int, *, anneal_steps: int, beta: float,
-              temp_start: float = 1.0, temp_end: float = 1 / 16, diversity: float = 0.0, entropy: float = 0.0,
+              temp_start: float = 1.0, temp_end: float = 1 / 16, entropy: float = 0.0,
               entropy_cell: float = 1.0):
     tau = temperature(step, anneal_steps, temp_start, temp_end)
     recon, logits = model(images, temperature=tau)
@@ -66,10 +56,6 @@ def dvae_loss(model, images: torch.Tensor, step: int, *, anneal_steps: int, beta
     w = kl_weight(step, anneal_steps, beta)
     loss = rec + w * kl
     metrics = {"recon_mse": rec.item(), "kl": kl.item(), "tau": tau, "kl_weight": w}
-    if diversity:
-        div = diversity_loss(logits)
-        loss = loss + diversity * div
-        metrics["diversity_loss"] = div.item()
     if entropy:
         cell, batch = entropy_penalty(logits)
         loss = loss + entropy * (entropy_cell * cell - batch)

@@ -8,11 +8,12 @@ Writes <out>/export (config.json + model.safetensors) and <out>/reconstructions.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
-from dalle_ar.config import DVAEConfig, DVAELossConfig, TrainConfig, parse
+from dalle_ar.config import DVAEConfig, DVAELossConfig, TrainConfig, parse, save_json
+from dalle_ar.data import synthetic
 from dalle_ar.data.shards import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.report import save_grid
@@ -32,7 +33,8 @@ def main(argv=None):
     def loss_fn(engine, batch, step):
         images = batch[0]
         return dvae_loss(engine, images, step, anneal_steps=anneal, beta=loss_cfg.kl_weight,
-                         temp_start=loss_cfg.temperature_start, temp_end=loss_cfg.temperature_end)
+                         temp_start=loss_cfg.temperature_start, temp_end=loss_cfg.temperature_end,
+                         entropy=loss_cfg.entropy_weight, entropy_cell=loss_cfg.entropy_cell_weight)
 
     export = trainer.fit((b[:1] for b in stream), loss_fn)
     if trainer.is_main:
@@ -46,13 +48,24 @@ def report(export, cfg: TrainConfig, model_cfg: DVAEConfig) -> float:
     from dalle_ar.checkpoint import load_pretrained
 
     model, _ = load_pretrained(export, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
-    images = next(iter(batches(image_text_dataset(cfg.data, model_cfg.image_size), 16)))[0]
+    images, texts, _ = next(iter(batches(image_text_dataset(cfg.data, model_cfg.image_size), 256)))
     recon = model.decode(model.encode(images))
-    mse = torch.mean((recon - images) ** 2).item()
-    save_grid(torch.cat([images, recon]), export.parent / "reconstructions.png", nrow=16)
-    print(f"dvae: hard-code reconstruction MSE {mse:.5f}; top row input, bottom row reconstruction -> "
-          f"{export.parent / 'reconstructions.png'}")
-    return mse
+    stats = {"recon_mse": torch.mean((recon - images) ** 2).item(), "images": len(images),
+             "codes_used": int(model.encode(images).unique().numel())}
+    if all(synthetic_caption(t) for t in texts):  # shapes world: does the reconstruction keep the caption true?
+        stats["recon_caption_accuracy"] = sum(synthetic.check_batch(recon, list(texts))) / len(texts)
+    save_json(export.parent / "reconstruction.json", stats)
+    save_grid(torch.cat([images[:16], recon[:16]]), export.parent / "reconstructions.png", nrow=16)
+    print(f"dvae (hard codes): {stats}; top row input, bottom row reconstruction -> {export.parent / 'reconstructions.png'}")
+    return stats
+
+
+def synthetic_caption(text: str) -> bool:
+    try:
+        synthetic.parse_caption(text)
+        return True
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":
