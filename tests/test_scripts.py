@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_script
@@ -49,15 +50,28 @@ def test_generate_writes_grid_and_scores(pipeline):
     assert (d / "samples/grid.png").stat().st_size > 0 and (d / "samples/candidates.png").exists()
 
 
-def test_train_dalle_under_torchrun_two_processes(pipeline):
-    d = pipeline
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_train_dalle_with_two_processes(pipeline, launcher):
     from dalle_ar.engine import _free_port
 
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "train/train_dalle.py",
-               "--data", str(d / "tokens"), "--tokenizer", str(d / "tok"), "--out", str(d / "dalle2"),
-               "--dim", "32", "--depth", "1", "--heads", "2", "--zero_stage", "2", *FAST)
-    assert (d / "dalle2/export/model.safetensors").exists()
-    assert (d / "dalle2/checkpoints/step_00000003/zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
+    d, port = pipeline, str(_free_port())
+    launch = {"torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port],
+              # the deepspeed launcher appends --local_rank=N, which every trainer accepts
+              "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port]}[launcher]
+    out = d / f"dalle_{launcher}"
+    args = ["train/train_dalle.py", "--data", str(d / "tokens"), "--tokenizer", str(d / "tok"), "--out", str(out),
+            "--dim", "32", "--depth", "1", "--heads", "2", "--zero_stage", "2", *FAST]
+    if launcher == "torchrun":
+        run_script(*launch, *args)
+    else:
+        import subprocess
+
+        from conftest import script_env
+
+        proc = subprocess.run([*launch, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "export/model.safetensors").exists()
+    assert (out / "checkpoints/step_00000003/zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
 
 
 def test_wrong_config_is_a_one_line_error(tmp_path):

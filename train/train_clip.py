@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from dalle_ar.clip import build_clip, clip_export_config, clip_tokenizer, contrastive_loss, export_files, normalize_images
 from dalle_ar.config import ClipConfig, TrainConfig, parse
 from dalle_ar.data.shards import batches, image_text_dataset, infinite
@@ -17,6 +19,7 @@ from dalle_ar.engine import Trainer, rank
 
 def main(argv=None):
     _, (clip_cfg, cfg) = parse(__doc__, ClipConfig, TrainConfig, argv=argv)
+    torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = build_clip(clip_cfg)
     tokenizer = clip_tokenizer(clip_cfg)
     trainer = Trainer(model, cfg, name="clip", export_config=clip_export_config(clip_cfg),

@@ -13,6 +13,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
+
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, parse
 from dalle_ar.data.shards import batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank
@@ -43,6 +45,7 @@ def main(argv=None):
     model_cfg = replace(model_cfg, text_vocab_size=tok.vocab_size)
     meta = check_tokens(cfg.data, model_cfg)
     tok_file = args.tokenizer if args.tokenizer.endswith(".json") else str(Path(args.tokenizer) / "tokenizer.json")
+    torch.manual_seed(cfg.seed)  # reproducible initialisation
     trainer = Trainer(DalleTransformer(model_cfg), cfg, name="dalle",
                       export_config={"kind": "dalle", "model": asdict(model_cfg), "dvae": meta.get("dvae")},
                       extra_files={"tokenizer.json": tok_file})

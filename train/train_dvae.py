@@ -24,6 +24,7 @@ from dvae.loss import dvae_loss
 def main(argv=None):
     _, (model_cfg, loss_cfg, cfg) = parse(__doc__, DVAEConfig, DVAELossConfig, TrainConfig, argv=argv)
     anneal = loss_cfg.anneal_steps or cfg.steps
+    torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = DiscreteVAE(model_cfg)
     trainer = Trainer(model, cfg, name="dvae", export_config={"kind": "dvae", "dvae": asdict(model_cfg),
                                                                "loss": asdict(loss_cfg)})
