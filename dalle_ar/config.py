@@ -281,3 +281,11 @@ def parse(description: str, *classes: type, extra=None, argv=None):
         return args, resolve(args, *classes)
     except ConfigError as e:
         parser.error(str(e))
+
+
+def run_cli(main) -> None:
+    """Script entry point: a config or missing-file error is one line naming the file and the fix."""
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -154,7 +154,6 @@ class Trainer:
         self.device = self.engine.device
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
         self.step = 0
-        self.skipped: dict[str, int] = {}
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(self.out / "train_config.json", asdict(cfg))
@@ -172,7 +171,7 @@ class Trainer:
         """Save on all ranks. DeepSpeed writes the tag directory first and `latest` last, so a crash
         mid-save leaves `latest` pointing at the previous complete checkpoint."""
         tag = f"step_{self.step:08d}"
-        state = {"step": self.step, "torch_rng": torch.get_rng_state(), "skipped": self.skipped}
+        state = {"step": self.step, "torch_rng": torch.get_rng_state()}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
         barrier()
         if self.is_main:
@@ -191,7 +190,6 @@ class Trainer:
             raise RuntimeError(f"{self.ckpt_dir}: could not load the latest checkpoint; delete the directory "
                                f"or pass --resume false to start over")
         self.step = int(state["step"])
-        self.skipped = state.get("skipped", {})
         torch.set_rng_state(state["torch_rng"])
         if self.is_main:
             log.info("resumed %s from %s at step %d", self.name, path, self.step)

@@ -22,7 +22,7 @@ import torch
 
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.clip import ClipScorer
-from dalle_ar.config import DalleConfig, DVAEConfig, SampleConfig, add_config_args, resolve
+from dalle_ar.config import DalleConfig, DVAEConfig, SampleConfig, add_config_args, resolve, run_cli
 from dalle_ar.data import synthetic
 from dalle_ar.model import DalleTransformer
 from dalle_ar.report import save_grid
@@ -144,4 +144,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

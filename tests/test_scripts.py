@@ -89,3 +89,18 @@ def test_every_script_documents_its_flags():
                    "train/train_dalle.py", "train/train_clip.py", "sample/generate.py"):
         out = run_script(script, "--help").stdout
         assert "usage:" in out and "--" in out
+
+
+def test_mismatched_tokens_are_a_one_line_error(pipeline):
+    import subprocess
+
+    from conftest import script_env
+
+    d = pipeline
+    proc = subprocess.run([sys.executable, "train/train_dalle.py", "--data", str(d / "tokens"), "--tokenizer", str(d / "tok"),
+                           "--out", str(d / "bad"), "--num_image_tokens", "1024"], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "meta.json" in last and "--num_image_tokens 512" in last
+    assert "Traceback" not in proc.stderr

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.config import DVAEConfig
+from dalle_ar.config import DVAEConfig, run_cli
 from dalle_ar.data.shards import SkipCounter, batches, image_text_dataset, write_token_shards
 from dvae import DiscreteVAE
 
@@ -52,4 +52,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dalle_ar.clip import build_clip, clip_export_config, clip_tokenizer, contrastive_loss, export_files, normalize_images
-from dalle_ar.config import ClipConfig, TrainConfig, parse
+from dalle_ar.config import ClipConfig, TrainConfig, parse, run_cli
 from dalle_ar.data.shards import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
 
@@ -36,4 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

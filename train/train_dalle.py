@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, parse
+from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, parse, run_cli
 from dalle_ar.data.shards import batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.model import DalleTransformer
@@ -61,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import torch
 
-from dalle_ar.config import DVAEConfig, DVAELossConfig, TrainConfig, parse, save_json
+from dalle_ar.config import DVAEConfig, DVAELossConfig, TrainConfig, parse, save_json, run_cli
 from dalle_ar.data import synthetic
 from dalle_ar.data.shards import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
@@ -70,4 +70,4 @@ def synthetic_caption(text: str) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import webdataset as wds
 
+from dalle_ar.config import run_cli
 from dalle_ar.data.shards import SkipCounter, shard_urls
 from dalle_ar.text import train_bpe
 
@@ -43,5 +43,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    run_cli(main)
