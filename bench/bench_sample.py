@@ -8,14 +8,12 @@ Prints one JSON object (with the device) and writes it to --out if given.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
-from bench.bench_train import device_name
+from bench.common import device_name, emit
 from dalle_ar.config import DalleConfig, add_config_args, resolve
 from dalle_ar.model import DalleTransformer
 from dalle_ar.sampling import generate_codes, sample_token
@@ -65,11 +63,7 @@ def main(argv=None) -> dict:
     if not args.no_uncached:
         uncached = timed(lambda: generate_uncached(model, text, gen))
         result.update(uncached_seconds_per_batch=round(uncached, 4), cache_speedup=round(uncached / cached, 2))
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -10,22 +10,14 @@ Prints one JSON object (with the device) and appends it to --out if given.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
+from bench.common import device_name, emit
 from dalle_ar.config import DalleConfig, add_config_args, resolve
 from dalle_ar.model import DalleTransformer
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"cpu {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def main(argv=None) -> dict:
@@ -71,11 +63,7 @@ def main(argv=None) -> dict:
               "compile": args.compile, "seconds_per_step": round(seconds, 5), "tokens_per_s": round(tokens / seconds, 1),
               "achieved_tflops": round(tflops, 4), "mfu": round(tflops / args.peak_tflops, 4) if args.peak_tflops else None,
               "model": asdict(cfg)}
-    print(json.dumps(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

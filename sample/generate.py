@@ -56,14 +56,6 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def is_synthetic(text: str) -> bool:
-    try:
-        synthetic.parse_caption(text)
-        return True
-    except ValueError:
-        return False
-
-
 @torch.no_grad()
 def generate(model, tok, dvae, prompts: list[str], cfg: SampleConfig, device: str):
     """Returns images (P, N, 3, H, W) in [0, 1] and the sampling time in seconds."""
@@ -116,7 +108,7 @@ def main(argv=None) -> dict:
         top = order[: cfg.top_k_rerank]
         best.append(cands[top])
         row = {"prompt": prompt, "clip_scores": [round(float(s), 4) for s in scores], "top": top.tolist()}
-        if is_synthetic(prompt):
+        if synthetic.is_caption(prompt):
             passed = synthetic.check_batch(cands, [prompt] * len(cands))
             row["check"] = [bool(x) for x in passed]
             row["check_top"] = [bool(passed[i]) for i in top]

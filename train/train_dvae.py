@@ -53,20 +53,13 @@ def report(export, cfg: TrainConfig, model_cfg: DVAEConfig) -> float:
     recon = model.decode(model.encode(images))
     stats = {"recon_mse": torch.mean((recon - images) ** 2).item(), "images": len(images),
              "codes_used": int(model.encode(images).unique().numel())}
-    if all(synthetic_caption(t) for t in texts):  # shapes world: does the reconstruction keep the caption true?
+    if all(synthetic.is_caption(t) for t in texts):  # shapes world: does the reconstruction keep the caption true?
         stats["recon_caption_accuracy"] = sum(synthetic.check_batch(recon, list(texts))) / len(texts)
     save_json(export.parent / "reconstruction.json", stats)
     save_grid(torch.cat([images[:16], recon[:16]]), export.parent / "reconstructions.png", nrow=16)
     print(f"dvae (hard codes): {stats}; top row input, bottom row reconstruction -> {export.parent / 'reconstructions.png'}")
     return stats
 
-
-def synthetic_caption(text: str) -> bool:
-    try:
-        synthetic.parse_caption(text)
-        return True
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

@@ -296,6 +296,15 @@ def parse_caption(text: str) -> SceneSpec:
     )
 
 
+def is_caption(text: str) -> bool:
+    """True if `text` is a shapes-world caption (so `check` can verify an image against it)."""
+    try:
+        parse_caption(text)
+        return True
+    except ValueError:
+        return False
+
+
 def make_example(
     index: int, seed: int = 0, image_size: int = 64, max_shapes: int = 2, p_two: float = 0.5
 ) -> tuple[Image.Image, str]:
