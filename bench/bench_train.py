@@ -15,8 +15,9 @@ from dataclasses import asdict
 
 import torch
 
-from bench.common import device_name, emit
+from bench.common import emit
 from dalle_ar.config import DalleConfig, add_config_args, resolve
+from dalle_ar.report import device_name
 from dalle_ar.model import DalleTransformer
 
 

@@ -9,7 +9,6 @@ Nothing here ever downloads: pretrained *tags* are refused, only local files are
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -24,10 +23,6 @@ from dalle_ar.config import ClipConfig, from_dict
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
-def _quiet_open_clip():
-    logging.getLogger("root").setLevel(max(logging.getLogger().level, logging.WARNING))
-
-
 def _write_open_clip_dir(cfg: ClipConfig, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": cfg.open_clip_dict(), "preprocess_cfg": {}}, indent=2))
@@ -38,7 +33,6 @@ def build_clip(cfg: ClipConfig) -> nn.Module:
     """A randomly initialised open_clip model with our architecture (no weights touched)."""
     import open_clip
 
-    _quiet_open_clip()
     with tempfile.TemporaryDirectory() as d:
         model = open_clip.create_model(f"local-dir:{_write_open_clip_dir(cfg, Path(d))}", load_weights=False)
     return model
@@ -53,7 +47,6 @@ def load_clip(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module,
     Returns (model in eval mode, tokenizer)."""
     import open_clip
 
-    _quiet_open_clip()
     path = Path(spec)
     if path.is_dir():
         if not (path / OPEN_CLIP_CONFIG).exists():

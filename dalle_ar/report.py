@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
+
+
+def device_name(device: str | torch.device) -> str:
+    """How results name the hardware they were measured on."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

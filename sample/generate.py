@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,7 @@ from dalle_ar.clip import ClipScorer
 from dalle_ar.config import DalleConfig, DVAEConfig, SampleConfig, add_config_args, resolve, run_cli
 from dalle_ar.data import synthetic
 from dalle_ar.model import DalleTransformer
-from dalle_ar.report import save_grid
+from dalle_ar.report import device_name, save_grid
 from dalle_ar.sampling import generate_codes
 from dalle_ar.text import TextTokenizer
 from dvae import DiscreteVAE
@@ -121,7 +120,7 @@ def main(argv=None) -> dict:
         "num_prompts": len(prompts), "num_candidates": cfg.num_candidates, "top_k_rerank": cfg.top_k_rerank,
         "reranked_with": args.clip, "sampling_seconds": round(seconds, 3),
         "seconds_per_image": round(seconds / images.shape[0] / images.shape[1], 5),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(args.device),
         "sample_config": asdict(cfg),
     }
     checked = [r for r in results if "check" in r]

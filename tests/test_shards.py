@@ -10,6 +10,7 @@ def test_image_shards_round_trip(tmp_path):
     examples = [(f"{i:09d}", *synthetic.make_example(i)) for i in range(25)]
     assert shards.write_image_shards(examples, tmp_path, samples_per_shard=10) == 25
     assert len(shards.shard_urls(str(tmp_path))) == 3
+    assert list(shards.captions(str(tmp_path))) == [text for _, _, text in examples]  # text only, in order
     got = {key: (img, txt) for img, txt, key in shards.image_text_dataset(str(tmp_path), 64)}
     assert len(got) == 25
     for key, image, text in examples:

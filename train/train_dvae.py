@@ -50,9 +50,10 @@ def report(export, cfg: TrainConfig, model_cfg: DVAEConfig) -> float:
 
     model, _ = load_pretrained(export, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
     images, texts, _ = next(iter(batches(image_text_dataset(cfg.data, model_cfg.image_size), 256)))
-    recon = model.decode(model.encode(images))
+    codes = model.encode(images)
+    recon = model.decode(codes)
     stats = {"recon_mse": torch.mean((recon - images) ** 2).item(), "images": len(images),
-             "codes_used": int(model.encode(images).unique().numel())}
+             "codes_used": int(codes.unique().numel())}
     if all(synthetic.is_caption(t) for t in texts):  # shapes world: does the reconstruction keep the caption true?
         stats["recon_caption_accuracy"] = sum(synthetic.check_batch(recon, list(texts))) / len(texts)
     save_json(export.parent / "reconstruction.json", stats)

@@ -9,21 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import webdataset as wds
-
 from dalle_ar.config import run_cli
-from dalle_ar.data.shards import SkipCounter, shard_urls
+from dalle_ar.data.shards import SkipCounter, captions
 from dalle_ar.text import train_bpe
-
-
-def captions(spec: str, skips: SkipCounter):
-    # only the .txt members are decoded: images are never touched
-    ds = wds.WebDataset(shard_urls(spec), shardshuffle=False, handler=skips, empty_check=False,
-                        nodesplitter=None, select_files=lambda name: name.endswith(".txt"))
-    for sample in ds:
-        text = sample.get("txt")
-        if text:
-            yield text.decode("utf-8", errors="replace").strip()
 
 
 def main(argv=None) -> Path:

@@ -178,6 +178,16 @@ def token_dataset(spec: str, *, resampled: bool = False, shuffle: int = 0, seed:
             .map_tuple(lambda c: torch.from_numpy(c.astype(np.int64)), str.strip, lambda k: k, handler=handler))
 
 
+def captions(spec: str, skips: SkipCounter | None = None) -> Iterator[str]:
+    """Every non-empty caption in the shards, in order; only the .txt members are read (no image decode)."""
+    ds = wds.WebDataset(shard_urls(spec), shardshuffle=False, handler=skips or SkipCounter(), empty_check=False,
+                        nodesplitter=None, select_files=lambda name: name.endswith(".txt"))
+    for sample in ds:
+        text = sample.get("txt")
+        if text:
+            yield text.decode("utf-8", errors="replace").strip()
+
+
 def batches(dataset, batch_size: int, num_workers: int = 0, partial: bool = True) -> wds.WebLoader:
     """Batch in the dataset (cheap collation in workers), loader passes batches through."""
     return wds.WebLoader(dataset.batched(batch_size, partial=partial), batch_size=None, num_workers=num_workers,
