@@ -44,7 +44,8 @@ def save_pretrained(weights: nn.Module | dict[str, torch.Tensor], out_dir: str |
 
 
 def load_pretrained(path: str | Path, build: Callable[[dict], nn.Module], map_location: str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from `path/config.json` with `build(config)` and load `path/model.safetensors`."""
+    """Rebuild a model from `path/config.json` with `build(config)`, load `path/model.safetensors`, and
+    return it on `map_location`, in eval mode."""
     path = Path(path)
     if not (path / WEIGHTS).exists():
         raise FileNotFoundError(f"{path}: no {WEIGHTS}; pass the `export` directory a trainer wrote "
@@ -56,4 +57,4 @@ def load_pretrained(path: str | Path, build: Callable[[dict], nn.Module], map_lo
     if missing or unexpected:
         raise RuntimeError(f"{path / WEIGHTS}: weights do not match {path / CONFIG} (missing {missing[:4]}, "
                            f"unexpected {unexpected[:4]}); re-export the checkpoint or fix config.json")
-    return model.eval(), config
+    return model.to(map_location).eval(), config  # load_state_dict copies into the CPU-built parameters

@@ -2,21 +2,26 @@
 """Encode image shards to token shards with a trained dVAE (codes for the transformer).
 
   python train/encode.py --dvae runs/dvae/export --data data/shapes --out data/shapes_tokens
-Each output sample holds KEY.codes.npy (grid of uint16 codes) and KEY.txt (the caption).
+Each input shard NAME.tar becomes <out>/NAME.tar, whose samples hold KEY.codes.npy (grid of uint16
+codes) and KEY.txt (the caption). Finished shards are recorded in <out>/progress/, so rerunning the same
+command after a crash encodes only the shards not yet done; <out>/meta.json sums over all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.config import DVAEConfig, run_cli
-from dalle_ar.data.shards import SkipCounter, batches, image_text_dataset, write_token_shards
+from dalle_ar.checkpoint import WEIGHTS, load_pretrained
+from dalle_ar.config import ConfigError, DVAEConfig, run_cli, save_json
+from dalle_ar.data.shards import ShardBatches, TokenShards, shard_urls
 from dvae import DiscreteVAE
 
 
@@ -26,27 +31,52 @@ def main(argv=None) -> Path:
     p.add_argument("--data", required=True, help="image shard directory, glob or brace pattern")
     p.add_argument("--out", required=True, help="output directory for token shards")
     p.add_argument("--batch_size", type=int, default=256, help="(default: 256)")
-    p.add_argument("--samples_per_shard", type=int, default=10000, help="(default: 10000)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes reading and decoding whole shards; 0 reads in this process "
+                        "(default: min(8, CPU count))")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="(default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 autocast is faster on GPUs but can flip the argmax where two codes nearly tie "
+                        "(default: fp32)")
     args = p.parse_args(argv)
 
+    urls = shard_urls(args.data)
     model, config = load_pretrained(args.dvae, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])), args.device)
     dcfg = DVAEConfig(**config["dvae"])
-    skips = SkipCounter()
-    loader = batches(image_text_dataset(args.data, dcfg.image_size, skips=skips), args.batch_size)
+    if dcfg.num_tokens > 2 ** 16:
+        raise ConfigError(f"{Path(args.dvae) / 'config.json'}: num_tokens {dcfg.num_tokens} does not fit the uint16 "
+                          f"codes of token shards; use a dVAE with at most 65536 codes")
+    fingerprint = hashlib.sha256((Path(args.dvae) / WEIGHTS).read_bytes()).hexdigest()
+    device = torch.device(args.device)
 
-    def examples():
-        with tqdm(desc="encode", unit="img", mininterval=1.0) as bar:
-            for images, texts, keys in loader:
-                codes = model.encode(images.to(args.device)).cpu().numpy()
-                for key, c, t in zip(keys, codes, texts):
-                    yield key, c, t
-                bar.update(len(keys))
+    with TokenShards(args.out, urls, str(Path(args.dvae).resolve()), fingerprint) as out:
+        pending = out.pending
+        if len(pending) < len(urls):
+            print(f"{len(urls) - len(pending)} of {len(urls)} shards already encoded in {args.out}: skipping them")
+        loader = DataLoader(ShardBatches(pending, dcfg.image_size, args.batch_size), batch_size=None,
+                            num_workers=min(args.num_workers, len(pending)), pin_memory=device.type == "cuda",
+                            in_order=False)  # a slow shard does not stall the others; order within a shard is kept
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+        with tqdm(desc="encode", unit="img", mininterval=1.0) as bar, torch.inference_mode(), autocast:
+            finished = 0
+            bar.set_postfix(shards=f"0/{len(pending)}")
+            for kind, url, *item in loader:
+                if kind == "batch":
+                    images, captions, keys = item
+                    codes = model.encode(images.to(device, non_blocking=True).float().div_(255))
+                    out.write(url, keys, codes.cpu().numpy(), captions)
+                    bar.update(len(keys))
+                else:
+                    out.finish(url, *item)
+                    finished += 1
+                    bar.set_postfix(shards=f"{finished}/{len(pending)}")
+        totals = out.summary()
 
-    n = write_token_shards(examples(), args.out, args.samples_per_shard)
-    meta = {"num_samples": n, "dvae": str(Path(args.dvae).resolve()), "num_tokens": dcfg.num_tokens,
-            "grid_size": dcfg.grid_size, "skipped": skips.counts}
-    (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=2))
+    meta = {"num_samples": totals["num_samples"], "dvae": str(Path(args.dvae).resolve()),
+            "num_tokens": dcfg.num_tokens, "grid_size": dcfg.grid_size, "skipped": totals["skipped"],
+            "num_shards": totals["num_shards"]}
+    save_json(Path(args.out) / "meta.json", meta)
     print(json.dumps(meta))
     return Path(args.out)
 

@@ -2,7 +2,8 @@
 
 Image shards hold `KEY.png|jpg` + `KEY.txt` (what img2dataset writes, too). Token shards, written by
 `train/encode.py`, hold `KEY.codes.npy` (the dVAE grid, uint16) + `KEY.txt` (the caption, so a new
-tokenizer never needs a re-encode).
+tokenizer never needs a re-encode). Encoding maps each image shard to a token shard of the same name
+(`ShardBatches` reads, `TokenShards` writes and records what is done, so a rerun resumes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import glob
 import io
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+from dalle_ar.config import ConfigError, load_json, save_json
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +108,113 @@ def import_folder(src: str | Path, out_dir: str | Path, samples_per_shard: int =
     return stats
 
 
+def token_sample(key: str, codes: np.ndarray, caption: str) -> dict:
+    """One token-shard sample; uint16 holds codebooks up to 65536 codes (paper: 8192)."""
+    return {"__key__": key, "codes.npy": np.asarray(codes, dtype=np.uint16), "txt": caption}
+
+
 def write_token_shards(examples: Iterable[tuple[str, np.ndarray, str]], out_dir: str | Path,
                        samples_per_shard: int = 5000) -> int:
     n = 0
     with _Writer(out_dir, samples_per_shard) as sink:
         for key, codes, caption in examples:
-            sink.write({"__key__": key, "codes.npy": np.asarray(codes, dtype=np.uint16), "txt": caption})
+            sink.write(token_sample(key, codes, caption))
             n += 1
     return n
+
+
+def token_shard_name(url: str) -> str:
+    """Output name for an input shard: `data/x/000003.tar` -> `000003.tar` (`.tar.gz` -> `.tar`)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+    return name.split(".tar")[0] + ".tar"
+
+
+class TokenShards:
+    """The output side of encoding: `out/NAME.tar` for each input shard `.../NAME.tar`, and a record
+    `out/progress/NAME.json` (samples, skip counts, the dVAE that made the codes) for each finished one.
+
+    A shard is written to `NAME.tar.tmp` and renamed after its record is written, so a crash never
+    leaves a partial `.tar`, and a shard is done only when both exist. One record per shard (not one
+    growing file) keeps the cost of finishing a shard constant at tens of thousands of shards.
+    Use as a context manager: leaving it closes unfinished shards and deletes their temp files."""
+
+    def __init__(self, out_dir: str | Path, urls: list[str], dvae: str, fingerprint: str):
+        self.out, self.dvae, self.fingerprint = Path(out_dir), dvae, fingerprint
+        self.names = {url: token_shard_name(url) for url in urls}
+        seen: dict[str, str] = {}
+        for url, name in self.names.items():
+            if name in seen:
+                raise ConfigError(f"{url}: same file name as {seen[name]}, and each input shard becomes "
+                                  f"{self.out}/<its name>; encode the two sets into separate --out directories")
+            seen[name] = url
+        (self.out / "progress").mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob("*.tar.tmp"):  # left by a killed run
+            stale.unlink()
+        self.done: dict[str, dict] = {}
+        for path in sorted((self.out / "progress").glob("*.json")):
+            record = load_json(path)
+            if record["dvae_sha256"] != fingerprint:
+                raise ConfigError(f"{path}: {self.out} holds shards encoded with another dVAE ({record['dvae']}); "
+                                  f"pass a new --out, or delete {self.out} to re-encode everything")
+            if (self.out / record["shard"]).exists():
+                self.done[record["shard"]] = record
+        inputs = set(self.names.values())
+        for path in sorted(self.out.glob("*.tar")):
+            if path.name not in self.done and path.name not in inputs:  # training would read it, meta miss it
+                raise ConfigError(f"{path}: a token shard with no record in {self.out / 'progress'} and no input "
+                                  f"shard of that name (an older encode?); delete it, or pass a new --out")
+        self.pending = [url for url in urls if self.names[url] not in self.done]
+        self._open: dict[str, tuple[wds.TarWriter, int]] = {}
+
+    def _tmp(self, url: str) -> Path:
+        return self.out / (self.names[url] + ".tmp")
+
+    def write(self, url: str, keys: list[str], codes: np.ndarray, captions: list[str]) -> None:
+        if url not in self._open:
+            # mtime=0: the same input gives byte-identical shards, whatever the worker count or run
+            self._open[url] = (wds.TarWriter(open(self._tmp(url), "wb"), mtime=0), 0)
+        sink, n = self._open[url]
+        for key, c, caption in zip(keys, codes, captions):
+            sink.write(token_sample(key, c, caption))
+        self._open[url] = (sink, n + len(keys))
+
+    def finish(self, url: str, num_samples: int, skipped: dict[str, int]) -> dict:
+        """The reader has sent every sample of `url`: close, record and publish its token shard."""
+        if url not in self._open:  # every sample was skipped: still one (empty) output per input
+            self.write(url, [], [], [])
+        sink, n = self._open.pop(url)
+        if n != num_samples:
+            raise RuntimeError(f"{url}: the reader sent {num_samples} samples but {n} arrived")
+        stream = sink.stream
+        sink.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+        stream.close()
+        name = self.names[url]
+        record = {"shard": name, "source": url, "num_samples": n, "skipped": skipped,
+                  "dvae": self.dvae, "dvae_sha256": self.fingerprint}
+        save_json(self.out / "progress" / (name[:-len(".tar")] + ".json"), record)
+        os.replace(self._tmp(url), self.out / name)
+        self.done[name] = record
+        return record
+
+    def summary(self) -> dict:
+        """Totals over every finished shard in the directory, from this run and earlier ones."""
+        skipped = Counter()
+        for record in self.done.values():
+            skipped.update(record["skipped"])
+        return {"num_samples": sum(r["num_samples"] for r in self.done.values()), "num_shards": len(self.done),
+                "skipped": dict(sorted(skipped.items()))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for url, (sink, _) in self._open.items():
+            sink.close()
+            sink.stream.close()
+            self._tmp(url).unlink(missing_ok=True)
+        self._open.clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,8 +239,8 @@ class SkipCounter:
         return sum(self.counts.values())
 
 
-def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL (any mode) -> (3, S, S) float in [0, 1]: RGB, resize the short side, center crop."""
+def image_to_uint8(image: Image.Image, image_size: int) -> torch.Tensor:
+    """PIL (any mode) -> (3, S, S) uint8: RGB, resize the short side, center crop."""
     image = image.convert("RGB")
     w, h = image.size
     scale = image_size / min(w, h)
@@ -147,25 +250,63 @@ def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
         left, top = (w - image_size) // 2, (h - image_size) // 2
         image = image.crop((left, top, left + image_size, top + image_size))
     arr = np.asarray(image, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def _dataset(spec: str, resampled: bool, shuffle: int, seed: int, handler) -> wds.WebDataset:
-    urls = shard_urls(spec)
+def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
+    """PIL (any mode) -> (3, S, S) float in [0, 1]: RGB, resize the short side, center crop."""
+    return image_to_uint8(image, image_size).float().div_(255)
+
+
+def _dataset(spec: str | list[str], resampled: bool, shuffle: int, seed: int, handler,
+             split: bool = True) -> wds.WebDataset:
+    urls = spec if isinstance(spec, list) else shard_urls(spec)
     ds = wds.WebDataset(urls, resampled=resampled, shardshuffle=(len(urls) if shuffle and not resampled else False),
-                        nodesplitter=wds.split_by_node, handler=handler,
+                        nodesplitter=wds.split_by_node if split else None,
+                        workersplitter=wds.split_by_worker if split else None, handler=handler,
                         empty_check=False, seed=seed)
     return ds.shuffle(shuffle, seed=seed) if shuffle else ds
 
 
-def image_text_dataset(spec: str, image_size: int, *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
-                       skips: SkipCounter | None = None) -> wds.WebDataset:
-    """Yields (image (3,S,S) float [0,1], caption str, key)."""
+def image_text_dataset(spec: str | list[str], image_size: int, *, resampled: bool = False, shuffle: int = 0,
+                       seed: int = 0, skips: SkipCounter | None = None, uint8: bool = False,
+                       split: bool = True) -> wds.WebDataset:
+    """Yields (image (3,S,S) float [0,1], caption str, key); with uint8=True the image stays uint8 (4x less
+    to move between processes and to the GPU). split=False reads every shard here, with no split over
+    ranks and DataLoader workers (for a caller that splits shards itself)."""
     handler = skips or SkipCounter()
-    return (_dataset(spec, resampled, shuffle, seed, handler)
+    to_tensor = image_to_uint8 if uint8 else image_to_tensor
+    return (_dataset(spec, resampled, shuffle, seed, handler, split)
             .decode("pil", handler=handler)
             .to_tuple("jpg;jpeg;png;webp", "txt", "__key__", handler=handler)
-            .map_tuple(lambda im: image_to_tensor(im, image_size), str.strip, lambda k: k, handler=handler))
+            .map_tuple(lambda im: to_tensor(im, image_size), str.strip, lambda k: k, handler=handler))
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """One pass over image shards in per-shard batches, for pre-encoding. Each DataLoader worker reads
+    whole shards (worker i of n takes shards i, i+n, ...); a batch never spans two shards. Yields
+
+      ("batch", url, images (B,3,S,S) uint8, captions, keys)   for each batch of a shard, then
+      ("done", url, num_samples, skip counts)                   once the shard is read,
+
+    so the consumer can finish that shard's output. Skip counts travel in the "done" item because a
+    SkipCounter in a worker process never reaches the main process. Use DataLoader(batch_size=None)."""
+
+    def __init__(self, urls: list[str], image_size: int, batch_size: int):
+        super().__init__()
+        self.urls, self.image_size, self.batch_size = list(urls), image_size, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.urls[info.id::info.num_workers] if info else self.urls
+        skips = SkipCounter()  # one per worker: warns once per kind, per-shard counts are differences
+        for url in mine:
+            before, n = dict(skips.counts), 0
+            ds = image_text_dataset([url], self.image_size, skips=skips, uint8=True, split=False)
+            for images, captions, keys in ds.batched(self.batch_size, partial=True):
+                n += len(keys)
+                yield "batch", url, images, captions, keys
+            yield "done", url, n, {k: v - before.get(k, 0) for k, v in skips.counts.items() if v > before.get(k, 0)}
 
 
 def token_dataset(spec: str, *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
