@@ -24,7 +24,9 @@ demo: setup
 	$(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num 8000
 	$(PY) train/train_tokenizer.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/tokenizer --vocab_size 512
 	$(PY) train/train_dvae.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/dvae \
-		--steps 1000 --batch_size 32 --lr 3e-3 --warmup_steps 50
+		--steps 1000 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 250
+	$(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
+		--out $(DEMO)/dvae_quality.json
 	$(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens
 	$(PY) train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
 		--steps 800 --batch_size 32 --lr 1e-3 --warmup_steps 50
@@ -42,6 +44,7 @@ test: setup
 bench: setup
 	$(PY) -m bench.bench_train --out bench/results/train_$$(hostname).json
 	$(PY) -m bench.bench_sample --out bench/results/sample_$$(hostname).json
+	$(PY) -m bench.dvae_speed --out bench/results/dvae_speed_$$(hostname).json
 
 clean:
 	rm -rf outputs

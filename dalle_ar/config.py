@@ -26,35 +26,53 @@ class DVAEConfig:
     """Gumbel-softmax dVAE (DALL-E section 2.1). Layout follows OpenAI's released dVAE."""
 
     image_size: int = 64
-    num_tokens: int = 512          # codebook size K
+    num_tokens: int = 512          # codebook size K (paper: 8192)
     group_count: int = 4           # resolution halves between groups: grid = image_size / 2**(group_count-1)
-    n_hid: int = 32                # width of the first group; group g has n_hid * 2**(g-1) channels
-    n_blk_per_group: int = 1
+    n_hid: int = 32                # width of the first group; group g has n_hid * 2**(g-1) channels (paper: 256)
+    n_blk_per_group: int = 1       # paper: 2
     n_init: int = 128              # decoder width after the 1x1 conv from the K one-hot channels
     straight_through: bool = False  # hard one-hot forward, soft gradients (ablation; paper uses soft)
-    # Zero-init the bias of the encoder's final 1x1 conv (OpenAI's dall_e zero-inits all conv biases).
-    # PyTorch's default uniform bias gives every code a fixed offset larger than the input-dependent
-    # part of the initial logits, so a handful of codes win everywhere and the codebook collapses.
-    zero_logit_bias: bool = True
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.group_count - 1)
 
     @property
     def grid_size(self) -> int:
-        return self.image_size // 2 ** (self.group_count - 1)
+        return self.image_size // self.downsample
 
 
 @dataclass
 class DVAELossConfig:
-    """dVAE objective schedule (paper appendix A.2: tau 1 -> 1/16, KL weight 0 -> beta)."""
+    """dVAE objective and schedules (paper appendix A.2). Defaults are the paper's; every anneal length
+    is for a `reference_steps`-update run and is scaled by steps / reference_steps (0 = no scaling)."""
 
-    kl_weight: float = 1e-3          # beta at the end of the anneal (paper: 6.6 with a sum-reduced loss)
+    reconstruction: str = "logit_laplace"  # logit_laplace (paper) | mse | l1 (for comparison)
+    # Lower bound on the logit-Laplace scale b (0 = none, the paper). On images with perfectly flat
+    # regions (the synthetic world) b -> 0 there, the likelihood becomes hypersensitive to any code
+    # change and the encoder freezes onto a few codes; a floor near 8-bit quantisation noise prevents it.
+    min_scale: float = 0.0
+    kl_weight: float = 6.6           # beta; the loss is divided by H*W*3, so KL (summed over the grid) gets beta/192 at 256px
+    kl_anneal_steps: int = 5000      # beta: cosine 0 -> kl_weight over these updates
     temperature_start: float = 1.0
     temperature_end: float = 1 / 16
-    anneal_steps: int = 0            # 0 = anneal over the whole run
-    # Codebook entropy penalty (MAGVIT-v2, Yu et al. 2023, sec. 3.1): adds
-    # entropy_weight * (entropy_cell_weight * mean H(q(z|x)) - H(batch-mean q)), i.e. confident
-    # per-cell codes but many codes used per batch. Without it short runs use only ~6-15 codes.
+    temperature_anneal_steps: int = 150_000  # tau: cosine start -> end over these updates
+    lr_anneal_steps: int = 1_200_000  # learning rate: cosine lr -> lr * min_lr_ratio, then constant
+    reference_steps: int = 3_000_000  # the paper's run length the anneal lengths are written for
+    # Codebook entropy penalty (MAGVIT-v2, Yu et al. 2023, sec. 3.1; not in the paper, off by default):
+    # adds entropy_weight * (entropy_cell_weight * mean H(q(z|x)) - H(batch-mean q)): confident per-cell
+    # codes but many codes used per batch. Small models on short runs otherwise use few codes.
     entropy_weight: float = 0.0
     entropy_cell_weight: float = 1.0
+
+    def scaled(self, steps: int) -> "DVAELossConfig":
+        """Anneal lengths for a run of `steps` updates (at least 1 step each)."""
+        if not self.reference_steps:
+            return self
+        f = steps / self.reference_steps
+        return dataclasses.replace(self, kl_anneal_steps=max(1, round(self.kl_anneal_steps * f)),
+                                   temperature_anneal_steps=max(1, round(self.temperature_anneal_steps * f)),
+                                   lr_anneal_steps=max(1, round(self.lr_anneal_steps * f)), reference_steps=0)
 
 
 @dataclass
@@ -139,6 +157,8 @@ class TrainConfig:
     wandb: str = "offline"           # offline | online | disabled
     wandb_project: str = "dalle-ar"
     progress: bool = True            # tqdm bar on rank 0
+    ema_decay: float = 0.0           # exponential moving average of the weights, exported instead of them; 0 = off
+    sample_every: int = 0            # write sample / reconstruction grids every N steps (0 = only at the end)
 
 
 @dataclass
@@ -159,7 +179,11 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {
     "tiny": {
         DVAEConfig: dict(image_size=64, num_tokens=512, group_count=4, n_hid=16, n_blk_per_group=1, n_init=128,
                          straight_through=True),
-        DVAELossConfig: dict(kl_weight=0.0, entropy_weight=1e-2, entropy_cell_weight=0.1),
+        # The synthetic world's flat colours make the logit-Laplace likelihood collapse the codebook (README,
+        # "dVAE"), so the tiny preset trains with MSE + the codebook entropy penalty; anneals span the run.
+        DVAELossConfig: dict(reconstruction="mse", kl_weight=0.0, entropy_weight=1e-2, entropy_cell_weight=0.1,
+                             reference_steps=1000, kl_anneal_steps=100, temperature_anneal_steps=1000,
+                             lr_anneal_steps=1000),
         DalleConfig: dict(text_len=16, num_image_tokens=512, image_fmap_size=8, dim=256, depth=4, heads=4),
         ClipConfig: dict(image_size=64),
     },
@@ -228,7 +252,11 @@ def _field_type(cls: type, f: dataclasses.Field):
     return _parse_bool if t is bool else t
 
 
-def add_config_args(parser: argparse.ArgumentParser, *classes: type) -> None:
+# Extra spellings users expect (every field also accepts dashes: --batch-size == --batch_size).
+ALIASES = {"steps": ["--max_steps", "--max-steps"]}
+
+
+def add_config_args(parser: argparse.ArgumentParser, *classes: type, defaults: dict[type, dict] | None = None) -> None:
     """Add one flag per dataclass field (defaults None so we can tell what the user typed)."""
     seen: dict[str, type] = {}
     for cls in classes:
@@ -238,8 +266,10 @@ def add_config_args(parser: argparse.ArgumentParser, *classes: type) -> None:
                 raise RuntimeError(f"flag --{f.name} defined by both {seen[f.name].__name__} and {cls.__name__}")
             seen[f.name] = cls
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            group.add_argument(f"--{f.name}", type=_field_type(cls, f), default=None, metavar=type(default).__name__.upper(),
-                               help=f"(default: {default})")
+            default = (defaults or {}).get(cls, {}).get(f.name, default)
+            names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + ALIASES.get(f.name, [])
+            group.add_argument(*names, dest=f.name, type=_field_type(cls, f), default=None,
+                               metavar=type(default).__name__.upper(), help=f"(default: {default})")
     parser.add_argument("--config", default=None, help="JSON file with values for any of the fields above "
                         "(flat, or nested by section name); flags given here override it")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size preset (default: tiny)")
@@ -250,15 +280,16 @@ def add_config_args(parser: argparse.ArgumentParser, *classes: type) -> None:
 _SECTION = {DVAEConfig: "dvae", DVAELossConfig: "dvae_loss", DalleConfig: "model", ClipConfig: "clip", TrainConfig: "train", SampleConfig: "sample"}
 
 
-def resolve(args: argparse.Namespace, *classes: type):
-    """Build each dataclass from preset < --config file < command-line flags."""
+def resolve(args: argparse.Namespace, *classes: type, defaults: dict[type, dict] | None = None):
+    """Build each dataclass from class defaults < script `defaults` < preset < --config file < flags."""
     file_data = load_json(args.config) if args.config else {}
     out = []
     for cls in classes:
         section = file_data.get(_SECTION.get(cls, cls.__name__), {})
         flat = {k: v for k, v in file_data.items() if not isinstance(v, dict)}
         names = {f.name for f in fields(cls)}
-        values = dict(PRESETS[args.preset].get(cls, {}))
+        values = dict((defaults or {}).get(cls, {}))
+        values.update(PRESETS[args.preset].get(cls, {}))
         values.update({k: v for k, v in flat.items() if k in names})
         values.update(section)
         values.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
@@ -270,15 +301,16 @@ def resolve(args: argparse.Namespace, *classes: type):
     return out[0] if len(out) == 1 else out
 
 
-def parse(description: str, *classes: type, extra=None, argv=None):
-    """Standard script entry: parser from dataclasses (+ `extra(parser)` flags), then resolve."""
-    parser = argparse.ArgumentParser(description=description)
+def parse(description: str, *classes: type, extra=None, argv=None, defaults: dict[type, dict] | None = None):
+    """Standard script entry: parser from dataclasses (+ `extra(parser)` flags), then resolve.
+    `defaults` are the script's own defaults (e.g. the dVAE's paper optimizer), below presets and flags."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra:
         extra(parser)
-    add_config_args(parser, *classes)
+    add_config_args(parser, *classes, defaults=defaults)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return args, resolve(args, *classes)
+        return args, resolve(args, *classes, defaults=defaults)
     except ConfigError as e:
         parser.error(str(e))
 

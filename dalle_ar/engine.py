@@ -96,11 +96,15 @@ def build_ds_config(cfg: TrainConfig) -> dict:
     return ds
 
 
-def warmup_cosine(cfg: TrainConfig) -> Callable[[int], float]:
+def warmup_cosine(cfg: TrainConfig, decay_steps: int | None = None) -> Callable[[int], float]:
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio over `decay_steps` (default: the rest of
+    the run), constant after."""
+    decay = (cfg.steps - cfg.warmup_steps) if decay_steps is None else decay_steps
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
-        t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, decay))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return factor
 
@@ -123,6 +127,33 @@ def to_device(batch, device, dtype: torch.dtype):
     return batch
 
 
+class EMA:
+    """fp32 exponential moving average of a module's parameters (as this rank holds them: ZeRO 0-2).
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so early weights (random
+    init) are forgotten quickly; short runs get a useful average too."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        named = [(n, p) for n, p in module.named_parameters()]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - decay)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.cpu() for n, t in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for n, t in zip(self.names, self.shadow):
+            t.copy_(state[n])
+        self.updates = updates
+
+
 # ----------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +165,7 @@ class Trainer:
     is written next to the exported weights so `<out>/export` is self-describing."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, name: str, export_config: dict,
-                 extra_files: dict[str, str] | None = None):
+                 extra_files: dict[str, str] | None = None, lr_decay_steps: int | None = None):
         setup_distributed()
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
@@ -150,8 +181,11 @@ class Trainer:
                                       betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: LambdaLR(opt, warmup_cosine(cfg)))
+            lr_scheduler=lambda opt: LambdaLR(opt, warmup_cosine(cfg, lr_decay_steps)))
         self.device = self.engine.device
+        if cfg.ema_decay and cfg.zero_stage == 3:
+            raise ConfigError("--ema_decay needs full parameters on every rank; use --zero_stage 0, 1 or 2 with it")
+        self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
         self.step = 0
         if self.is_main:
@@ -172,6 +206,8 @@ class Trainer:
         mid-save leaves `latest` pointing at the previous complete checkpoint."""
         tag = f"step_{self.step:08d}"
         state = {"step": self.step, "torch_rng": torch.get_rng_state()}
+        if self.ema is not None:
+            state["ema"], state["ema_updates"] = self.ema.state_dict(), self.ema.updates
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
         barrier()
         if self.is_main:
@@ -191,16 +227,25 @@ class Trainer:
                                f"or pass --resume false to start over")
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ConfigError(f"{path}: checkpoint has no EMA weights but --ema_decay is set; resume without it")
+            self.ema.load_state_dict(state["ema"], state["ema_updates"])
         if self.is_main:
             log.info("resumed %s from %s at step %d", self.name, path, self.step)
 
     def consolidated_state_dict(self, tag: str) -> dict[str, torch.Tensor]:
-        """fp32 weights on rank 0: from the module (ZeRO-0) or gathered from the ZeRO shards (1-3)."""
+        """fp32 weights on rank 0: from the module (ZeRO-0) or gathered from the ZeRO shards (1-3);
+        with --ema_decay, the EMA weights take the parameters' place."""
         if self.cfg.zero_stage == 0:
-            return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_dir), tag=tag)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_dir), tag=tag)
+        if self.ema is not None:
+            state.update(self.ema.state_dict())
+        return state
 
     def export(self, tag: str) -> Path:
         out = self.out / "export"
@@ -223,6 +268,13 @@ class Trainer:
     def log(self, metrics: dict) -> None:
         if self._wandb is not None:
             self._wandb.log(metrics, step=self.step)
+
+    def log_image(self, key: str, path: str | Path) -> None:
+        """Log a PNG already written to disk (sample or reconstruction grid)."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))}, step=self.step)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, batches: Iterable, loss_fn: LossFn, items: Callable[[Any], int] = lambda b: len(b[0]),
@@ -248,6 +300,8 @@ class Trainer:
                 self.engine.backward(loss)
                 self.engine.step()
                 seen += items(batch)
+            if self.ema is not None:
+                self.ema.update()
             self.step += 1
             value = loss.item()
             if not math.isfinite(value):

@@ -1,10 +1,15 @@
+import math
+
 import numpy as np
+import pytest
 import torch
 
-from dalle_ar.config import DVAEConfig, preset
+from dalle_ar.config import DVAEConfig, DVAELossConfig, preset
 from dalle_ar.data import synthetic
 from dvae import DiscreteVAE
-from dvae.loss import dvae_loss, kl_to_uniform
+from dvae.loss import codebook_usage, dvae_loss, kl_to_uniform, kl_weight, logit_laplace_nll, temperature
+from dvae.metrics import psnr, ssim
+from dvae.model import map_pixels, unmap_pixels
 
 
 def images(n, seed=0):
@@ -19,28 +24,126 @@ def test_tiny_and_paper_grids():
     assert codes.shape == (2, 8, 8) and codes.dtype == torch.long and codes.max() < 512
     assert tiny.decode(codes).shape == (2, 3, 64, 64)
     assert tiny.decode(codes.flatten(1)).shape == (2, 3, 64, 64)
+    stats, logits = tiny(x)
+    assert stats.shape == (2, 6, 64, 64) and logits.shape == (2, 512, 8, 8)
     paper = preset(DVAEConfig, "paper")
-    assert (paper.grid_size, paper.num_tokens) == (32, 8192)
+    assert (paper.grid_size, paper.num_tokens, paper.n_hid, paper.n_blk_per_group) == (32, 8192, 256, 2)
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor 8"):
+        DiscreteVAE(DVAEConfig(image_size=60))
+
+
+def test_openai_parameter_names_and_post_gain():
+    model = DiscreteVAE(DVAEConfig(n_hid=16, n_blk_per_group=2))
+    names = set(model.state_dict())
+    for name in ("encoder.blocks.input.w", "encoder.blocks.group_1.block_2.res_path.conv_4.b",
+                 "encoder.blocks.group_2.block_1.id_path.w", "encoder.blocks.output.conv.w",
+                 "decoder.blocks.input.w", "decoder.blocks.group_4.block_1.res_path.conv_1.w",
+                 "decoder.blocks.output.conv.b"):
+        assert name in names
+    assert model.decoder.blocks.output.conv.w.shape[0] == 6  # logit-Laplace location + log-scale per channel
+    assert model.encoder.blocks.group_1.block_1.post_gain == 1 / 8 ** 2  # 4 groups x 2 blocks
+
+
+def test_map_unmap_pixels():
+    x = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
+    assert torch.allclose(map_pixels(x).flatten(), torch.tensor([0.1, 0.5, 0.9]))
+    assert torch.allclose(unmap_pixels(map_pixels(x)), x)
+
+
+def test_logit_laplace_against_hand_computed_values():
+    stats = torch.tensor([1.0, 2.0, 0.0, 0.0, math.log(0.5), 0.0]).view(1, 6, 1, 1)
+    x = torch.tensor([0.5, 1.0, 0.0]).view(1, 3, 1, 1)
+    nll = logit_laplace_nll(stats, x).flatten()
+    # x=0.5 -> y=0.5, logit 0, mu 1, b 1:    |0-1|/1 + ln 1 + ln 2 + ln .5 + ln .5
+    assert nll[0].item() == pytest.approx(1 + math.log(2) + 2 * math.log(0.5), abs=1e-5)
+    # x=1 -> y=0.9, logit ln 9, mu 2, b .5:  |ln9-2|/.5 + ln .5 + ln 2 + ln .9 + ln .1
+    assert nll[1].item() == pytest.approx(abs(math.log(9) - 2) / 0.5 + math.log(0.9) + math.log(0.1), abs=1e-5)
+    # x=0 -> y=0.1, logit -ln 9, mu 0, b 1
+    assert nll[2].item() == pytest.approx(math.log(9) + math.log(2) + math.log(0.1) + math.log(0.9), abs=1e-5)
+
+
+def test_logit_laplace_is_a_density_on_the_unit_interval():
+    """exp(-nll) integrates to 1 over y in (0, 1) (x = unmap(y) spans a wider range, so integrate in y)."""
+    y = torch.linspace(1e-6, 1 - 1e-6, 400001, dtype=torch.float64)
+    mu, b = 0.7, 0.3
+    density = torch.exp(-(torch.logit(y) - mu).abs() / b) / (2 * b * y * (1 - y))
+    assert torch.trapezoid(density, y).item() == pytest.approx(1.0, abs=1e-3)
+    # and our function is that density's negative log at y = map_pixels(x)
+    x = torch.rand(1, 3, 4, 4, dtype=torch.float64) * 0.99
+    stats = torch.cat([torch.full_like(x, mu), torch.full_like(x, math.log(b))], dim=1)
+    yy = map_pixels(x)
+    expected = -torch.log(torch.exp(-(torch.logit(yy) - mu).abs() / b) / (2 * b * yy * (1 - yy)))
+    torch.testing.assert_close(logit_laplace_nll(stats, x).double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_kl_to_uniform_is_zero_for_uniform_and_log_k_for_one_hot():
-    assert kl_to_uniform(torch.zeros(2, 16, 3, 3)).item() < 1e-6
+    assert kl_to_uniform(torch.zeros(2, 16, 3, 3)).abs().max().item() < 1e-6
     one_hot = torch.full((1, 16, 1, 1), -1e4)
     one_hot[0, 3] = 0
     assert abs(kl_to_uniform(one_hot).item() - np.log(16)) < 1e-4
 
 
-def test_overfits_16_images():
-    """Reconstruction error with the model's own training relaxation falls at least 5x."""
+def test_schedules_follow_the_paper_and_scale_to_the_run():
+    cfg = DVAELossConfig()
+    assert (cfg.kl_weight, cfg.kl_anneal_steps, cfg.temperature_anneal_steps, cfg.lr_anneal_steps) == (6.6, 5000, 150_000, 1_200_000)
+    assert temperature(0, cfg) == 1.0 and temperature(150_000, cfg) == pytest.approx(1 / 16)
+    assert temperature(75_000, cfg) == pytest.approx((1 + 1 / 16) / 2)  # cosine: halfway at the midpoint
+    assert temperature(37_500, cfg) == pytest.approx(1 / 16 + (1 - 1 / 16) * (1 + math.cos(math.pi / 4)) / 2)
+    assert temperature(10 ** 7, cfg) == pytest.approx(1 / 16)  # constant after the anneal
+    assert kl_weight(0, cfg) == 0.0 and kl_weight(5000, cfg) == pytest.approx(6.6) and kl_weight(2500, cfg) == pytest.approx(3.3)
+    short = cfg.scaled(30_000)  # a 1% run: every anneal 1% as long
+    assert (short.kl_anneal_steps, short.temperature_anneal_steps, short.lr_anneal_steps) == (50, 1500, 12_000)
+    assert DVAELossConfig(reference_steps=0).scaled(10) == DVAELossConfig(reference_steps=0)
+
+
+def test_kl_term_is_weighted_beta_over_pixels_per_cell():
+    """Paper A.2: the loss is divided by H*W*3, so KL summed over the grid gets weight beta / 192 at 8x downsampling."""
     torch.manual_seed(0)
     model = DiscreteVAE(preset(DVAEConfig, "tiny"))
+    x = images(4)
+    cfg = DVAELossConfig(reference_steps=0, kl_anneal_steps=1)
+    torch.manual_seed(1)
+    with_kl, m = dvae_loss(model, x, 10, cfg)
+    torch.manual_seed(1)
+    without, _ = dvae_loss(model, x, 10, DVAELossConfig(reference_steps=0, kl_weight=0.0))
+    assert (with_kl - without).item() == pytest.approx(6.6 / 192 * m["kl_per_cell"], rel=1e-4)
+
+
+def test_codebook_usage_and_perplexity():
+    used, ppl = codebook_usage(torch.tensor([[0, 0], [1, 1]]), num_tokens=4)
+    assert used == 0.5 and ppl == pytest.approx(2.0)
+    used, ppl = codebook_usage(torch.arange(8), num_tokens=8)
+    assert used == 1.0 and ppl == pytest.approx(8.0)
+    used, ppl = codebook_usage(torch.tensor([0, 0, 0, 1]), num_tokens=8)
+    assert ppl == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+
+
+def test_psnr_and_ssim_against_hand_computed_values():
+    a, b = torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), 0.1)
+    assert psnr(a, b).item() == pytest.approx(20.0, abs=1e-4)
+    x = torch.rand(2, 3, 32, 32)
+    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    # constant images: contrast/structure term is c2/c2 = 1, luminance (2ab + c1) / (a^2 + b^2 + c1)
+    c1 = 0.01 ** 2
+    p, q = torch.full((1, 3, 16, 16), 0.3), torch.full((1, 3, 16, 16), 0.6)
+    assert ssim(p, q).item() == pytest.approx((2 * 0.3 * 0.6 + c1) / (0.3 ** 2 + 0.6 ** 2 + c1), abs=1e-4)
+    noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    assert (ssim(x, noisy) < 0.9).all() and torch.allclose(ssim(x, noisy), ssim(noisy, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("reconstruction", ["logit_laplace", "mse"])
+def test_overfits_16_images(reconstruction):
+    """Reconstruction error with the model's own training relaxation falls at least 4x."""
+    torch.manual_seed(0)
+    model = DiscreteVAE(preset(DVAEConfig, "tiny"))
+    cfg = DVAELossConfig(reconstruction=reconstruction, reference_steps=0, kl_weight=0.0, temperature_anneal_steps=150)
     x = images(16)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     errors = []
     for step in range(150):
-        loss, m = dvae_loss(model, x, step, anneal_steps=150, beta=0.0)
+        loss, m = dvae_loss(model, x, step, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
         errors.append(m["recon_mse"])
-    assert np.mean(errors[-5:]) * 5 < np.mean(errors[:3]), (errors[:3], errors[-5:])
+    assert np.mean(errors[-5:]) * 4 < np.mean(errors[:3]), (errors[:3], errors[-5:])

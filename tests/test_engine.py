@@ -91,3 +91,18 @@ def test_ds_config_overrides_and_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="ds.json"):
         build_ds_config(TrainConfig(ds_config=str(bad)))
+
+
+def test_ema_is_exported_and_resumes_step_exact(tmp_path):
+    trainer, straight = train(tmp_path / "a", steps=8, stage=2, ema_decay=0.9)
+    with pytest.raises(Crash):
+        train(tmp_path / "b", steps=8, stage=2, save_every=2, on_step=crash_at(5), ema_decay=0.9)
+    _, resumed = train(tmp_path / "b", steps=8, stage=2, save_every=2, ema_decay=0.9)
+    a, b = weights(straight), weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"EMA {k} differs after resume"
+    raw = dict(trainer.module.named_parameters())
+    assert trainer.ema.updates == 8
+    assert any(not torch.equal(a[k], raw[k].detach().float()) for k in raw)  # the export is the average, not the last step
+    with pytest.raises(ConfigError, match="ema_decay"):
+        train(tmp_path / "c", steps=1, stage=3, ema_decay=0.9)

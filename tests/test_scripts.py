@@ -32,7 +32,8 @@ def test_every_stage_writes_its_outputs(pipeline):
         assert (d / run / "export/model.safetensors").exists() and (d / run / "export/config.json").exists()
         assert (d / run / "checkpoints/latest").exists()
         assert list((d / run / "wandb").glob("offline-run-*")), f"{run}: no offline wandb run"
-    assert (d / "dvae/reconstructions.png").exists()
+    assert (d / "dvae/reconstructions.png").exists() and (d / "dvae/samples/recon_00000003.png").exists()
+    assert {"psnr", "codebook_usage", "perplexity"} <= set(json.loads((d / "dvae/reconstruction.json").read_text()))
     assert json.loads((d / "tokens/meta.json").read_text())["num_samples"] == 64
     assert (d / "dalle/export/tokenizer.json").exists()
 
@@ -74,6 +75,20 @@ def test_train_dalle_with_two_processes(pipeline, launcher):
     assert (out / "checkpoints/step_00000003/zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
 
 
+def test_dvae_benchmarks_print_json(pipeline, tmp_path):
+    d = pipeline
+    run_script("-m", "bench.dvae_quality", "--dvae", str(d / "dvae/export"), "--synthetic", "24", "--batch_size", "16",
+               "--grid", str(tmp_path / "grid.png"), "--out", str(tmp_path / "q.json"))
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["images"] == 24 and q["device"].startswith("cpu") and (tmp_path / "grid.png").exists()
+    assert 0 < q["codebook_usage"] <= 1 and 1 <= q["perplexity"] <= 512 and q["psnr_db"] > 5 and -1 <= q["ssim"] <= 1
+    assert q["meets_targets"] == (q["psnr_db"] >= 30 and q["codebook_usage"] >= 0.9)
+    run_script("-m", "bench.dvae_speed", "--batch_size", "4", "--repeats", "1", "--variants", "fp32,cl,onehot_decode",
+               "--out", str(tmp_path / "s.json"))
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert set(s["variants"]) == {"fp32", "cl", "onehot_decode"} and s["variants"]["fp32"]["encode_speedup"] == 1.0
+
+
 def test_wrong_config_is_a_one_line_error(tmp_path):
     bad = tmp_path / "run.json"
     bad.write_text(json.dumps({"train": {"stepz": 3}}))
@@ -86,6 +101,7 @@ def test_wrong_config_is_a_one_line_error(tmp_path):
 
 def test_every_script_documents_its_flags():
     for script in ("train/make_shards.py", "train/train_tokenizer.py", "train/train_dvae.py", "train/encode.py",
+                   "train/convert_openai_dvae.py",
                    "train/train_dalle.py", "train/train_clip.py", "sample/generate.py"):
         out = run_script(script, "--help").stdout
         assert "usage:" in out and "--" in out
