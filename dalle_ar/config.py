@@ -75,6 +75,9 @@ class DVAELossConfig:
                                    lr_anneal_steps=max(1, round(self.lr_anneal_steps * f)), reference_steps=0)
 
 
+ATTENTION_MASKS = ("full", "row", "column", "conv")
+
+
 @dataclass
 class DalleConfig:
     """Decoder-only transformer over [text tokens | image tokens] (DALL-E section 2.2)."""
@@ -89,6 +92,39 @@ class DalleConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     text_loss_weight: float = 1 / 8  # paper: 1/8 text, 7/8 image
+    # Attention mask per layer (model/attention.py has the exact rules): "full" (dense causal), "sparse"
+    # (the paper's schedule, appendix B.1), or one of full|row|column|conv per layer, comma-separated.
+    attention: str = "full"
+    attention_backend: str = "sdpa"  # sdpa: dense boolean masks | flex: FlexAttention block-sparse masks
+    rotary: bool = False             # rotary embeddings on q, k over all slots, on top of the learned positions
+    sandwich_norm: bool = False      # LayerNorm at the end of each attention/MLP branch too (CogView)
+    null_cond_prob: float = 0.0      # caption dropout: train on the all-pad caption with this probability
+
+    def __post_init__(self):
+        _ = self.layer_attention  # raises on a bad `attention`
+        if self.attention_backend not in ("sdpa", "flex"):
+            raise ConfigError(f"attention_backend: {self.attention_backend!r} is not one of 'sdpa', 'flex'")
+        if self.attention_backend == "flex" and self.dropout:
+            raise ConfigError("attention_backend: 'flex' has no attention dropout; use dropout=0 or 'sdpa'")
+        if self.rotary and (self.dim // self.heads) % 2:
+            raise ConfigError(f"rotary: needs an even head dim, got dim {self.dim} / heads {self.heads}")
+        if not 0.0 <= self.null_cond_prob < 1.0:
+            raise ConfigError(f"null_cond_prob: {self.null_cond_prob} is not in [0, 1)")
+
+    @property
+    def layer_attention(self) -> list[str]:
+        """One mask per layer. "sparse" is the paper's: with 1-based layer index i, column attention when
+        (i - 2) % 4 == 0, row otherwise ("row, column, row, row, ..."), and conv in the last layer."""
+        spec = self.attention.replace(" ", "")
+        if spec == "sparse":
+            return ["column" if (i - 2) % 4 == 0 else "row" for i in range(1, self.depth)] + ["conv"]
+        kinds = [spec] * self.depth if spec in ATTENTION_MASKS else spec.split(",")
+        bad = sorted(set(kinds) - set(ATTENTION_MASKS))
+        if bad or len(kinds) != self.depth:
+            raise ConfigError(f"attention: {self.attention!r} must be 'sparse' or one of {'|'.join(ATTENTION_MASKS)}, "
+                              f"alone or as a comma list with one entry per layer ({self.depth})"
+                              + (f"; unknown {bad}" if bad else f"; got {len(kinds)} entries"))
+        return kinds
 
     @property
     def image_seq_len(self) -> int:
@@ -187,11 +223,23 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {
         DalleConfig: dict(text_len=16, num_image_tokens=512, image_fmap_size=8, dim=256, depth=4, heads=4),
         ClipConfig: dict(image_size=64),
     },
+    # The paper's data shapes (256 text slots, 32x32 over 8192 codes) and sparse schedule at smaller sizes;
+    # `python -m dalle_ar.model.plan --preset NAME` prints parameters, FLOPs and a memory plan.
+    # ~450M parameters (454M; 24 layers at this width would be 353M).
+    "base": {
+        DalleConfig: dict(text_vocab_size=16384, text_len=256, num_image_tokens=8192, image_fmap_size=32,
+                          dim=1024, depth=32, heads=16, attention="sparse"),
+    },
+    # ~1.3B parameters (1.31B).
+    "large": {
+        DalleConfig: dict(text_vocab_size=16384, text_len=256, num_image_tokens=8192, image_fmap_size=32,
+                          dim=2048, depth=24, heads=16, attention="sparse"),
+    },
     # The paper: 256px -> 32x32 over 8192 codes; 12B transformer (64 layers, 62 heads of 64, d=3968).
     "paper": {
         DVAEConfig: dict(image_size=256, num_tokens=8192, group_count=4, n_hid=256, n_blk_per_group=2, n_init=128),
         DalleConfig: dict(text_vocab_size=16384, text_len=256, num_image_tokens=8192, image_fmap_size=32,
-                          dim=3968, depth=64, heads=62),
+                          dim=3968, depth=64, heads=62, attention="sparse"),
         ClipConfig: dict(image_size=224, embed_dim=512, vision_layers=12, vision_width=768, patch_size=16,
                          context_length=77, text_width=512, text_heads=8, text_layers=12),
     },

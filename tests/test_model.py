@@ -1,8 +1,12 @@
+import json
+
 import pytest
 import torch
 
 from dalle_ar.config import DalleConfig, preset
 from dalle_ar.model import DalleTransformer
+from dalle_ar.model.plan import main as plan_main
+from dalle_ar.model.plan import plan
 from dalle_ar.sampling import filter_logits, generate_codes
 
 
@@ -98,3 +102,47 @@ def test_paper_preset_dimensions():
     with torch.device("meta"):
         model = DalleTransformer(cfg)
     assert 11e9 < model.num_params() < 13e9  # the paper's 12B
+
+
+@pytest.mark.parametrize("name,target", [("base", 450e6), ("large", 1.3e9), ("paper", 12e9)])
+def test_presets_build_on_meta_at_their_sizes(name, target):
+    report = plan(preset(DalleConfig, name), world_size=8)
+    assert abs(report["params"]["total"] - target) < 0.1 * target, report["params"]
+    mem = report["memory"]["per_gpu"]
+    assert mem["zero_3"]["total_gib"] < mem["zero_2"]["total_gib"] < mem["zero_1"]["total_gib"] < mem["zero_0"]["total_gib"]
+    act = report["memory"]["activations"]
+    assert act["with_checkpointing_gib"] < act["without_checkpointing_gib"]
+
+
+def test_plan_cli_prints_json(capsys):
+    plan_main(["--preset", "paper", "--world_size", "64"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["depth"] == 64 and report["memory"]["world_size"] == 64
+    assert report["flops_per_token"] == 6 * report["params"]["non_embedding"] + 12 * 64 * 3968 * 1280
+
+
+def test_caption_dropout_replaces_whole_captions_by_pads_in_training_only():
+    model = tiny(null_cond_prob=0.3).train()
+    text = torch.randint(0, 50, (4000, model.config.text_len))
+    dropped = model.drop_captions(text)
+    pads = torch.arange(model.config.text_len) + model.config.text_vocab_size
+    is_pad = (dropped == pads).all(1)
+    assert torch.equal(dropped[~is_pad], text[~is_pad]) and 0.27 < is_pad.float().mean() < 0.33
+    assert torch.equal(model.eval().drop_captions(text), text)
+
+
+def test_loss_feeds_dropped_captions_to_the_forward_it_is_given():
+    model = tiny(null_cond_prob=0.5).train()
+    text, codes = batch(model, b=16)
+    seen = []
+    model.loss(text, codes, forward=lambda t, c: seen.append(t) or model(t, c))
+    assert not torch.equal(seen[0], text)  # some captions dropped (seed 0), others kept
+    assert (seen[0] == text).all(1).any()
+
+
+def test_sandwich_norm_and_rotary_train():
+    model = tiny(sandwich_norm=True, rotary=True, attention="row,conv")
+    text, codes = batch(model)
+    loss, _ = model.loss(text, codes)
+    loss.backward()
+    assert torch.isfinite(loss) and model.blocks[0].ln_attn_out.weight.grad is not None

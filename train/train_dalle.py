@@ -55,7 +55,7 @@ def main(argv=None):
 
     def loss_fn(engine, batch, step):
         text, codes = batch
-        return trainer.module.loss_from_logits(*engine(text, codes), text, codes)
+        return trainer.module.loss(text, codes, forward=engine)  # caption dropout lives in the model's loss
 
     return trainer.fit(stream, loss_fn)
 

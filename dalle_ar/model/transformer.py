@@ -4,7 +4,9 @@ Sequence layout (L = text_len, N = image_seq_len):
     input   [BOS, t_0 .. t_{L-1}, i_0 .. i_{N-2}]     (L + N slots)
     target  [t_0 .. t_{L-1},      i_0 .. i_{N-1}]
 Text and image tokens have separate embeddings and output heads; text slots get a learned position
-embedding, image tokens a row + column embedding. Loss = w * text CE + (1 - w) * image CE, w = 1/8.
+embedding, image tokens a row + column embedding (with `rotary`, attention also rotates q and k by slot
+index, on top of these). Each layer's attention mask (full, row, column, conv) follows
+`DalleConfig.layer_attention`. Loss = w * text CE + (1 - w) * image CE, w = 1/8.
 """
 
 from __future__ import annotations
@@ -30,16 +32,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DalleConfig):
+    """Pre-norm residual block; `sandwich_norm` also normalises each branch's output (CogView, sec. 2.4),
+    which keeps the residual stream's scale bounded in deep fp16/bf16 stacks."""
+
+    def __init__(self, cfg: DalleConfig, kind: str = "full"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.dim)
-        self.attn = CausalSelfAttention(cfg.dim, cfg.heads, cfg.dropout)
+        self.attn = CausalSelfAttention(cfg, kind)
+        self.ln_attn_out = nn.LayerNorm(cfg.dim) if cfg.sandwich_norm else nn.Identity()
         self.ln_2 = nn.LayerNorm(cfg.dim)
         self.mlp = MLP(cfg.dim, int(cfg.mlp_ratio * cfg.dim), cfg.dropout)
+        self.ln_mlp_out = nn.LayerNorm(cfg.dim) if cfg.sandwich_norm else nn.Identity()
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.ln_attn_out(self.attn(self.ln_1(x), cache, layer))
+        return x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
 
 
 class DalleTransformer(nn.Module):
@@ -53,7 +60,7 @@ class DalleTransformer(nn.Module):
         self.image_emb = nn.Embedding(cfg.num_image_tokens, d)
         self.image_row = nn.Embedding(cfg.image_fmap_size, d)
         self.image_col = nn.Embedding(cfg.image_fmap_size, d)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_attention)
         self.ln_f = nn.LayerNorm(d)
         self.to_text_logits = nn.Linear(d, cfg.num_text_tokens, bias=False)
         self.to_image_logits = nn.Linear(d, cfg.num_image_tokens, bias=False)
@@ -99,8 +106,22 @@ class DalleTransformer(nn.Module):
         L = self.config.text_len
         return self.to_text_logits(h[:, :L]), self.to_image_logits(h[:, L:])
 
-    def loss(self, text: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return self.loss_from_logits(*self(text, codes), text, codes)
+    def drop_captions(self, text: torch.Tensor) -> torch.Tensor:
+        """Caption dropout (`null_cond_prob`, in training mode only): each sample's whole caption becomes
+        the all-pad caption (pad id at position i = text_vocab_size + i, as in text.py), so the model also
+        learns p(image | no caption) for classifier-free guidance."""
+        p = self.config.null_cond_prob
+        if not (self.training and p > 0):
+            return text
+        pads = torch.arange(text.shape[1], device=text.device) + self.config.text_vocab_size
+        drop = torch.rand(text.shape[0], 1, device=text.device) < p
+        return torch.where(drop, pads, text)
+
+    def loss(self, text: torch.Tensor, codes: torch.Tensor, forward=None) -> tuple[torch.Tensor, dict]:
+        """Training loss with caption dropout. `forward` runs the model (the DeepSpeed engine in training;
+        default: this module). Dropped captions are also the text targets (the model's own input)."""
+        text = self.drop_captions(text)
+        return self.loss_from_logits(*(forward or self)(text, codes), text, codes)
 
     def loss_from_logits(self, text_logits, image_logits, text, codes) -> tuple[torch.Tensor, dict]:
         """Cross-entropy in fp32 (bf16 logits lose the small probabilities), weighted text vs image."""
