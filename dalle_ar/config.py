@@ -48,11 +48,10 @@ class DVAELossConfig:
     is for a `reference_steps`-update run and is scaled by steps / reference_steps (0 = no scaling)."""
 
     reconstruction: str = "logit_laplace"  # logit_laplace (paper) | mse | l1 (for comparison)
-    # Lower bound on the logit-Laplace scale b (0 = none, the paper). On images with perfectly flat
-    # regions (the synthetic world) b -> 0 there, the likelihood becomes hypersensitive to any code
-    # change and the encoder freezes onto a few codes; a floor near 8-bit quantisation noise prevents it.
+    # Lower bound on the logit-Laplace scale b (b = exp(ln b) + min_scale; 0 = none, the paper). An
+    # experiment knob: on flat synthetic images b -> 0 and the codebook collapses (README, "The dVAE").
     min_scale: float = 0.0
-    kl_weight: float = 6.6           # beta; the loss is divided by H*W*3, so KL (summed over the grid) gets beta/192 at 256px
+    kl_weight: float = 6.6           # beta; the loss is divided by H*W*3, so KL summed over the grid weighs beta/192 (8x downsampling)
     kl_anneal_steps: int = 5000      # beta: cosine 0 -> kl_weight over these updates
     temperature_start: float = 1.0
     temperature_end: float = 1 / 16

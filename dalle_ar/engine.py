@@ -176,6 +176,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.is_main = rank() == 0
         torch.manual_seed(cfg.seed)
+        if cfg.ema_decay and cfg.zero_stage == 3:
+            raise ConfigError("--ema_decay needs full parameters on every rank; use --zero_stage 0, 1 or 2 with it")
         ds_config = build_ds_config(cfg)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available())
@@ -183,8 +185,6 @@ class Trainer:
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, warmup_cosine(cfg, lr_decay_steps)))
         self.device = self.engine.device
-        if cfg.ema_decay and cfg.zero_stage == 3:
-            raise ConfigError("--ema_decay needs full parameters on every rank; use --zero_stage 0, 1 or 2 with it")
         self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
         self.step = 0
@@ -278,8 +278,9 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, batches: Iterable, loss_fn: LossFn, items: Callable[[Any], int] = lambda b: len(b[0]),
-            on_step: Callable[["Trainer"], None] | None = None) -> Path:
-        """Train until `cfg.steps` optimizer steps; returns the export directory.
+            on_step: Callable[["Trainer"], None] | None = None, show: tuple[str, ...] = ()) -> Path:
+        """Train until `cfg.steps` optimizer steps; returns the export directory. `show` names metrics
+        from `loss_fn` that the progress bar displays next to loss, lr and samples/s.
 
         On resume, the data stream is fast-forwarded past the micro-batches already consumed, so a
         deterministic stream continues exactly where the checkpoint left it."""
@@ -311,7 +312,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             rate = seen * world_size() / max(dt, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}",
+                            **{k: f"{metrics[k]:.3g}" for k in show if k in metrics})
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.log({"loss": value, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate, **metrics})
                 t0, seen = time.perf_counter(), 0

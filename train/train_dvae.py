@@ -54,7 +54,7 @@ def main(argv=None):
             path = reconstruction_grid(t.module, fixed, t.out / "samples" / f"recon_{t.step:08d}.png")
             t.log_image("reconstructions", path)
 
-    export = trainer.fit((b[:1] for b in stream), loss_fn, on_step=on_step)
+    export = trainer.fit((b[:1] for b in stream), loss_fn, on_step=on_step, show=("tau", "codes_used", "recon_mse"))
     if trainer.is_main:
         report(export, cfg, model_cfg)
     return export
