@@ -166,7 +166,8 @@ class ClipConfig:
 @dataclass
 class TrainConfig:
     """What every trainer shares. DeepSpeed-only settings (ZeRO details, offload, buckets) live in
-    `ds_config`; the fields here that overlap it (batch, accumulation, stage, clipping, precision) win."""
+    `ds_config`. The fields that overlap it (batch, accumulation, stage, clipping) take the JSON's value
+    unless a flag, --config or the preset sets them (see `DS_CONFIG_KEYS`); the engine writes the result."""
 
     data: str = "data/shapes"       # directory of .tar shards, a glob, or a brace pattern
     out: str = "runs/run"
@@ -327,8 +328,26 @@ def add_config_args(parser: argparse.ArgumentParser, *classes: type, defaults: d
 _SECTION = {DVAEConfig: "dvae", DVAELossConfig: "dvae_loss", DalleConfig: "model", ClipConfig: "clip", TrainConfig: "train", SampleConfig: "sample"}
 
 
+# TrainConfig fields that ds_config.json also sets: (field, path of keys in the JSON).
+DS_CONFIG_KEYS = {"batch_size": ("train_micro_batch_size_per_gpu",), "grad_accum": ("gradient_accumulation_steps",),
+                  "grad_clip": ("gradient_clipping",), "zero_stage": ("zero_optimization", "stage")}
+
+
+def ds_config_values(path: str) -> dict[str, Any]:
+    """The TrainConfig fields a DeepSpeed JSON sets (so the JSON is never silently ignored)."""
+    ds, out = load_json(path), {}
+    for name, keys in DS_CONFIG_KEYS.items():
+        node = ds
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None and node != "auto":
+            out[name] = node
+    return out
+
+
 def resolve(args: argparse.Namespace, *classes: type, defaults: dict[type, dict] | None = None):
-    """Build each dataclass from class defaults < script `defaults` < preset < --config file < flags."""
+    """Build each dataclass from class defaults < script `defaults` < (TrainConfig: ds_config.json)
+    < preset < --config file < flags."""
     file_data = load_json(args.config) if args.config else {}
     out = []
     for cls in classes:
@@ -336,6 +355,9 @@ def resolve(args: argparse.Namespace, *classes: type, defaults: dict[type, dict]
         flat = {k: v for k, v in file_data.items() if not isinstance(v, dict)}
         names = {f.name for f in fields(cls)}
         values = dict((defaults or {}).get(cls, {}))
+        if cls is TrainConfig:
+            ds_path = getattr(args, "ds_config", None) or section.get("ds_config") or flat.get("ds_config") or TrainConfig.ds_config
+            values.update(ds_config_values(ds_path))
         values.update(PRESETS[args.preset].get(cls, {}))
         values.update({k: v for k, v in flat.items() if k in names})
         values.update(section)

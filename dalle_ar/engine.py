@@ -192,6 +192,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(self.out / "train_config.json", asdict(cfg))
             save_json(self.out / "ds_config.resolved.json", ds_config)
+            zero = ds_config["zero_optimization"]
+            offload = {k: v.get("device") for k, v in zero.items() if k.startswith("offload_") and isinstance(v, dict)}
+            print(f"{name}: DeepSpeed ZeRO-{zero['stage']}, micro-batch {cfg.batch_size} x accumulation {cfg.grad_accum} "
+                  f"x {world_size()} ranks, {'bf16' if use_bf16(cfg) else 'fp32'}, clip {cfg.grad_clip}"
+                  f"{', offload ' + str(offload) if offload else ''} (from {cfg.ds_config} + flags; "
+                  f"resolved: {self.out / 'ds_config.resolved.json'})", flush=True)
         if cfg.resume and (self.ckpt_dir / "latest").exists():
             self.load()
         self._wandb = None

@@ -106,3 +106,21 @@ def test_ema_is_exported_and_resumes_step_exact(tmp_path):
     assert any(not torch.equal(a[k], raw[k].detach().float()) for k in raw)  # the export is the average, not the last step
     with pytest.raises(ConfigError, match="ema_decay"):
         train(tmp_path / "c", steps=1, stage=3, ema_decay=0.9)
+
+
+def test_ds_config_json_values_are_used_unless_a_flag_overrides_them(tmp_path):
+    import argparse
+
+    from dalle_ar.config import add_config_args, resolve
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 7, "gradient_clipping": 0.5, "zero_optimization": {"stage": 1}}')
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, TrainConfig)
+    cfg = resolve(parser.parse_args(["--ds_config", str(ds)]), TrainConfig)
+    assert (cfg.batch_size, cfg.grad_clip, cfg.zero_stage, cfg.grad_accum) == (7, 0.5, 1, 1)
+    cfg = resolve(parser.parse_args(["--ds_config", str(ds), "--grad_clip", "2", "--zero-stage", "3"]), TrainConfig)
+    assert (cfg.batch_size, cfg.grad_clip, cfg.zero_stage) == (7, 2.0, 3)
+    built = build_ds_config(cfg)
+    assert built["gradient_clipping"] == 2.0 and built["train_micro_batch_size_per_gpu"] == 7
+    assert built["zero_optimization"]["stage"] == 3
