@@ -182,7 +182,7 @@ class TrainConfig:
     beta2: float = 0.96
     grad_clip: float = 1.0
     zero_stage: int = 2
-    precision: str = "auto"          # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp32
+    precision: str = "auto"          # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp16 (dynamic loss scaling, CUDA) | fp32
     ds_config: str = "ds_config.json"
     seed: int = 0
     log_every: int = 10
@@ -193,6 +193,9 @@ class TrainConfig:
     wandb: str = "offline"           # offline | online | disabled
     wandb_project: str = "dalle-ar"
     progress: bool = True            # tqdm bar on rank 0
+    offload: str = "none"            # ZeRO offload of optimizer state (and parameters at stage 3): none | cpu | nvme
+    nvme_path: str = ""              # with --offload nvme: a local NVMe directory
+    activation_checkpointing: bool = False  # recompute block activations in backward (models that support it)
     ema_decay: float = 0.0           # exponential moving average of the weights, exported instead of them; 0 = off
     sample_every: int = 0            # write sample / reconstruction grids every N steps (0 = only at the end)
 

@@ -71,22 +71,54 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """auto = bf16 on CUDA, fp32 elsewhere; fp16 (dynamic loss scaling) needs CUDA."""
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--precision fp16 needs a CUDA GPU (DeepSpeed's loss-scaled fp16 optimizer); use fp32 or bf16 on CPU")
+    if cfg.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+
+
 def use_bf16(cfg: TrainConfig) -> bool:
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    return compute_dtype(cfg) == torch.bfloat16
+
+
+OFFLOADS = ("none", "cpu", "nvme")
 
 
 def build_ds_config(cfg: TrainConfig) -> dict:
-    """ds_config.json, with the run's batch, accumulation, ZeRO stage, clipping and precision on top."""
+    """ds_config.json, with the run's batch, accumulation, ZeRO stage, clipping, precision and offload on
+    top (TrainConfig took the JSON's values for the first four unless a flag set them)."""
     ds = load_json(cfg.ds_config)
     ds.pop("train_batch_size", None)  # derived: micro * accumulation * world size
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     ds["gradient_clipping"] = cfg.grad_clip
-    ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": use_bf16(cfg)}
-    ds["fp16"] = {"enabled": False}
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.zero_stage
+    dtype = compute_dtype(cfg)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    # fp16: dynamic loss scaling (loss_scale 0) unless the JSON pins its own settings
+    ds["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                  "min_loss_scale": 1, **ds.get("fp16", {}), "enabled": dtype == torch.float16}
+    if cfg.offload not in OFFLOADS:
+        raise ConfigError(f"offload={cfg.offload!r}: use one of {', '.join(OFFLOADS)}")
+    if cfg.offload != "none":
+        if cfg.zero_stage == 0:
+            raise ConfigError("--offload needs ZeRO (--zero_stage 1, 2 or 3)")
+        if cfg.offload == "nvme" and not cfg.nvme_path:
+            raise ConfigError("--offload nvme needs --nvme_path /local/fast/disk")
+        target = {"device": cfg.offload, "pin_memory": True, **({"nvme_path": cfg.nvme_path} if cfg.offload == "nvme" else {})}
+        zero["offload_optimizer"] = dict(target)
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = dict(target)
+        ds["zero_force_ds_cpu_optimizer"] = False  # our client optimizer is torch AdamW
     ds["zero_allow_untested_optimizer"] = True  # our client optimizer is torch AdamW
     ds.setdefault("steps_per_print", 10 ** 9)
     for key in ("optimizer", "scheduler"):
@@ -179,6 +211,10 @@ class Trainer:
         if cfg.ema_decay and cfg.zero_stage == 3:
             raise ConfigError("--ema_decay needs full parameters on every rank; use --zero_stage 0, 1 or 2 with it")
         ds_config = build_ds_config(cfg)
+        if cfg.activation_checkpointing:  # recompute each block's activations in backward
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ConfigError(f"--activation_checkpointing: {type(model).__name__} does not support it; drop the flag")
+            model.set_grad_checkpointing(True)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -186,7 +222,7 @@ class Trainer:
             lr_scheduler=lambda opt: LambdaLR(opt, warmup_cosine(cfg, lr_decay_steps)))
         self.device = self.engine.device
         self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
-        self.dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+        self.dtype = compute_dtype(cfg)
         self.step = 0
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +231,7 @@ class Trainer:
             zero = ds_config["zero_optimization"]
             offload = {k: v.get("device") for k, v in zero.items() if k.startswith("offload_") and isinstance(v, dict)}
             print(f"{name}: DeepSpeed ZeRO-{zero['stage']}, micro-batch {cfg.batch_size} x accumulation {cfg.grad_accum} "
-                  f"x {world_size()} ranks, {'bf16' if use_bf16(cfg) else 'fp32'}, clip {cfg.grad_clip}"
+                  f"x {world_size()} ranks, {str(self.dtype).removeprefix('torch.')}, clip {cfg.grad_clip}"
                   f"{', offload ' + str(offload) if offload else ''} (from {cfg.ds_config} + flags; "
                   f"resolved: {self.out / 'ds_config.resolved.json'})", flush=True)
         if cfg.resume and (self.ckpt_dir / "latest").exists():

@@ -124,3 +124,45 @@ def test_ds_config_json_values_are_used_unless_a_flag_overrides_them(tmp_path):
     built = build_ds_config(cfg)
     assert built["gradient_clipping"] == 2.0 and built["train_micro_batch_size_per_gpu"] == 7
     assert built["zero_optimization"]["stage"] == 3
+
+
+def test_fp16_offload_and_checkpointing_settings(tmp_path):
+    ds = build_ds_config(TrainConfig(zero_stage=3, offload="cpu", precision="fp32"))
+    zero = ds["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert "offload_param" not in build_ds_config(TrainConfig(zero_stage=2, offload="cpu", precision="fp32"))["zero_optimization"]
+    nvme = build_ds_config(TrainConfig(zero_stage=2, offload="nvme", nvme_path="/nvme", precision="fp32"))
+    assert nvme["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/nvme"}
+    with pytest.raises(ConfigError, match="nvme_path"):
+        build_ds_config(TrainConfig(offload="nvme", precision="fp32"))
+    with pytest.raises(ConfigError, match="ZeRO"):
+        build_ds_config(TrainConfig(zero_stage=0, offload="cpu", precision="fp32"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+            build_ds_config(TrainConfig(precision="fp16"))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = DalleTransformer(MODEL)
+    batch = next(stream())
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model.loss(*batch)[0].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpointed_training_runs_through_the_engine(tmp_path):
+    trainer, export = train(tmp_path, steps=2, stage=2, activation_checkpointing=True)
+    assert trainer.module.grad_checkpointing and (export / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_offload_trains_and_exports(tmp_path, stage):
+    trainer, export = train(tmp_path, steps=3, stage=stage, offload="cpu")
+    assert trainer.step == 3 and (export / "model.safetensors").exists()
+    assert trainer.engine.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

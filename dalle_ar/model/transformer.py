@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dalle_ar.config import DalleConfig
 from dalle_ar.model.attention import CausalSelfAttention
@@ -90,9 +91,14 @@ class DalleTransformer(nn.Module):
         return self.image_emb(codes) + self.image_row(pos // side) + self.image_col(pos % side)
 
     # -- trunk --------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (activation checkpointing) while training."""
+        self.grad_checkpointing = enable
+
     def trunk(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        recompute = self.training and cache is None and getattr(self, "grad_checkpointing", False)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = checkpoint(block, x, None, i, use_reentrant=False) if recompute else block(x, cache, i)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.ln_f(x)
