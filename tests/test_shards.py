@@ -52,3 +52,30 @@ def test_image_to_tensor_handles_any_mode_and_size():
     for mode in ("L", "RGBA", "P", "CMYK"):
         t = shards.image_to_tensor(Image.new(mode, (100, 60)), 32)
         assert t.shape == (3, 32, 32) and 0 <= t.min() <= t.max() <= 1
+
+
+def test_resampled_stream_is_reproducible_across_runs_and_distinct_per_rank(shapes_shards):
+    """The same seed gives the same stream in a new process (so resume can fast-forward to its data
+    position); another rank gets another stream."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, script_env
+
+    code = ("import sys; from dalle_ar.data.shards import image_text_dataset\n"
+            f"ds = image_text_dataset({str(shapes_shards)!r}, 16, resampled=True, shuffle=50, seed=int(sys.argv[1]))\n"
+            "keys = []\n"
+            "for _, _, k in ds:\n"
+            "    keys.append(k)\n"
+            "    if len(keys) == 60: break\n"
+            "print(' '.join(keys))")
+
+    def stream(seed, rank):
+        env = {**script_env(), "RANK": str(rank), "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-c", code, str(seed)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    first = stream(0, 0)
+    assert len(first) == 60 and stream(0, 0) == first
+    assert stream(0, 1) != first and stream(1, 0) != first

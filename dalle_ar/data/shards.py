@@ -258,10 +258,20 @@ def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
     return image_to_uint8(image, image_size).float().div_(255)
 
 
+class _Pipeline(wds.DataPipeline, wds.FluidInterface):
+    """A webdataset DataPipeline with WebDataset's fluid methods (.decode, .to_tuple, .batched, ...)."""
+
+
 def _dataset(spec: str | list[str], resampled: bool, shuffle: int, seed: int, handler,
              split: bool = True) -> wds.WebDataset:
     urls = spec if isinstance(spec, list) else shard_urls(spec)
-    ds = wds.WebDataset(urls, resampled=resampled, shardshuffle=(len(urls) if shuffle and not resampled else False),
+    if resampled:
+        # WebDataset(resampled=True) seeds its shard sampler with the pid and the clock, so no two runs read
+        # the same stream. This sampler is seeded by (seed, rank, worker, epoch): distinct per rank and
+        # DataLoader worker, identical across runs, so a resumed run can fast-forward to its data position.
+        ds = _Pipeline(wds.ResampledShards(urls, seed=seed, deterministic=True), wds.tarfile_to_samples(handler=handler))
+        return ds.shuffle(shuffle, seed=seed) if shuffle else ds
+    ds = wds.WebDataset(urls, shardshuffle=(len(urls) if shuffle else False),
                         nodesplitter=wds.split_by_node if split else None,
                         workersplitter=wds.split_by_worker if split else None, handler=handler,
                         empty_check=False, seed=seed)
