@@ -176,6 +176,10 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    lr_schedule: str = "cosine"      # cosine (after warmup) | plateau (paper transformer: halve on each plateau)
+    plateau_patience: int = 1000     # plateau: steps without a relative improvement of plateau_threshold
+    plateau_threshold: float = 0.01
+    plateau_halvings: int = 5        # paper: five halvings, ending at lr / 32
     warmup_steps: int = 100
     weight_decay: float = 0.01
     beta1: float = 0.9

@@ -66,6 +66,14 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def mean_over_ranks(value: float, device) -> float:
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item() / world_size()
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -141,6 +149,43 @@ def warmup_cosine(cfg: TrainConfig, decay_steps: int | None = None) -> Callable[
     return factor
 
 
+class PlateauHalving:
+    """The DALL-E transformer's schedule (paper B.2): halve the learning rate each time the training loss
+    plateaus, at most `max_halvings` times. A plateau: the smoothed loss (EMA 0.98, averaged over ranks)
+    has not beaten its best by a relative `threshold` for `patience` steps."""
+
+    def __init__(self, patience: int, threshold: float, max_halvings: int, smoothing: float = 0.98):
+        self.patience, self.threshold, self.max_halvings, self.smoothing = patience, threshold, max_halvings, smoothing
+        self.halvings, self.best, self.since, self.avg = 0, math.inf, 0, None
+
+    def observe(self, loss: float) -> None:
+        self.avg = loss if self.avg is None else self.smoothing * self.avg + (1 - self.smoothing) * loss
+        if self.avg < self.best * (1 - self.threshold):
+            self.best, self.since = self.avg, 0
+            return
+        self.since += 1
+        if self.since >= self.patience and self.halvings < self.max_halvings:
+            self.halvings, self.since, self.best = self.halvings + 1, 0, self.avg
+
+    @property
+    def factor(self) -> float:
+        return 0.5 ** self.halvings
+
+    def state_dict(self) -> dict:
+        return {"halvings": self.halvings, "best": self.best, "since": self.since, "avg": self.avg}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.halvings, self.best, self.since, self.avg = state["halvings"], state["best"], state["since"], state["avg"]
+
+
+def lr_factor(cfg: TrainConfig, plateau: PlateauHalving | None, decay_steps: int | None) -> Callable[[int], float]:
+    if cfg.lr_schedule == "cosine":
+        return warmup_cosine(cfg, decay_steps)
+    if cfg.lr_schedule == "plateau":
+        return lambda step: min(1.0, (step + 1) / (cfg.warmup_steps + 1)) * plateau.factor
+    raise ConfigError(f"lr_schedule={cfg.lr_schedule!r}: use cosine or plateau")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (weights, embeddings), not gains and biases (nanoGPT's rule)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -211,6 +256,9 @@ class Trainer:
         if cfg.ema_decay and cfg.zero_stage == 3:
             raise ConfigError("--ema_decay needs full parameters on every rank; use --zero_stage 0, 1 or 2 with it")
         ds_config = build_ds_config(cfg)
+        self.plateau = (PlateauHalving(cfg.plateau_patience, cfg.plateau_threshold, cfg.plateau_halvings)
+                        if cfg.lr_schedule == "plateau" else None)
+        lr_factor(cfg, self.plateau, lr_decay_steps)  # validates --lr_schedule before DeepSpeed starts
         if cfg.activation_checkpointing:  # recompute each block's activations in backward
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"--activation_checkpointing: {type(model).__name__} does not support it; drop the flag")
@@ -219,7 +267,7 @@ class Trainer:
                                       betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: LambdaLR(opt, warmup_cosine(cfg, lr_decay_steps)))
+            lr_scheduler=lambda opt: LambdaLR(opt, lr_factor(cfg, self.plateau, lr_decay_steps)))
         self.device = self.engine.device
         self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.dtype = compute_dtype(cfg)
@@ -250,6 +298,8 @@ class Trainer:
         state = {"step": self.step, "torch_rng": torch.get_rng_state()}
         if self.ema is not None:
             state["ema"], state["ema_updates"] = self.ema.state_dict(), self.ema.updates
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.state_dict()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
         barrier()
         if self.is_main:
@@ -273,6 +323,8 @@ class Trainer:
             if "ema" not in state:
                 raise ConfigError(f"{path}: checkpoint has no EMA weights but --ema_decay is set; resume without it")
             self.ema.load_state_dict(state["ema"], state["ema_updates"])
+        if self.plateau is not None and "plateau" in state:
+            self.plateau.load_state_dict(state["plateau"])
         if self.is_main:
             log.info("resumed %s from %s at step %d", self.name, path, self.step)
 
@@ -347,6 +399,8 @@ class Trainer:
                 self.ema.update()
             self.step += 1
             value = loss.item()
+            if self.plateau is not None:  # the same decision on every rank: the rank-averaged loss
+                self.plateau.observe(mean_over_ranks(value, self.device))
             if not math.isfinite(value):
                 raise FloatingPointError(f"{self.name}: loss is {value} at step {self.step}; lower --lr or check the "
                                          f"data. Last good checkpoint: {self.ckpt_dir / 'latest'}")

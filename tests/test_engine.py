@@ -166,3 +166,33 @@ def test_cpu_offload_trains_and_exports(tmp_path, stage):
     trainer, export = train(tmp_path, steps=3, stage=stage, offload="cpu")
     assert trainer.step == 3 and (export / "model.safetensors").exists()
     assert trainer.engine.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_plateau_halving_schedule():
+    from dalle_ar.engine import PlateauHalving
+
+    falling = PlateauHalving(patience=3, threshold=0.01, max_halvings=5, smoothing=0.0)
+    for i in range(50):
+        falling.observe(10.0 * 0.9 ** i)
+    assert falling.halvings == 0
+    flat = PlateauHalving(patience=3, threshold=0.01, max_halvings=2, smoothing=0.0)
+    for _ in range(4):
+        flat.observe(1.0)
+    assert flat.halvings == 1 and flat.factor == 0.5  # best set at step 1, then 3 steps without improvement
+    for _ in range(20):
+        flat.observe(1.0)
+    assert flat.halvings == 2  # capped
+
+
+def test_plateau_schedule_through_the_engine_halves_lr_and_resumes(tmp_path):
+    kw = dict(lr_schedule="plateau", plateau_patience=2, plateau_threshold=0.9, plateau_halvings=3)
+    trainer, straight = train(tmp_path / "a", steps=8, stage=2, **kw)  # loss never falls 90%: halve every 2 steps
+    assert trainer.plateau.halvings == 3
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(3e-3 / 8)
+    with pytest.raises(Crash):
+        train(tmp_path / "b", steps=8, stage=2, save_every=2, on_step=crash_at(5), **kw)
+    resumed, export = train(tmp_path / "b", steps=8, stage=2, save_every=2, **kw)
+    a, b = weights(straight), weights(export)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        train(tmp_path / "c", steps=1, stage=0, lr_schedule="step")
