@@ -93,10 +93,6 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
 
 
-def use_bf16(cfg: TrainConfig) -> bool:
-    return compute_dtype(cfg) == torch.bfloat16
-
-
 OFFLOADS = ("none", "cpu", "nvme")
 
 
@@ -136,6 +132,11 @@ def build_ds_config(cfg: TrainConfig) -> dict:
     return ds
 
 
+def warmup(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup factor: (step + 1) / (warmup_steps + 1), then 1."""
+    return min(1.0, (step + 1) / (cfg.warmup_steps + 1))
+
+
 def warmup_cosine(cfg: TrainConfig, decay_steps: int | None = None) -> Callable[[int], float]:
     """Linear warmup, then cosine from lr to lr * min_lr_ratio over `decay_steps` (default: the rest of
     the run), constant after."""
@@ -143,7 +144,7 @@ def warmup_cosine(cfg: TrainConfig, decay_steps: int | None = None) -> Callable[
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
+            return warmup(cfg, step)
         t = min(1.0, (step - cfg.warmup_steps) / max(1, decay))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return factor
@@ -182,7 +183,7 @@ def lr_factor(cfg: TrainConfig, plateau: PlateauHalving | None, decay_steps: int
     if cfg.lr_schedule == "cosine":
         return warmup_cosine(cfg, decay_steps)
     if cfg.lr_schedule == "plateau":
-        return lambda step: min(1.0, (step + 1) / (cfg.warmup_steps + 1)) * plateau.factor
+        return lambda step: warmup(cfg, step) * plateau.factor
     raise ConfigError(f"lr_schedule={cfg.lr_schedule!r}: use cosine or plateau")
 
 
@@ -258,7 +259,7 @@ class Trainer:
         ds_config = build_ds_config(cfg)
         self.plateau = (PlateauHalving(cfg.plateau_patience, cfg.plateau_threshold, cfg.plateau_halvings)
                         if cfg.lr_schedule == "plateau" else None)
-        lr_factor(cfg, self.plateau, lr_decay_steps)  # validates --lr_schedule before DeepSpeed starts
+        factor = lr_factor(cfg, self.plateau, lr_decay_steps)  # validates --lr_schedule before DeepSpeed starts
         if cfg.activation_checkpointing:  # recompute each block's activations in backward
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"--activation_checkpointing: {type(model).__name__} does not support it; drop the flag")
@@ -267,7 +268,7 @@ class Trainer:
                                       betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: LambdaLR(opt, lr_factor(cfg, self.plateau, lr_decay_steps)))
+            lr_scheduler=lambda opt: LambdaLR(opt, factor))
         self.device = self.engine.device
         self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.dtype = compute_dtype(cfg)

@@ -94,8 +94,8 @@ def dvae_loss(model, images: torch.Tensor, step: int, cfg: DVAELossConfig):
     pixels_per_image = images[0].numel()               # H * W * 3
     kl_term = kl.sum(dim=(1, 2)).mean() / pixels_per_image
     loss = rec + beta * kl_term
-    with torch.no_grad():
-        mse = F.mse_loss(stats_to_image(stats), images.float())
+    with torch.no_grad():  # the MSE objective already is this metric
+        mse = rec.detach() if cfg.reconstruction == "mse" else F.mse_loss(stats_to_image(stats), images.float())
         used, perplexity = codebook_usage(logits.argmax(dim=1), logits.shape[1])
     metrics = {"recon": rec.item(), "recon_mse": mse.item(), "kl_per_cell": kl.mean().item(), "tau": tau,
                "kl_weight": beta, "codes_used": used, "perplexity": perplexity}
