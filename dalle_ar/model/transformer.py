@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from dalle_ar.config import DalleConfig
-from dalle_ar.model.attention import CausalSelfAttention
+from dalle_ar.model.attention import CausalSelfAttention, allowed
 from dalle_ar.model.kv_cache import KVCache
 
 
@@ -139,22 +140,57 @@ class DalleTransformer(nn.Module):
         return loss, {"text_loss": text_loss.item(), "image_loss": image_loss.item()}
 
     # -- incremental decoding -----------------------------------------------------------------
+    # prefill (and chunks of known image tokens, e.g. a primed image) runs the ordinary trunk, which
+    # appends to the cache at `cache.length`. decode_step is the per-token hot loop: it addresses its
+    # slot with a device tensor and reads a fixed number of cached keys, so every step has the same
+    # shapes, no host sync and no growth -- torch.compile / CUDA graphs capture it once for all steps.
     def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         p = self.to_image_logits.weight
         cfg = self.config
         return KVCache(cfg.depth, batch, cfg.heads, cfg.seq_len, cfg.dim // cfg.heads,
-                       device=device or p.device, dtype=dtype or p.dtype)
+                       device=device or p.device, dtype=dtype or p.dtype, text_slots=cfg.text_len + 1,
+                       image_offsets={kind: image_offsets(kind, cfg) for kind in set(cfg.layer_attention)})
 
     def prefill(self, text: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run [BOS, text] into the cache; returns image logits for image token 0 (B, Vi)."""
         h = self.trunk(self.embed_text(text), cache)
         return self.to_image_logits(h[:, -1])
 
-    def decode_step(self, code: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
-        """Feed image token `index` (B,); returns image logits for token index + 1 (B, Vi)."""
-        h = self.trunk(self.embed_image(code[:, None], start=index), cache)
-        return self.to_image_logits(h[:, -1])
+    def prefill_image(self, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run known image tokens (B, n) -- the next n after what the cache holds -- in one chunk (priming);
+        returns image logits (B, n, Vi), position j predicting the token after codes[:, j]."""
+        start = cache.length - self.config.text_len - 1
+        return self.to_image_logits(self.trunk(self.embed_image(codes, start=start), cache))
 
+    def decode_step(self, code: torch.Tensor, index: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
+        """Feed image token `index` (B,); returns image logits for token index + 1 (B, Vi). `index` may
+        be a 0-dim device tensor (no recompile or sync per step). Writes the token's keys/values at its
+        slot; `cache.length` (the chunked path's cursor) is left alone."""
+        cfg = self.config
+        index = torch.as_tensor(index, device=code.device)
+        slot = index + cfg.text_len + 1
+        side = cfg.image_fmap_size
+        x = self.image_emb(code[:, None]) + self.image_row(index // side) + self.image_col(index % side)
+        for layer, block in enumerate(self.blocks):
+            x = x + block.ln_attn_out(self._attend_step(block.attn, block.ln_1(x), slot, cache, layer))
+            x = x + block.ln_mlp_out(block.mlp(block.ln_2(x)))
+        return self.to_image_logits(self.ln_f(x)[:, -1])
+
+    def _attend_step(self, attn, x: torch.Tensor, slot: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """One query at `slot` under `attn`'s mask (the same rule as CausalSelfAttention.sdpa). Sparse masks
+        allow a fixed set of raster distances, so only text keys + those image keys are gathered (row:
+        w + 1 of them, conv: 66) instead of the whole prefix: the step reads what the mask needs."""
+        q, k, v = rearrange(attn.qkv(x), "b n (three h d) -> three b h n d", three=3, h=attn.heads)
+        if attn.rotary:
+            q, k = _rotary_at(q, slot), _rotary_at(k, slot)
+        cache.write(layer, slot, k, v)
+        keys, mask = cache.keys_for(attn.kind, slot)
+        if keys is None:  # full: the whole buffer, later slots masked out
+            k, v = cache.k[layer], cache.v[layer]
+        else:
+            k, v = cache.k[layer].index_select(2, keys), cache.v[layer].index_select(2, keys)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attn.proj(rearrange(out, "b h n d -> b n (h d)"))
     def num_params(self, exclude_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
@@ -165,3 +201,23 @@ class DalleTransformer(nn.Module):
         """Training FLOPs per token (6N + attention, PaLM appendix B), for MFU accounting."""
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.depth * cfg.dim * cfg.seq_len
+
+
+def _rotary_at(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """attention.apply_rotary for one position given as a 0-dim tensor (static shapes for the decode step)."""
+    dim = x.shape[-1]
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+    angles = slot.float() * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def image_offsets(kind: str, cfg: DalleConfig) -> torch.Tensor | None:
+    """The raster distances d = query - key >= 0 at which `kind` lets an image query see an image key
+    (every rule in attention.allowed depends on d alone); None for "full" (every earlier slot)."""
+    if kind == "full":
+        return None
+    d = torch.arange(cfg.image_seq_len)
+    last = torch.tensor(cfg.seq_len - 1)  # a query far enough in that every distance is an image key
+    return d[allowed(kind, last, last - d, cfg.text_len + 1, cfg.image_fmap_size)]
