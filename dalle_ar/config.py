@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A config file or value is wrong; the message names the file/field and the fix."""
 
 
+class DataError(ValueError):
+    """The data is too broken to go on (too many skipped samples, no readable shard); the message says
+    how to find the bad files (`train/validate_shards.py`)."""
+
+
 @dataclass
 class DVAEConfig:
     """Gumbel-softmax dVAE (DALL-E section 2.1). Layout follows OpenAI's released dVAE."""
@@ -32,6 +37,15 @@ class DVAEConfig:
     n_blk_per_group: int = 1       # paper: 2
     n_init: int = 128              # decoder width after the 1x1 conv from the K one-hot channels
     straight_through: bool = False  # hard one-hot forward, soft gradients (ablation; paper uses soft)
+
+    def __post_init__(self):
+        if self.group_count < 1 or self.num_tokens < 2:
+            raise ConfigError(f"dvae: group_count {self.group_count} must be >= 1 and num_tokens {self.num_tokens} >= 2")
+        if self.image_size % self.downsample:
+            lo = self.image_size // self.downsample * self.downsample
+            raise ConfigError(f"image_size {self.image_size} is not divisible by the downsampling factor "
+                              f"{self.downsample} (the dVAE's 2**(group_count-1), group_count {self.group_count}); use --image_size "
+                              f"{lo or self.downsample} or {lo + self.downsample}")
 
     @property
     def downsample(self) -> int:
@@ -202,6 +216,16 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward (models that support it)
     ema_decay: float = 0.0           # exponential moving average of the weights, exported instead of them; 0 = off
     sample_every: int = 0            # write sample / reconstruction grids every N steps (0 = only at the end)
+    max_skip_fraction: float = 0.01  # stop when more than this fraction of samples read was skipped as bad data
+    max_nonfinite: int = 10          # NaN/Inf losses are skipped and counted; stop after this many in a row
+    compile: bool = False            # torch.compile the model (in place: parameter names and checkpoints unchanged)
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError(f"max_skip_fraction: {self.max_skip_fraction} is not in [0, 1]")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
 
 
 @dataclass
@@ -214,7 +238,81 @@ class SampleConfig:
     top_k: int = 0                   # 0 = off; sample among the k most likely image tokens
     top_p: float = 0.0               # 0 = off; nucleus sampling
     batch_size: int = 64
-    seed: int = 0
+    seed: int = 0                    # same seed, batch_size and device -> same images
+    cond_scale: float = 1.0          # classifier-free guidance: uncond + s * (cond - uncond); 1 = off
+    rank_by: str = "clip"            # clip | likelihood (the transformer's own log p(image | caption))
+    prime_rows: int = 0              # with --prime-image: keep this many top rows of its codes, sample the rest
+    inpaint_box: str = ""            # "x0,y0,x1,y1" region to regenerate: grid cells, or fractions in [0, 1]
+    inpaint_border: int = 0          # regenerate a border this many grid cells wide
+    compile: bool = False            # torch.compile the decode step (CUDA graphs on CUDA)
+
+    def __post_init__(self):
+        if self.rank_by not in ("clip", "likelihood"):
+            raise ConfigError(f"rank_by: {self.rank_by!r} is not one of 'clip', 'likelihood'")
+        if self.top_k_rerank > self.num_candidates:
+            raise ConfigError(f"top_k_rerank: {self.top_k_rerank} > num_candidates {self.num_candidates}; keep at most N")
+
+
+@dataclass
+class DiffusionConfig:
+    """Gaussian diffusion of the unCLIP prior / decoder (dalle_ar/unclip/diffusion.py)."""
+
+    timesteps: int = 1000            # training steps of the forward process (sampling respaces them)
+    schedule: str = "cosine"         # cosine (improved DDPM) | linear (DDPM)
+    target: str = "eps"              # what the network predicts: eps | x0 | v (the prior script defaults to x0)
+
+
+@dataclass
+class PriorConfig:
+    """unCLIP diffusion prior (Ramesh et al. 2022, section 2.1): a causal transformer over
+    [caption tokens, CLIP text embedding, timestep, noised CLIP image embedding, query] -> image embedding."""
+
+    embed_dim: int = 128             # CLIP embedding width (set from the embedding shards)
+    text_len: int = 16               # caption BPE slots (project tokenizer)
+    text_vocab_size: int = 512       # BPE vocabulary (set from the tokenizer)
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    # Unit-norm CLIP embeddings times sqrt(embed_dim): each coordinate then has unit variance, the scale the
+    # noise schedule assumes (dalle2-pytorch does the same); 0 = sqrt(embed_dim).
+    embed_scale: float = 0.0
+    text_drop_prob: float = 0.1      # caption + text embedding dropped this often (classifier-free guidance)
+
+    @property
+    def scale(self) -> float:
+        return self.embed_scale or self.embed_dim ** 0.5
+
+
+@dataclass
+class UnetConfig:
+    """unCLIP decoder / upsampler: an ADM U-Net (Dhariwal & Nichol 2021) conditioned on the CLIP image
+    embedding (added to the timestep embedding + `clip_tokens` extra attention tokens) and optionally the
+    caption; with low_res_size > 0 it is an upsampler conditioned on a blurred low-resolution image."""
+
+    image_size: int = 32             # paper: 64 (decoder), 256 (upsampler)
+    channels: int = 64               # width of the first level
+    channel_mult: str = "1,2,2"      # width multiplier per level; the resolution halves between levels
+    num_res_blocks: int = 2
+    attention_resolutions: str = "8"  # feature-map sides with self-attention (+ context tokens)
+    head_channels: int = 32
+    dropout: float = 0.0
+    embed_dim: int = 128             # CLIP image embedding width (0 = unconditional, e.g. the upsampler)
+    clip_tokens: int = 4             # extra context tokens projected from the image embedding (paper: 4)
+    use_caption: bool = False        # also attend to the caption's BPE tokens (GLIDE-style)
+    text_len: int = 16
+    text_vocab_size: int = 512
+    image_embed_drop: float = 0.1    # paper: CLIP embedding zeroed 10% of the time
+    caption_drop: float = 0.5        # paper: caption dropped 50% of the time
+    low_res_size: int = 0            # > 0: upsampler from this size, the low-res image is concatenated to the input
+    blur_sigma_max: float = 0.6      # upsampler training: Gaussian blur of the conditioning, sigma ~ U(0.4, max)
+
+    @property
+    def mults(self) -> list[int]:
+        return [int(m) for m in str(self.channel_mult).split(",") if m.strip()]
+
+    @property
+    def attention_sides(self) -> list[int]:
+        return [int(r) for r in str(self.attention_resolutions).split(",") if r.strip()]
 
 
 PRESETS: dict[str, dict[type, dict[str, Any]]] = {
@@ -229,6 +327,8 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {
                              lr_anneal_steps=1000),
         DalleConfig: dict(text_len=16, num_image_tokens=512, image_fmap_size=8, dim=256, depth=4, heads=4),
         ClipConfig: dict(image_size=64),
+        PriorConfig: dict(dim=128, depth=2, heads=4),
+        UnetConfig: dict(image_size=32, channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="8"),
     },
     # The paper's data shapes (256 text slots, 32x32 over 8192 codes) and sparse schedule at smaller sizes;
     # `python -m dalle_ar.model.plan --preset NAME` prints parameters, FLOPs and a memory plan.
@@ -249,6 +349,11 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {
                           dim=3968, depth=64, heads=62, attention="sparse"),
         ClipConfig: dict(image_size=224, embed_dim=512, vision_layers=12, vision_width=768, patch_size=16,
                          context_length=77, text_width=512, text_heads=8, text_layers=12),
+        # unCLIP (DALL-E 2 appendix C): ~1B decoder-only prior (24 layers of width 2048), GLIDE-sized ADM decoder at 64px.
+        PriorConfig: dict(text_len=256, text_vocab_size=16384, embed_dim=512, dim=2048, depth=24, heads=32),
+        UnetConfig: dict(image_size=64, channels=512, channel_mult="1,2,3,4", num_res_blocks=3,
+                         attention_resolutions="32,16,8", head_channels=64, embed_dim=512, use_caption=True,
+                         text_len=256, text_vocab_size=16384),
     },
 }
 
@@ -263,12 +368,40 @@ def to_dict(cfg) -> dict:
     return asdict(cfg)
 
 
+def _checked(cls: type, name: str, value, source: str):
+    """`value` for field `name`, type-checked: JSON gives "100" or 1e3 where an int is meant, and a
+    dataclass would keep it until something far away breaks. ints are accepted for floats."""
+    t = typing.get_type_hints(cls).get(name)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(t)
+    if ok is None:
+        return value
+    if not ok(value):
+        raise ConfigError(f"{source}: {name} must be {t.__name__}, got {value!r} ({type(value).__name__}); "
+                          f"write it like the default, {getattr(cls, name, None)!r}")
+    return float(value) if t is float else value
+
+
 def from_dict(cls: type, data: dict, source: str = "config"):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(known)}")
-    return cls(**data)
+    return cls(**{k: _checked(cls, k, v, source) for k, v in data.items()})
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """'model.dim 256 vs 512' for every value that differs between two (nested) config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key} {x!r} vs {y!r}")
+    return out
 
 
 def save_json(path: str | Path, data: dict) -> None:
@@ -395,5 +528,5 @@ def run_cli(main) -> None:
     """Script entry point: a config or missing-file error is one line naming the file and the fix."""
     try:
         main()
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

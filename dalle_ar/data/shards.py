@@ -12,16 +12,20 @@ import glob
 import io
 import logging
 import os
+import re
+import tarfile
+import warnings
 from collections import Counter
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
-from dalle_ar.config import ConfigError, load_json, save_json
+from dalle_ar.config import ConfigError, DataError, load_json, save_json
 
 log = logging.getLogger(__name__)
 
@@ -221,27 +225,218 @@ class TokenShards:
 # Reading
 # ----------------------------------------------------------------------------------------------
 
-class SkipCounter:
-    """webdataset handler: skip a bad sample or shard, count it, warn once per kind."""
+# Why a sample (or a whole shard) is dropped: the keys of `SkipCounter.counts`. The README's
+# "Data quality and validation" table mirrors this.
+SKIP_REASONS = {
+    "unreadable_shard": "the shard cannot be opened or is not a tar file",
+    "empty_shard": "the shard holds no files",
+    "truncated_shard": "the tar breaks off: the samples before the damage are used, the one being read is lost",
+    "missing_image": "a sample with no image member (.jpg .jpeg .png .webp .bmp .gif .tif .tiff)",
+    "missing_caption": "a sample with no .txt member",
+    "missing_codes": "a token-shard sample with no .codes.npy member",
+    "corrupt_image": "the image bytes do not decode (truncated JPEG, broken PNG, not an image at all)",
+    "image_too_small": "short side below min_image_size (1x1 tracking pixels, icons)",
+    "image_too_large": "more than max_pixels pixels to decode (decompression bombs)",
+    "empty_caption": "the caption is empty or whitespace only",
+    "non_utf8_caption": "the caption bytes are not UTF-8",
+    "corrupt_codes": ".codes.npy is not a 2-d integer array",
+    "other": "any other error while reading a sample (its type is in the warning)",
+}
+# Kept, but worth knowing about: `SkipCounter.notes`.
+NOTES = {"long_caption": "kept; the tokenizer truncates it to text_len (counted where a tokenizer encodes it)"}
+SHARD_REASONS = ("unreadable_shard", "empty_shard", "truncated_shard")
 
-    def __init__(self):
-        self.counts: dict[str, int] = {}
+IMAGE_MEMBERS = (*IMAGE_EXTS, "bmp", "gif", "tif", "tiff")
+MIN_IMAGE_SIZE = 16        # px, short side: smaller images are skipped (below, image_too_small), larger upscaled
+MAX_PIXELS = 2 ** 26       # pixels decoded at most per image (8192 x 8192): larger ones are skipped
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` is a key of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+class SkipCounter:
+    """Counts samples read and skipped, by reason (SKIP_REASONS), and notes (NOTES).
+
+    The counts live in a shared-memory table with one row per process (the main process and up to
+    MAX_WORKERS DataLoader workers, each writing only its own row), so skips inside worker processes
+    are seen by the main process, where the progress bar and the threshold check run. Each process
+    warns once per reason. Counts are per rank: a multi-rank total needs an all-reduce of `as_dict()`.
+
+      counts   {reason: n} of skipped samples/shards (only reasons with n > 0)
+      notes    {note: n}, e.g. long_caption
+      seen     samples attempted, plus one per shard-level problem (unreadable, empty, truncated shard)
+      total    skips, sum(counts.values())
+      summary() one line for the progress bar / end of run;  check(max_fraction) raises DataError
+
+    With record=True (validate_shards, single process) every problem is kept in `problems` as a
+    (reason, shard, key, detail) tuple. Also usable as a webdataset `handler=` (counted as "other")."""
+
+    MAX_WORKERS = 64
+    NAMES = (*SKIP_REASONS, *NOTES, "seen")
+
+    def __init__(self, record: bool = False, source: str = ""):
+        self._table = torch.zeros(self.MAX_WORKERS + 1, len(self.NAMES), dtype=torch.int64).share_memory_()
+        self._index = {name: i for i, name in enumerate(self.NAMES)}
+        self._warned: set[str] = set()
+        self._view = None
+        self.problems: list[tuple[str, str, str, str]] | None = [] if record else None
+        self.source = source  # the --data spec, for messages; set by the dataset functions
+
+    def __getstate__(self):  # the numpy view is per process; the shared tensor travels (torch reductions)
+        return {**self.__dict__, "_view": None}
+
+    def _row(self) -> np.ndarray:
+        if self._view is None:
+            self._view = self._table.numpy()  # same memory, ~50x cheaper to increment than the tensor
+        info = torch.utils.data.get_worker_info()
+        return self._view[0 if info is None else 1 + info.id % self.MAX_WORKERS]
+
+    def saw(self, n: int = 1) -> None:
+        self._row()[self._index["seen"]] += n
+
+    def skip(self, reason: str, shard: str = "", key: str = "", detail: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; add it to SKIP_REASONS")
+        row = self._row()
+        row[self._index[reason]] += 1
+        if reason in SHARD_REASONS:
+            row[self._index["seen"]] += 1
+        where = f"{shard} {key}".strip()
+        if self.problems is not None:
+            self.problems.append((reason, shard, key, str(detail)))
+        elif reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("skipping bad data: %s at %s%s; further ones are counted", reason, where,
+                        f" ({detail})" if detail else "")
+
+    def note(self, name: str, n: int = 1) -> None:
+        self._row()[self._index[name]] += n
 
     def __call__(self, exn: Exception) -> bool:
-        kind = type(exn).__name__
-        if kind not in self.counts:
-            log.warning("skipping bad data (%s: %s); further ones are counted", kind, exn)
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.skip("other", detail=f"{type(exn).__name__}: {exn}")
         return True
+
+    def _sums(self) -> dict[str, int]:
+        return dict(zip(self.NAMES, self._table.sum(0).tolist()))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {k: v for k, v in self._sums().items() if k in SKIP_REASONS and v}
+
+    @property
+    def notes(self) -> dict[str, int]:
+        return {k: v for k, v in self._sums().items() if k in NOTES and v}
+
+    @property
+    def seen(self) -> int:
+        return self._sums()["seen"]
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def as_dict(self) -> dict:
+        return {"seen": self.seen, "skipped": self.total, "counts": self.counts, "notes": self.notes}
+
+    def summary(self) -> str:
+        """'skipped 3 of 120 (2.5%): corrupt_image 2, empty_caption 1; long_caption 4 (kept)'."""
+        counts, notes, seen = self.counts, self.notes, self.seen
+        text = (f"skipped {self.total} of {seen} ({100 * self.total / max(seen, 1):.1f}%): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+                if counts else f"no bad data in {seen} samples")
+        return text + ("; " + ", ".join(f"{k} {v} (kept)" for k, v in notes.items()) if notes else "")
+
+    def check(self, max_fraction: float, min_seen: int = 0) -> None:
+        """Raise DataError when more than `max_fraction` of what was read was skipped (once at least
+        `min_seen` were read: a few bad samples at the start of a stream say little)."""
+        seen, total = self.seen, self.total
+        if seen >= min_seen and total > max_fraction * seen:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items(), key=lambda kv: -kv[1]))
+            raise DataError(f"{total} of {seen} samples skipped ({reasons}) > --max_skip_fraction {max_fraction}; "
+                            f"run `python train/validate_shards.py {self.source or 'DATA'}` to see which files")
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding one sample: bytes -> checked caption, RGB image
+# ----------------------------------------------------------------------------------------------
+
+def decode_caption(data: bytes) -> str:
+    """Strict UTF-8 (a BOM is dropped), stripped. Non-UTF-8 bytes are skipped, not guessed: a Latin-1
+    fallback turns a Shift-JIS or GBK caption into mojibake the model would learn from."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SkipSample("non_utf8_caption", f"byte 0x{data[e.start]:02x} at {e.start}") from None
+    text = text.strip()
+    if not text:
+        raise SkipSample("empty_caption")
+    return text
+
+
+def open_image(data: bytes, image_size: int, min_size: int = MIN_IMAGE_SIZE,
+               max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode image bytes (any extension: the format comes from the content) and return the loaded image
+    in its own mode, EXIF-rotated, with its stored (width, height). Raises SkipSample.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= image_size,
+    so a 4000 px photo costs a 500 px decode; `max_pixels` applies to what is decoded after that
+    (large PNGs, decompression bombs). Short sides below min(min_size, image_size) are skipped."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise SkipSample("image_too_large", str(e)) from None
+    except Exception as e:
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    size = image.size
+    if min(size) < min(min_size, image_size):
+        raise SkipSample("image_too_small", f"{size[0]}x{size[1]}, short side < {min(min_size, image_size)}")
+    if image.format == "JPEG":
+        image.draft(None, (image_size, image_size))
+    if image.width * image.height > max_pixels:
+        raise SkipSample("image_too_large", f"{image.width}x{image.height} > max_pixels {max_pixels}")
+    try:
+        image.load()  # PIL decodes lazily: truncation and CRC errors surface here
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as e:
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    return image, size
+
+
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, by what the pixels mean rather than PIL's default conversion:
+    16-bit and 32-bit grayscale are scaled to 8 bits (PIL clips: 16-bit white 65535 would stay white
+    but mid-gray 32768 would become white too); transparency is composited on white (PIL drops alpha,
+    and fully transparent pixels often hold black, which gives logos a black box)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _HIGH_DEPTH:
+        a = np.asarray(image).astype(np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
+            a = a / 65535 * 255  # 16-bit range (16-bit PNG and TIFF)
+        elif mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255  # float images in [0, 1]
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
 
 def image_to_uint8(image: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL (any mode) -> (3, S, S) uint8: RGB, resize the short side, center crop."""
-    image = image.convert("RGB")
+    """PIL (any mode) -> (3, S, S) uint8: RGB (`to_rgb`), resize the short side to S, center crop.
+    Smaller images are upscaled (bicubic); PIL's resize low-passes when it shrinks."""
+    image = to_rgb(image)
     w, h = image.size
     scale = image_size / min(w, h)
     if (w, h) != (image_size, image_size):
@@ -258,38 +453,157 @@ def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
     return image_to_uint8(image, image_size).float().div_(255)
 
 
+# ----------------------------------------------------------------------------------------------
+# Reading shards: our own tar reader (so shard damage is counted by kind), webdataset around it
+# ----------------------------------------------------------------------------------------------
+
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = path up to the first dot of the name
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    m = _MEMBER.match(name)
+    return (m.group(1), m.group(2).lower()) if m else (name, "")
+
+
+def shard_samples(url: str, skips: SkipCounter, select: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """The samples of one tar shard in order, as {"__key__", "__url__", ext: bytes}; `select(ext)` picks
+    members to read. An unreadable, empty or truncated shard is counted; a truncated one still gives
+    every sample before the damage (the sample being read when it broke off is lost with it)."""
+    try:
+        stream = wds.gopen(url)  # a path, or pipe:/http:/s3: like webdataset
+    except Exception as e:
+        skips.skip("unreadable_shard", url, detail=f"{type(e).__name__}: {e}")
+        return
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")  # streaming: works on pipes, detects .tar.gz
+        except tarfile.ReadError as e:
+            skips.skip("empty_shard" if "empty file" in str(e) else "unreadable_shard", url, detail=str(e))
+            return
+        members, current = 0, None
+        try:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                members += 1
+                key, ext = _member_key(info.name)
+                if key.rsplit("/", 1)[-1].startswith("__") or (select and not select(ext)):
+                    continue
+                if current is not None and key != current["__key__"]:
+                    yield current  # complete: the next key has begun
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = tar.extractfile(info).read()
+                tar.members = []  # streaming mode would otherwise keep every header
+        except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError
+            skips.skip("truncated_shard" if members else "unreadable_shard", url,
+                       current["__key__"] if current else "", f"{type(e).__name__}: {e}")
+            return
+        if current is not None:
+            yield current
+        if not members:
+            skips.skip("empty_shard", url)
+    finally:
+        stream.close()
+
+
+def _read_shards(src: Iterator[dict], skips: SkipCounter, select=None, give_up: int = 0) -> Iterator[dict]:
+    """Pipeline stage: {"url"} -> samples. With resampled shards the stream never ends, so `give_up`
+    consecutive shards without a sample (all empty or unreadable) stop it with a DataError."""
+    barren = 0
+    for shard in src:
+        got = False
+        for sample in shard_samples(shard["url"], skips, select):
+            got = True
+            yield sample
+        barren = 0 if got else barren + 1
+        if give_up and barren >= give_up:
+            raise DataError(f"{barren} shards in a row gave no sample ({skips.summary()}); run "
+                            f"`python train/validate_shards.py {skips.source or 'DATA'}` to see what is wrong")
+
+
+def _image_text(src: Iterator[dict], skips: SkipCounter, image_size: int, uint8: bool, min_image_size: int,
+                max_pixels: int) -> Iterator[tuple[torch.Tensor, str, str]]:
+    for sample in src:
+        skips.saw()
+        try:
+            name = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
+            if name is None:
+                raise SkipSample("missing_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
+            if "txt" not in sample:
+                raise SkipSample("missing_caption")
+            text = decode_caption(sample["txt"])
+            image, _ = open_image(sample[name], image_size, min_image_size, max_pixels)
+            pixels = image_to_uint8(image, image_size)
+        except SkipSample as s:
+            skips.skip(s.reason, sample["__url__"], sample["__key__"], s.detail)
+            continue
+        except Exception as e:
+            skips.skip("other", sample["__url__"], sample["__key__"], f"{type(e).__name__}: {e}")
+            continue
+        yield (pixels if uint8 else pixels.float().div_(255)), text, sample["__key__"]
+
+
+def _token_text(src: Iterator[dict], skips: SkipCounter) -> Iterator[tuple[torch.Tensor, str, str]]:
+    for sample in src:
+        skips.saw()
+        try:
+            if "codes.npy" not in sample:
+                raise SkipSample("missing_codes")
+            if "txt" not in sample:
+                raise SkipSample("missing_caption")
+            text = decode_caption(sample["txt"])
+            try:  # allow_pickle=False: a data file never runs code (webdataset's default decoders unpickle .pyd)
+                codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
+            except Exception as e:
+                raise SkipSample("corrupt_codes", f"{type(e).__name__}: {e}") from None
+            if codes.ndim != 2 or codes.dtype.kind not in "iu":
+                raise SkipSample("corrupt_codes", f"{codes.dtype} array of shape {codes.shape}")
+        except SkipSample as s:
+            skips.skip(s.reason, sample["__url__"], sample["__key__"], s.detail)
+            continue
+        yield torch.from_numpy(codes.astype(np.int64)), text, sample["__key__"]
+
+
 class _Pipeline(wds.DataPipeline, wds.FluidInterface):
-    """A webdataset DataPipeline with WebDataset's fluid methods (.decode, .to_tuple, .batched, ...)."""
+    """A webdataset DataPipeline with WebDataset's fluid methods (.batched, .shuffle, .map, ...)."""
 
 
-def _dataset(spec: str | list[str], resampled: bool, shuffle: int, seed: int, handler,
-             split: bool = True) -> wds.WebDataset:
+def _dataset(spec: str | list[str], resampled: bool, shuffle: int, seed: int, skips: SkipCounter,
+             split: bool = True, select=None) -> _Pipeline:
+    """Shard list -> (split over ranks and workers) -> raw samples -> (sample shuffle buffer)."""
     urls = spec if isinstance(spec, list) else shard_urls(spec)
+    skips.source = skips.source or (spec if isinstance(spec, str) else " ".join(spec))
     if resampled:
         # WebDataset(resampled=True) seeds its shard sampler with the pid and the clock, so no two runs read
         # the same stream. This sampler is seeded by (seed, rank, worker, epoch): distinct per rank and
         # DataLoader worker, identical across runs, so a resumed run can fast-forward to its data position.
-        ds = _Pipeline(wds.ResampledShards(urls, seed=seed, deterministic=True), wds.tarfile_to_samples(handler=handler))
-        return ds.shuffle(shuffle, seed=seed) if shuffle else ds
-    ds = wds.WebDataset(urls, shardshuffle=(len(urls) if shuffle else False),
-                        nodesplitter=wds.split_by_node if split else None,
-                        workersplitter=wds.split_by_worker if split else None, handler=handler,
-                        empty_check=False, seed=seed)
-    return ds.shuffle(shuffle, seed=seed) if shuffle else ds
+        stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls)]
+        if split:
+            stages += [wds.split_by_node, wds.split_by_worker]
+        if shuffle:
+            stages.append(wds.shuffle(len(urls), seed=seed))
+    stages.append(partial(_read_shards, skips=skips, select=select, give_up=10 * len(urls) if resampled else 0))
+    if shuffle:
+        stages.append(wds.shuffle(shuffle, seed=seed))
+    return _Pipeline(*stages)
 
 
 def image_text_dataset(spec: str | list[str], image_size: int, *, resampled: bool = False, shuffle: int = 0,
                        seed: int = 0, skips: SkipCounter | None = None, uint8: bool = False,
-                       split: bool = True) -> wds.WebDataset:
+                       split: bool = True, min_image_size: int = MIN_IMAGE_SIZE,
+                       max_pixels: int = MAX_PIXELS) -> _Pipeline:
     """Yields (image (3,S,S) float [0,1], caption str, key); with uint8=True the image stays uint8 (4x less
     to move between processes and to the GPU). split=False reads every shard here, with no split over
-    ranks and DataLoader workers (for a caller that splits shards itself)."""
-    handler = skips or SkipCounter()
-    to_tensor = image_to_uint8 if uint8 else image_to_tensor
-    return (_dataset(spec, resampled, shuffle, seed, handler, split)
-            .decode("pil", handler=handler)
-            .to_tuple("jpg;jpeg;png;webp", "txt", "__key__", handler=handler)
-            .map_tuple(lambda im: to_tensor(im, image_size), str.strip, lambda k: k, handler=handler))
+    ranks and DataLoader workers (for a caller that splits shards itself). Bad samples and shards are
+    skipped and counted in `skips` by reason (SKIP_REASONS); `open_image` and `to_rgb` say what is kept."""
+    skips = skips if skips is not None else SkipCounter()
+    decode = partial(_image_text, skips=skips, image_size=image_size, uint8=uint8, min_image_size=min_image_size,
+                     max_pixels=max_pixels)
+    return _dataset(spec, resampled, shuffle, seed, skips, split).compose(decode)
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -299,8 +613,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
       ("batch", url, images (B,3,S,S) uint8, captions, keys)   for each batch of a shard, then
       ("done", url, num_samples, skip counts)                   once the shard is read,
 
-    so the consumer can finish that shard's output. Skip counts travel in the "done" item because a
-    SkipCounter in a worker process never reaches the main process. Use DataLoader(batch_size=None)."""
+    so the consumer can finish that shard's output (the per-shard counts go into its record).
+    Use DataLoader(batch_size=None)."""
 
     def __init__(self, urls: list[str], image_size: int, batch_size: int):
         super().__init__()
@@ -320,23 +634,23 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
 
 def token_dataset(spec: str, *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
-                  skips: SkipCounter | None = None) -> wds.WebDataset:
-    """Yields (codes (h, w) long, caption str, key)."""
-    handler = skips or SkipCounter()
-    return (_dataset(spec, resampled, shuffle, seed, handler)
-            .decode(handler=handler)
-            .to_tuple("codes.npy", "txt", "__key__", handler=handler)
-            .map_tuple(lambda c: torch.from_numpy(c.astype(np.int64)), str.strip, lambda k: k, handler=handler))
+                  skips: SkipCounter | None = None) -> _Pipeline:
+    """Yields (codes (h, w) long, caption str, key); bad samples and shards are counted in `skips`."""
+    skips = skips if skips is not None else SkipCounter()
+    return _dataset(spec, resampled, shuffle, seed, skips).compose(partial(_token_text, skips=skips))
 
 
 def captions(spec: str, skips: SkipCounter | None = None) -> Iterator[str]:
-    """Every non-empty caption in the shards, in order; only the .txt members are read (no image decode)."""
-    ds = wds.WebDataset(shard_urls(spec), shardshuffle=False, handler=skips or SkipCounter(), empty_check=False,
-                        nodesplitter=None, select_files=lambda name: name.endswith(".txt"))
-    for sample in ds:
-        text = sample.get("txt")
-        if text:
-            yield text.decode("utf-8", errors="replace").strip()
+    """Every usable caption in the shards, in order; only the .txt members are read (no image decode).
+    Empty and non-UTF-8 captions are skipped and counted as in training."""
+    skips = skips if skips is not None else SkipCounter(source=spec)
+    for url in shard_urls(spec):
+        for sample in shard_samples(url, skips, select=lambda ext: ext == "txt"):
+            skips.saw()
+            try:
+                yield decode_caption(sample["txt"])
+            except SkipSample as s:
+                skips.skip(s.reason, url, sample["__key__"], s.detail)
 
 
 def batches(dataset, batch_size: int, num_workers: int = 0, partial: bool = True) -> wds.WebLoader:
@@ -353,4 +667,5 @@ def infinite(loader) -> Iterator:
             empty = False
             yield batch
         if empty:
-            raise RuntimeError("the data loader yielded no batch: are all shards empty or unreadable?")
+            raise DataError("the data loader yielded no batch: are all shards empty or unreadable? "
+                            "run `python train/validate_shards.py DATA` to see")
