@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle_ar.config import ClipConfig, from_dict
+from dalle_ar.config import ClipConfig, ConfigError, from_dict
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
@@ -57,10 +57,13 @@ def load_clip(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module,
     else:
         arch, sep, weights = spec.partition(":")
         if not sep or not Path(weights).is_file():
-            raise FileNotFoundError(f"{spec}: CLIP not found; pass an export directory or ARCH:/local/weights "
+            raise FileNotFoundError(f"{weights if sep else spec}: CLIP checkpoint not found; pass an export directory, "
+                                    f"ARCH:/local/weights or --clip-model ARCH --clip-checkpoint /local/weights "
                                     f"(pretrained tags would download, which dalle-ar never does)")
         if arch not in open_clip.list_models():
-            raise ValueError(f"{spec}: unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+            near = [m for m in open_clip.list_models() if arch.lower().replace("/", "-") in m.lower()][:5]
+            raise ConfigError(f"{spec}: unknown open_clip architecture {arch!r}; use one of open_clip.list_models()"
+                              + (f", e.g. {', '.join(near)}" if near else " (e.g. ViT-B-32, RN50)"))
         name = arch
         model = open_clip.create_model(arch, pretrained=weights, device=device)
     return model.eval(), open_clip.get_tokenizer(name)
@@ -134,12 +137,22 @@ class ClipScorer:
         return self.encode_images(images) @ self.encode_texts(texts).T
 
 
+def clip_score(cosine: torch.Tensor) -> torch.Tensor:
+    """CLIP score (Hessel et al. 2021, CLIPScore with w = 100): 100 * max(cos, 0)."""
+    return 100 * cosine.clamp(min=0)
+
+
+def best_first(scores: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Indices of the k highest scores (all if k is None/0), best first; ties keep sampling order."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k] if k else order
+
+
 def rerank(scorer: ClipScorer, images: torch.Tensor, caption: str, top_k: int | None = None):
-    """Order candidate images for one caption by CLIP similarity; returns (indices, scores), best first."""
+    """Order candidate images for one caption by CLIP cosine similarity (DALL-E section 2.6: sample N,
+    keep the k best); returns (indices, cosines), best first."""
     s = scorer.scores(images, [caption])[:, 0]
-    order = torch.argsort(s, descending=True)
-    if top_k:
-        order = order[:top_k]
+    order = best_first(s, top_k)
     return order, s[order]
 
 

@@ -1,11 +1,36 @@
 #!/usr/bin/env python
-"""Generate N candidates per prompt with the DALL-E transformer, rerank them with CLIP, keep the top k.
+"""Generate N candidates per prompt with the DALL-E transformer, rank them (CLIP or the transformer's own
+likelihood), keep the top k (DALL-E section 2.6).
 
   python sample/generate.py --dalle runs/dalle/export --clip runs/clip/export \\
-      --prompt "a large red circle on the left" --prompt "a small blue square above a large green triangle" \\
-      --num_candidates 64 --top_k_rerank 8 --out outputs/samples
-Writes <out>/grid.png (one row per prompt, best first), <out>/candidates.png (all, in sampling order) and
-<out>/scores.json (CLIP scores, and for shapes-world prompts the pixel check of every image).
+      --prompt "a large red circle on the left" --prompts prompts.txt \\
+      --num-candidates 64 --top-k-rerank 8 --cond-scale 3 --out outputs/samples
+
+Prompts: --prompt TEXT (repeatable), --prompts FILE (one per line; alias --prompts_file), and/or
+  --synthetic_prompts N held-out shapes-world captions (those are also checked against their pixels).
+Sampling: --temperature, --top-k (a token count, 0 = off), --top-p (0 = off), --seed (same seed, batch size
+  and device -> same images), --cond-scale S (classifier-free guidance; needs a model trained with
+  --null_cond_prob > 0; 1 = off), --batch-size (rows per forward; guidance runs 2 rows per candidate),
+  --compile (torch.compile the decode step; CUDA graphs on CUDA). CUDA runs in bf16.
+Priming and inpainting (an input image, encoded with the dVAE):
+  --prime-image x.png --prime-rows R     keep the top R rows of its code grid, sample the rest
+  --prime-image x.png --inpaint-box x0,y0,x1,y1   regenerate that box: integers are grid cells (end
+                                         exclusive, 0..side), values in [0, 1] with a point are fractions
+                                         of the image side (0.25,0.25,0.75,0.75 = the centre quarter)
+  --prime-image x.png --inpaint-border N regenerate a border N grid cells wide
+  The model is autoregressive: a regenerated cell sees only the known cells before it in raster order.
+Ranking: --rank-by clip (cosine similarity; CLIP score = 100 * max(cos, 0)) with --clip EXPORT_DIR or
+  --clip-model ARCH --clip-checkpoint /local/weights (an open_clip architecture and a local file; nothing
+  is downloaded), or --rank-by likelihood (sum of image-token log-probs under the transformer). Without a
+  CLIP, --rank-by clip keeps sampling order.
+Outputs in --out:
+  grid.png                      the kept top k per prompt, one row per prompt, best first, scores under each
+  candidates.png                all candidates in sampling order
+  prompts/NNN/grid.png          all N candidates of prompt NNN, best first, with rank and scores
+  prompts/NNN/rank_KK.png       the kept top k of prompt NNN as single images (rank_00 = best)
+  scores.json                   summary (seconds per image, device, caption accuracy on shapes prompts) and per
+                                prompt: prompt, seed, settings, per-candidate clip_cosine, clip_score,
+                                likelihood (when ranked by it), order (best first), top, check results
 """
 
 from __future__ import annotations
@@ -18,20 +43,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.clip import ClipScorer
-from dalle_ar.config import DalleConfig, DVAEConfig, SampleConfig, add_config_args, resolve, run_cli
+from dalle_ar.clip import ClipScorer, best_first, clip_score
+from dalle_ar.config import (ConfigError, DalleConfig, DVAEConfig, SampleConfig, add_config_args, resolve,
+                             run_cli)
 from dalle_ar.data import synthetic
 from dalle_ar.model import DalleTransformer
 from dalle_ar.report import device_name, save_grid
-from dalle_ar.sampling import generate_codes
+from dalle_ar.sampling import border_mask, box_mask, generate_codes, log_likelihood, prime_mask
 from dalle_ar.text import TextTokenizer
 from dvae import DiscreteVAE
+
+BACKENDS = ["ar"]  # the unCLIP backend registers here as "unclip"
 
 
 def load_dalle(path: str, device: str):
     model, cfg = load_pretrained(path, lambda c: DalleTransformer(DalleConfig(**c["model"])), device)
+    if str(device).startswith("cuda"):
+        model = model.to(torch.bfloat16)  # sampling is memory-bound: half the bytes per step
     tok = TextTokenizer.load(Path(path) / "tokenizer.json", model.config.text_len)
     return model, tok, cfg
 
@@ -42,95 +73,214 @@ def load_dvae(path: str, device: str) -> DiscreteVAE:
 
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
-    if args.prompts_file:
-        path = Path(args.prompts_file)
+    if args.prompts:
+        path = Path(args.prompts)
         if not path.exists():
-            raise SystemExit(f"{path}: prompts file not found; pass a text file with one prompt per line")
+            raise FileNotFoundError(f"{path}: prompts file not found; pass a text file with one prompt per line")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if args.synthetic_prompts:
         # held-out shapes-world captions (a seed the training shards did not use)
         prompts += [synthetic.make_example(i, seed=args.synthetic_seed)[1] for i in range(args.synthetic_prompts)]
     if not prompts:
-        raise SystemExit("no prompts: pass --prompt TEXT (repeatable), --prompts_file FILE or --synthetic_prompts N")
+        raise ConfigError("no prompts: pass --prompt TEXT (repeatable), --prompts FILE or --synthetic_prompts N")
     return prompts
 
 
+def load_image(path: str, size: int) -> torch.Tensor:
+    """An image file -> (1, 3, size, size) in [0, 1] (centre-cropped to a square, resized)."""
+    from PIL import Image, ImageOps
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: prime/inpaint image not found; pass --prime-image with an existing PNG/JPEG")
+    image = ImageOps.fit(Image.open(p).convert("RGB"), (size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def known_region(args, cfg: SampleConfig, dvae: DiscreteVAE, side: int, device: str):
+    """(codes (1, side, side), known mask (side, side)) from --prime-image and --prime-rows / --inpaint-*,
+    or (None, None)."""
+    modes = [m for m, on in (("--prime-rows", cfg.prime_rows), ("--inpaint-box", cfg.inpaint_box),
+                             ("--inpaint-border", cfg.inpaint_border)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)}: pick one of priming, a box or a border")
+    if not args.prime_image:
+        if modes:
+            raise ConfigError(f"{modes[0]} needs an input image: pass --prime-image x.png")
+        return None, None
+    if not modes:
+        raise ConfigError("--prime-image needs --prime-rows R, --inpaint-box x0,y0,x1,y1 or --inpaint-border N")
+    try:
+        if cfg.prime_rows:
+            known = prime_mask(side, cfg.prime_rows)
+        elif cfg.inpaint_box:
+            known = box_mask(side, tuple(float(v) if "." in v else int(v) for v in cfg.inpaint_box.split(",")))
+        else:
+            known = border_mask(side, cfg.inpaint_border)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    codes = dvae.encode(load_image(args.prime_image, dvae.config.image_size).to(device))
+    if codes.shape[-1] != side:
+        raise ConfigError(f"{args.prime_image}: the dVAE gives a {codes.shape[-1]}-wide grid, the transformer expects "
+                          f"{side}; pass the --dvae the transformer was trained with")
+    return codes, known
+
+
 @torch.no_grad()
-def generate(model, tok, dvae, prompts: list[str], cfg: SampleConfig, device: str):
-    """Returns images (P, N, 3, H, W) in [0, 1] and the sampling time in seconds."""
-    text = tok.encode(prompts).to(device).repeat_interleave(cfg.num_candidates, dim=0)
+def generate_ar(args, cfg: SampleConfig, prompts: list[str]) -> dict:
+    """The DALL-E backend: images (P, N, 3, H, W) in [0, 1], sampling seconds, and (with --rank-by
+    likelihood) each candidate's log-likelihood (P, N)."""
+    device = args.device
+    model, tok, dalle_cfg = load_dalle(args.dalle, device)
+    dvae_path = args.dvae or dalle_cfg.get("dvae")
+    if not dvae_path:
+        raise ConfigError(f"{args.dalle}/config.json names no dVAE; pass --dvae <dvae export directory>")
+    dvae = load_dvae(dvae_path, device)
+    side = model.config.image_fmap_size
+    known_codes, known_mask = known_region(args, cfg, dvae, side, device)
+    if cfg.cond_scale != 1.0 and model.config.null_cond_prob == 0:
+        print(f"warning: {args.dalle} was trained without caption dropout (null_cond_prob 0): its unconditional "
+              f"branch is untrained and --cond-scale {cfg.cond_scale} may hurt; retrain with --null_cond_prob 0.1")
+
+    N = cfg.num_candidates
+    text = tok.encode(prompts).to(device).repeat_interleave(N, dim=0)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    images = []
-    start = time.perf_counter()
-    for chunk in text.split(cfg.batch_size):
-        codes = generate_codes(model, chunk, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen)
-        images.append(dvae.decode(codes).float().cpu())
+    rows = max(1, cfg.batch_size // (2 if cfg.cond_scale != 1.0 else 1))
+    codes, images = [], []
+    bar = tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=args.no_progress)
+    start, done = time.perf_counter(), 0
+    for chunk in text.split(rows):
+        c = generate_codes(model, chunk, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
+                           cond_scale=cfg.cond_scale, compile=cfg.compile,
+                           known_codes=None if known_codes is None else known_codes.expand(len(chunk), -1, -1),
+                           known_mask=known_mask)
+        codes.append(c)
+        images.append(dvae.decode(c).float().cpu())
+        done += len(chunk)
+        bar.update(done // N - bar.n)
+    bar.close()
     seconds = time.perf_counter() - start
-    images = torch.cat(images)
-    return images.view(len(prompts), cfg.num_candidates, *images.shape[1:]), seconds
+    codes, images = torch.cat(codes), torch.cat(images)
+    out = {"images": images.view(len(prompts), N, *images.shape[1:]), "seconds": seconds, "likelihood": None}
+    if cfg.rank_by == "likelihood":
+        out["likelihood"] = log_likelihood(model, text, codes, cfg.batch_size).float().cpu().view(len(prompts), N)
+    return out
+
+
+def generate(args, cfg: SampleConfig, prompts: list[str]) -> dict:
+    """Dispatch to the sampling backend named by --backend."""
+    if args.backend == "ar":
+        return generate_ar(args, cfg, prompts)
+    raise ConfigError(f"--backend {args.backend}: not available; choose one of {BACKENDS}")
+
+
+def clip_spec(args) -> str | None:
+    if args.clip_checkpoint:
+        return f"{args.clip_model}:{args.clip_checkpoint}"
+    return args.clip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="ar", choices=BACKENDS, help="sampler: ar = the DALL-E transformer (default)")
+    p.add_argument("--dalle", required=True, help="transformer export directory (from train/train_dalle.py)")
+    p.add_argument("--dvae", default=None, help="dVAE export directory (default: the one the tokens were encoded with)")
+    p.add_argument("--clip", default=None, help="CLIP for reranking: an export directory or ARCH:/local/weights")
+    p.add_argument("--clip-checkpoint", "--clip_checkpoint", dest="clip_checkpoint", default=None,
+                   help="a local open_clip weights file (.safetensors/.pt/.bin) for --clip-model")
+    p.add_argument("--clip-model", "--clip_model", dest="clip_model", default="ViT-B-32",
+                   help="open_clip architecture of --clip-checkpoint (default: ViT-B-32)")
+    p.add_argument("--prompt", action="append", help="a caption; repeat for several")
+    p.add_argument("--prompts", "--prompts-file", "--prompts_file", dest="prompts", default=None,
+                   help="text file, one prompt per line")
+    p.add_argument("--synthetic_prompts", "--synthetic-prompts", type=int, default=0,
+                   help="add N held-out shapes-world captions")
+    p.add_argument("--synthetic_seed", "--synthetic-seed", type=int, default=12345, help="world seed for --synthetic_prompts")
+    p.add_argument("--prime-image", "--prime_image", dest="prime_image", default=None,
+                   help="input image for --prime-rows / --inpaint-box / --inpaint-border")
+    p.add_argument("--out", default="outputs/samples", help="output directory (default: outputs/samples)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bar")
+    add_config_args(p, SampleConfig)
+    return p
+
+
+def tile_label(rank: int, cos: float | None, ll: float | None) -> str:
+    parts = [f"#{rank + 1}"]
+    if cos is not None:
+        parts.append(f"cos {cos:.3f} ({float(clip_score(torch.tensor(cos))):.0f})")
+    if ll is not None:
+        parts.append(f"ll {ll:.0f}")
+    return " ".join(parts)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dalle", required=True, help="transformer export directory (from train/train_dalle.py)")
-    p.add_argument("--dvae", default=None, help="dVAE export directory (default: the one the tokens were encoded with)")
-    p.add_argument("--clip", default=None, help="CLIP for reranking: an export directory or ARCH:/local/weights; "
-                   "without it candidates keep sampling order")
-    p.add_argument("--prompt", action="append", help="a caption; repeat for several")
-    p.add_argument("--prompts_file", default=None, help="text file, one prompt per line")
-    p.add_argument("--synthetic_prompts", type=int, default=0, help="add N held-out shapes-world captions")
-    p.add_argument("--synthetic_seed", type=int, default=12345, help="world seed for --synthetic_prompts")
-    p.add_argument("--out", default="outputs/samples", help="output directory (default: outputs/samples)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_config_args(p, SampleConfig)
+    p = build_parser()
     args = p.parse_args(argv)
-    cfg = resolve(args, SampleConfig)
-    if cfg.top_k_rerank > cfg.num_candidates:
-        p.error(f"--top_k_rerank {cfg.top_k_rerank} > --num_candidates {cfg.num_candidates}")
-
-    model, tok, dalle_cfg = load_dalle(args.dalle, args.device)
-    dvae_path = args.dvae or dalle_cfg.get("dvae")
-    if not dvae_path:
-        p.error(f"{args.dalle}/config.json names no dVAE; pass --dvae <dvae export directory>")
-    dvae = load_dvae(dvae_path, args.device)
+    try:
+        cfg = resolve(args, SampleConfig)
+    except ConfigError as e:
+        p.error(str(e))
+    if cfg.rank_by == "likelihood" and args.backend != "ar":
+        p.error("--rank-by likelihood needs --backend ar (the transformer's own likelihood)")
     prompts = read_prompts(args)
-    images, seconds = generate(model, tok, dvae, prompts, cfg, args.device)
+    if args.prime_image and not Path(args.prime_image).is_file():
+        raise FileNotFoundError(f"{args.prime_image}: prime/inpaint image not found; pass --prime-image with an existing PNG/JPEG")
+    spec = clip_spec(args)
+    scorer = ClipScorer.load(spec, args.device) if spec else None  # fail on a bad CLIP before sampling
 
-    scorer = ClipScorer.load(args.clip, args.device) if args.clip else None
-    results, best = [], []
-    for prompt, cands in zip(prompts, images):
-        if scorer is not None:
-            scores = scorer.scores(cands, [prompt])[:, 0].cpu()
-            order = torch.argsort(scores, descending=True)
-        else:
-            scores, order = torch.zeros(len(cands)), torch.arange(len(cands))
-        top = order[: cfg.top_k_rerank]
+    result = generate(args, cfg, prompts)
+    images, likelihood = result["images"], result["likelihood"]
+    N, k = cfg.num_candidates, cfg.top_k_rerank
+    out = Path(args.out)
+    rows, best, best_labels = [], [], []
+    for i, (prompt, cands) in enumerate(zip(prompts, images)):
+        cos = scorer.scores(cands, [prompt])[:, 0].cpu() if scorer is not None else None
+        ll = likelihood[i] if likelihood is not None else None
+        rank_scores = ll if cfg.rank_by == "likelihood" else cos
+        order = best_first(rank_scores) if rank_scores is not None else torch.arange(N)
+        top = order[:k]
+        labels = [tile_label(r, None if cos is None else float(cos[j]), None if ll is None else float(ll[j]))
+                  for r, j in enumerate(order.tolist())]
         best.append(cands[top])
-        row = {"prompt": prompt, "clip_scores": [round(float(s), 4) for s in scores], "top": top.tolist()}
+        best_labels += labels[:k]
+        d = out / "prompts" / f"{i:03d}"
+        save_grid(cands[order], d / "grid.png", nrow=min(N, 8), tile_labels=labels, row_labels=None)
+        for r, j in enumerate(top.tolist()):
+            save_grid(cands[j:j + 1], d / f"rank_{r:02d}.png", nrow=1, scale=1)
+        row = {"prompt": prompt, "index": i, "seed": cfg.seed, "order": order.tolist(), "top": top.tolist()}
+        if cos is not None:
+            row["clip_cosine"] = [round(float(s), 5) for s in cos]
+            row["clip_score"] = [round(float(s), 3) for s in clip_score(cos)]
+            row["clip_scores"] = row["clip_cosine"]  # earlier name, kept for readers of old reports
+        if ll is not None:
+            row["likelihood"] = [round(float(s), 3) for s in ll]
         if synthetic.is_caption(prompt):
             passed = synthetic.check_batch(cands, [prompt] * len(cands))
             row["check"] = [bool(x) for x in passed]
-            row["check_top"] = [bool(passed[i]) for i in top]
-        results.append(row)
+            row["check_top"] = [bool(passed[j]) for j in top]
+        rows.append(row)
 
-    out = Path(args.out)
-    save_grid(torch.cat(best), out / "grid.png", nrow=cfg.top_k_rerank, row_labels=prompts)
-    save_grid(images.flatten(0, 1), out / "candidates.png", nrow=cfg.num_candidates, row_labels=prompts)
+    save_grid(torch.cat(best), out / "grid.png", nrow=k, row_labels=prompts, tile_labels=best_labels)
+    save_grid(images.flatten(0, 1), out / "candidates.png", nrow=N, row_labels=prompts)
+    seconds = result["seconds"]
+    settings = {"backend": args.backend, "dalle": args.dalle, "dvae": args.dvae, "clip": spec,
+                "prime_image": args.prime_image, "device": args.device, **asdict(cfg)}
     summary = {
-        "num_prompts": len(prompts), "num_candidates": cfg.num_candidates, "top_k_rerank": cfg.top_k_rerank,
-        "reranked_with": args.clip, "sampling_seconds": round(seconds, 3),
-        "seconds_per_image": round(seconds / images.shape[0] / images.shape[1], 5),
-        "device": device_name(args.device),
-        "sample_config": asdict(cfg),
+        "num_prompts": len(prompts), "num_candidates": N, "top_k_rerank": k, "rank_by": cfg.rank_by,
+        "reranked_with": spec if cfg.rank_by == "clip" else "likelihood", "cond_scale": cfg.cond_scale,
+        "sampling_seconds": round(seconds, 3), "seconds_per_image": round(seconds / images.shape[0] / N, 5),
+        "device": device_name(args.device), "sample_config": asdict(cfg),
     }
-    checked = [r for r in results if "check" in r]
+    checked = [r for r in rows if "check" in r]
     if checked:
         summary["caption_accuracy_reranked"] = float(np.mean([x for r in checked for x in r["check_top"]]))
         summary["caption_accuracy_all"] = float(np.mean([x for r in checked for x in r["check"]]))
-    report = {"summary": summary, "prompts": results}
+        summary["caption_accuracy_top1"] = float(np.mean([r["check_top"][0] for r in checked]))
+    report = {"summary": summary, "settings": settings, "prompts": rows}
     (out / "scores.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out / 'grid.png'}, {out / 'candidates.png'}, {out / 'scores.json'}")
+    print(f"wrote {out / 'grid.png'}, {out / 'prompts'}/NNN/{{grid,rank_KK}}.png, {out / 'scores.json'}")
     return report
 
 
