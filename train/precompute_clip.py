@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Compute CLIP image and text embeddings of image shards once, for the unCLIP prior and decoder.
+
+  python train/precompute_clip.py --clip runs/clip/export --data data/shapes --out data/shapes_clip
+Each input shard NAME.tar becomes <out>/NAME.tar holding KEY.img_emb.npy, KEY.txt_emb.npy (unit-norm
+float32) and KEY.txt, in the image shard's order. Finished shards are recorded in <out>/progress/, so
+rerunning the same command after a crash computes only the shards not yet done; <out>/meta.json names
+the CLIP and the embedding width (both trainers read it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dalle_ar.clip import ClipScorer
+from dalle_ar.config import run_cli, save_json
+from dalle_ar.data.embeddings import META, EmbeddingShards
+from dalle_ar.data.shards import ShardBatches, shard_urls
+
+
+def clip_fingerprint(spec: str) -> str:
+    """sha256 over the CLIP's weight files (an export directory, or ARCH:/path/weights)."""
+    path = Path(spec)
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".pt", ".bin")) if path.is_dir() \
+        else [Path(spec.partition(":")[2])]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clip", required=True, help="CLIP export directory or ARCH:/path/weights (dalle_ar.clip.load_clip)")
+    p.add_argument("--data", required=True, help="image shard directory, glob or brace pattern")
+    p.add_argument("--out", required=True, help="output directory for embedding shards")
+    p.add_argument("--batch_size", type=int, default=256, help="(default: 256)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes reading whole shards; 0 reads in this process (default: min(8, CPU count))")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="(default: cuda if available, else cpu)")
+    args = p.parse_args(argv)
+
+    urls = shard_urls(args.data)
+    scorer = ClipScorer.load(args.clip, args.device)
+    pre = scorer.model.visual.preprocess_cfg
+    size = pre["size"] if isinstance(pre["size"], int) else pre["size"][0]
+    device = torch.device(args.device)
+    embed_dim = None
+
+    with EmbeddingShards(args.out, urls, args.clip, clip_fingerprint(args.clip)) as out:
+        pending = out.pending
+        if len(pending) < len(urls):
+            print(f"{len(urls) - len(pending)} of {len(urls)} shards already embedded in {args.out}: skipping them")
+        loader = DataLoader(ShardBatches(pending, size, args.batch_size), batch_size=None,
+                            num_workers=min(args.num_workers, len(pending)), pin_memory=device.type == "cuda",
+                            in_order=False)
+        with tqdm(desc="clip embeddings", unit="img", mininterval=1.0) as bar, torch.inference_mode():
+            finished = 0
+            bar.set_postfix(shards=f"0/{len(pending)}")
+            for kind, url, *item in loader:
+                if kind == "batch":
+                    images, captions, keys = item
+                    zi = scorer.encode_images(images.float().div_(255))
+                    zt = scorer.encode_texts(list(captions))
+                    embed_dim = zi.shape[-1]
+                    out.write(url, keys, zi.cpu().numpy(), zt.cpu().numpy(), list(captions))
+                    bar.update(len(keys))
+                else:
+                    out.finish(url, *item)
+                    finished += 1
+                    bar.set_postfix(shards=f"{finished}/{len(pending)}")
+        totals = out.summary()
+
+    if embed_dim is None:  # nothing new computed: the width from a previous run's metadata
+        embed_dim = json.loads((Path(args.out) / META).read_text())["embed_dim"] if (Path(args.out) / META).exists() \
+            else scorer.encode_texts(["x"]).shape[-1]
+    meta = {"num_samples": totals["num_samples"], "clip": str(Path(args.clip).resolve()) if Path(args.clip).is_dir()
+            else args.clip, "embed_dim": int(embed_dim), "image_size": size, "skipped": totals["skipped"],
+            "num_shards": totals["num_shards"], "images": args.data}
+    save_json(Path(args.out) / META, meta)
+    print(json.dumps(meta))
+    return Path(args.out)
+
+
+if __name__ == "__main__":
+    run_cli(main)
