@@ -8,16 +8,20 @@ consolidated fp32 weights to `.safetensors` + `config.json`, and logging to tqdm
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import random
 import shutil
+import signal
 import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -96,11 +100,22 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
 OFFLOADS = ("none", "cpu", "nvme")
 
 
-def build_ds_config(cfg: TrainConfig) -> dict:
+def build_ds_config(cfg: TrainConfig, world: int | None = None) -> dict:
     """ds_config.json, with the run's batch, accumulation, ZeRO stage, clipping, precision and offload on
-    top (TrainConfig took the JSON's values for the first four unless a flag set them)."""
+    top (TrainConfig took the JSON's values for the first four unless a flag set them). A global
+    `train_batch_size` in the JSON must equal micro-batch x accumulation x `world` (default: ranks now)."""
     ds = load_json(cfg.ds_config)
-    ds.pop("train_batch_size", None)  # derived: micro * accumulation * world size
+    world = world_size() if world is None else world
+    total = ds.pop("train_batch_size", None)  # derived: micro * accumulation * world size
+    if total not in (None, "auto"):
+        derived = cfg.batch_size * cfg.grad_accum * world
+        if not isinstance(total, int) or isinstance(total, bool) or total != derived:
+            fix = (f"pass --grad_accum {total // (cfg.batch_size * world)}"
+                   if isinstance(total, int) and total > 0 and total % (cfg.batch_size * world) == 0 else
+                   "set --batch_size/--grad_accum to match it")
+            raise ConfigError(f"{cfg.ds_config}: train_batch_size {total!r} != batch_size {cfg.batch_size} x grad_accum "
+                              f"{cfg.grad_accum} x {world} rank(s) = {derived}; remove train_batch_size (it is derived) "
+                              f"or {fix}")
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     ds["gradient_clipping"] = cfg.grad_clip
@@ -232,6 +247,75 @@ class EMA:
         self.updates = updates
 
 
+def rng_state() -> dict:
+    """Every random stream a training step may draw from (dropout, caption dropout, augmentation)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when `flag` is true on any: ranks must agree to skip a step or to stop."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+FAULT_ENV = "DALLE_AR_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: with DALLE_AR_FAULT=<name> (e.g. `save:4`, `step:7`) this process SIGKILLs itself
+    at that point, the way a preempted node or the OOM killer would (tests/test_crash.py)."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; the loop finishes its step, saves and exits."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no handlers, the default behaviour stays
+            self._previous = {}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Stopped(SystemExit):
+    """Raised by `Trainer.fit` after a SIGTERM/SIGINT: the checkpoint is saved; exit status 0."""
+
+
+COMPLETE = "complete"  # marker written into a checkpoint directory once every rank has written its part
+
+
 # ----------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +348,8 @@ class Trainer:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"--activation_checkpointing: {type(model).__name__} does not support it; drop the flag")
             model.set_grad_checkpointing(True)
+        if cfg.compile:  # in place: the module keeps its parameter names, so checkpoints don't change
+            model.compile()
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -273,6 +359,8 @@ class Trainer:
         self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.dtype = compute_dtype(cfg)
         self.step = 0
+        self.consumed = 0      # micro-batches taken from the data stream (the data position)
+        self.nonfinite = 0     # micro-batches skipped for a NaN/Inf loss
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(self.out / "train_config.json", asdict(cfg))
@@ -283,7 +371,7 @@ class Trainer:
                   f"x {world_size()} ranks, {str(self.dtype).removeprefix('torch.')}, clip {cfg.grad_clip}"
                   f"{', offload ' + str(offload) if offload else ''} (from {cfg.ds_config} + flags; "
                   f"resolved: {self.out / 'ds_config.resolved.json'})", flush=True)
-        if cfg.resume and (self.ckpt_dir / "latest").exists():
+        if cfg.resume and self.complete_checkpoints():
             self.load()
         self._wandb = None
 
@@ -293,33 +381,54 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> str:
-        """Save on all ranks. DeepSpeed writes the tag directory first and `latest` last, so a crash
-        mid-save leaves `latest` pointing at the previous complete checkpoint."""
+        """Save on all ranks, atomically: each rank writes its files into `step_N/`, then rank 0 marks the
+        directory complete and only then points `latest` at it (temp file + rename). A crash at any point
+        leaves the previous complete checkpoint as the one that resume picks."""
         tag = f"step_{self.step:08d}"
-        state = {"step": self.step, "torch_rng": torch.get_rng_state()}
+        state = {"step": self.step, "consumed": self.consumed, "nonfinite": self.nonfinite, "rng": rng_state()}
         if self.ema is not None:
             state["ema"], state["ema_updates"] = self.ema.state_dict(), self.ema.updates
         if self.plateau is not None:
             state["plateau"] = self.plateau.state_dict()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        if self.is_main:
+            (self.ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)  # re-saving a tag after a resume
+        barrier()
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        fault_point(f"save:{self.step}")
         barrier()
         if self.is_main:
+            (self.ckpt_dir / tag / COMPLETE).write_text(json.dumps({"step": self.step, "world_size": world_size()}))
+            tmp = self.ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.ckpt_dir / "latest")
             self._prune(keep=tag)
+        barrier()
         return tag
 
+    def complete_checkpoints(self) -> list[str]:
+        """Tags of the complete checkpoints, oldest first."""
+        return sorted(p.parent.name for p in self.ckpt_dir.glob(f"step_*/{COMPLETE}"))
+
     def _prune(self, keep: str) -> None:
-        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.cfg.keep_checkpoints)]:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+        """Keep the newest `keep_checkpoints` complete checkpoints; drop older ones and crash leftovers."""
+        complete = self.complete_checkpoints()
+        doomed = set(complete[: max(0, len(complete) - self.cfg.keep_checkpoints)])
+        doomed |= {p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir() and p.name not in complete}
+        for name in doomed - {keep}:
+            shutil.rmtree(self.ckpt_dir / name, ignore_errors=True)
 
     def load(self) -> None:
-        path, state = self.engine.load_checkpoint(str(self.ckpt_dir))
+        """Resume from the newest complete checkpoint: weights, optimizer, LR schedule, RNG streams, EMA,
+        plateau state and the data position."""
+        tag = self.complete_checkpoints()[-1]
+        path, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if path is None:
-            raise RuntimeError(f"{self.ckpt_dir}: could not load the latest checkpoint; delete the directory "
-                               f"or pass --resume false to start over")
+            raise RuntimeError(f"{self.ckpt_dir / tag}: could not load this checkpoint; delete it to resume from "
+                               f"the one before, or pass --resume false to start over")
         self.step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
+        self.consumed = int(state.get("consumed", self.step * self.cfg.grad_accum))
+        self.nonfinite = int(state.get("nonfinite", 0))
+        self._resumed_rng = state["rng"]  # set in fit(), after the data stream is fast-forwarded (it may draw)
         if self.ema is not None:
             if "ema" not in state:
                 raise ConfigError(f"{path}: checkpoint has no EMA weights but --ema_decay is set; resume without it")
@@ -328,6 +437,7 @@ class Trainer:
             self.plateau.load_state_dict(state["plateau"])
         if self.is_main:
             log.info("resumed %s from %s at step %d", self.name, path, self.step)
+            print(f"{self.name}: resumed from {self.ckpt_dir / tag} at step {self.step}", flush=True)
 
     def consolidated_state_dict(self, tag: str) -> dict[str, torch.Tensor]:
         """fp32 weights on rank 0: from the module (ZeRO-0) or gathered from the ZeRO shards (1-3);
@@ -361,8 +471,13 @@ class Trainer:
                                  settings=wandb.Settings(console="off", silent=True))
 
     def log(self, metrics: dict) -> None:
+        """wandb (when on) and `<out>/metrics.jsonl` (always, rank 0): the loss curve without wandb."""
+        if not self.is_main:
+            return
         if self._wandb is not None:
             self._wandb.log(metrics, step=self.step)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}) + "\n")
 
     def log_image(self, key: str, path: str | Path) -> None:
         """Log a PNG already written to disk (sample or reconstruction grid)."""
@@ -373,57 +488,93 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, batches: Iterable, loss_fn: LossFn, items: Callable[[Any], int] = lambda b: len(b[0]),
-            on_step: Callable[["Trainer"], None] | None = None, show: tuple[str, ...] = ()) -> Path:
+            on_step: Callable[["Trainer"], None] | None = None, show: tuple[str, ...] = (), skips=None) -> Path:
         """Train until `cfg.steps` optimizer steps; returns the export directory. `show` names metrics
-        from `loss_fn` that the progress bar displays next to loss, lr and samples/s.
+        from `loss_fn` that the progress bar displays next to loss, lr and samples/s; `skips` (a
+        `shards.SkipCounter`) puts the bad-data count on the bar and in the end-of-run summary.
 
-        On resume, the data stream is fast-forwarded past the micro-batches already consumed, so a
-        deterministic stream continues exactly where the checkpoint left it."""
+        - Resume: the data stream is fast-forwarded past the micro-batches already consumed, so a
+          deterministic stream continues exactly where the checkpoint left it.
+        - A NaN/Inf loss skips its micro-batch (no backward, no optimizer step; all ranks agree) and is
+          counted; `max_nonfinite` in a row stop the run, pointing at the last good checkpoint.
+        - SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, and `Stopped` (exit 0) is raised."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         it = iter(batches)
-        for _ in range(self.step * cfg.grad_accum):
+        for _ in range(self.consumed):
             next(it)
+        if getattr(self, "_resumed_rng", None) is not None:  # starting the loader draws a seed from torch's RNG
+            set_rng_state(self._resumed_rng)
+            self._resumed_rng = None
         self._init_wandb()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, dynamic_ncols=True, mininterval=1.0,
                    disable=not (self.is_main and cfg.progress))
-        ema, t0, seen = None, time.perf_counter(), 0
-        while self.step < cfg.steps:
-            for micro in range(cfg.grad_accum):
-                batch = to_device(next(it), self.device, self.dtype)
-                loss, metrics = loss_fn(self.engine, batch, self.step)
-                self.engine.backward(loss)
-                self.engine.step()
-                seen += items(batch)
-            if self.ema is not None:
-                self.ema.update()
-            self.step += 1
-            value = loss.item()
-            if self.plateau is not None:  # the same decision on every rank: the rank-averaged loss
-                self.plateau.observe(mean_over_ranks(value, self.device))
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{self.name}: loss is {value} at step {self.step}; lower --lr or check the "
-                                         f"data. Last good checkpoint: {self.ckpt_dir / 'latest'}")
-            ema = value if ema is None else 0.9 * ema + 0.1 * value
-            dt = time.perf_counter() - t0
-            rate = seen * world_size() / max(dt, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}",
-                            **{k: f"{metrics[k]:.3g}" for k in show if k in metrics})
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.log({"loss": value, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate, **metrics})
-                t0, seen = time.perf_counter(), 0
-            if on_step is not None:
-                on_step(self)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save()
+        ema, t0, seen, in_a_row = None, time.perf_counter(), 0, 0
+        with StopSignal() as stop:
+            while self.step < cfg.steps:
+                micro = 0
+                while micro < cfg.grad_accum:
+                    batch = to_device(next(it), self.device, self.dtype)
+                    self.consumed += 1
+                    loss, metrics = loss_fn(self.engine, batch, self.step)
+                    value = loss.item()
+                    if any_rank(not math.isfinite(value), self.device):
+                        self.nonfinite, in_a_row = self.nonfinite + 1, in_a_row + 1
+                        if in_a_row >= cfg.max_nonfinite:
+                            raise FloatingPointError(
+                                f"{self.name}: {in_a_row} non-finite losses in a row at step {self.step + 1}; lower "
+                                f"--lr or check the data. Last good checkpoint: {self.ckpt_dir / 'latest'}")
+                        log.warning("%s: loss is %s at step %d; micro-batch skipped (%d so far)",
+                                    self.name, value, self.step + 1, self.nonfinite)
+                        continue
+                    in_a_row = 0
+                    self.engine.backward(loss)
+                    fault_point(f"step:{self.step + 1}")
+                    self.engine.step()
+                    seen += items(batch)
+                    micro += 1
+                if self.ema is not None:
+                    self.ema.update()
+                self.step += 1
+                if self.plateau is not None:  # the same decision on every rank: the rank-averaged loss
+                    self.plateau.observe(mean_over_ranks(value, self.device))
+                ema = value if ema is None else 0.9 * ema + 0.1 * value
+                dt = time.perf_counter() - t0
+                rate = seen * world_size() / max(dt, 1e-9)
+                bar.update(1)
+                extra = {k: f"{metrics[k]:.3g}" for k in show if k in metrics}
+                if skips is not None and skips.total:
+                    extra["skipped"] = skips.total
+                if self.nonfinite:
+                    extra["nonfinite"] = self.nonfinite
+                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                samples_s=f"{rate:.1f}", **extra)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.log({"loss": value, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                              "nonfinite_skipped": self.nonfinite, **metrics})
+                    t0, seen = time.perf_counter(), 0
+                if on_step is not None:
+                    on_step(self)
+                if any_rank(stop.received is not None, self.device):
+                    bar.close()
+                    tag = self.save()
+                    msg = (f"{self.name}: stopped by {stop.received or 'a signal on another rank'} at step {self.step}; "
+                           f"saved {self.ckpt_dir / tag}. Run the same command again to resume.")
+                    if self.is_main:
+                        print(msg, flush=True)
+                    raise Stopped(0)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
         bar.close()
         final = f"step_{self.step:08d}"
-        latest = self.ckpt_dir / "latest"
-        if not (latest.exists() and latest.read_text().strip() == final):
+        if final not in self.complete_checkpoints():
             self.save()
         export = self.export(final)
+        if self.is_main and (skips is not None or self.nonfinite):
+            print(f"{self.name}: done at step {self.step}; {self.nonfinite} non-finite micro-batches skipped"
+                  + (f"; bad data: {skips.summary() if hasattr(skips, 'summary') else skips.counts}" if skips is not None else ""),
+                  flush=True)
         if self._wandb is not None:
             self._wandb.summary.update({"final_loss": ema, "steps": self.step})
             self._wandb.finish()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, parse, run_cli
+from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, given, parse, run_cli
 from dalle_ar.data.shards import batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.model import DalleTransformer
-from dalle_ar.text import TextTokenizer
+from dalle_ar.text import TextTokenizer, check_vocab
 
 
 def extra_args(p):
@@ -39,19 +39,27 @@ def check_tokens(data: str, cfg: DalleConfig) -> dict:
     return meta
 
 
+def token_batches(cfg: TrainConfig):
+    """The training stream: endless batches of (codes, captions, keys). Shards are resampled with a sampler
+    seeded by (seed, rank, DataLoader worker), so every rank reads its own samples and the same command
+    reads the same stream again (resume fast-forwards it)."""
+    data = token_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank())
+    return infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False))
+
+
 def main(argv=None):
     args, (model_cfg, cfg) = parse(__doc__, DalleConfig, TrainConfig, extra=extra_args, argv=argv)
     tok = TextTokenizer.load(args.tokenizer, model_cfg.text_len)
-    model_cfg = replace(model_cfg, text_vocab_size=tok.vocab_size)
+    if given(args, "text_vocab_size"):  # a vocabulary the user named must be this tokenizer's
+        check_vocab(tok, model_cfg, f"{args.config or 'command line'} with --tokenizer {args.tokenizer}")
+    model_cfg = replace(model_cfg, text_vocab_size=tok.vocab_size)  # otherwise the tokenizer decides
     meta = check_tokens(cfg.data, model_cfg)
     tok_file = args.tokenizer if args.tokenizer.endswith(".json") else str(Path(args.tokenizer) / "tokenizer.json")
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     trainer = Trainer(DalleTransformer(model_cfg), cfg, name="dalle",
                       export_config={"kind": "dalle", "model": asdict(model_cfg), "dvae": meta.get("dvae")},
                       extra_files={"tokenizer.json": tok_file})
-    data = token_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank())
-    stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in
-              infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False)))
+    stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg))
 
     def loss_fn(engine, batch, step):
         text, codes = batch
