@@ -510,6 +510,15 @@ def resolve(args: argparse.Namespace, *classes: type, defaults: dict[type, dict]
     return out[0] if len(out) == 1 else out
 
 
+def given(args: argparse.Namespace, name: str) -> bool:
+    """Whether the user set field `name` (a flag, or the --config file flat or in a section), as opposed
+    to a default or preset: a value the user chose has to agree with what the script finds."""
+    if getattr(args, name, None) is not None:
+        return True
+    data = load_json(args.config) if getattr(args, "config", None) else {}
+    return name in data or any(isinstance(v, dict) and name in v for v in data.values())
+
+
 def parse(description: str, *classes: type, extra=None, argv=None, defaults: dict[type, dict] | None = None):
     """Standard script entry: parser from dataclasses (+ `extra(parser)` flags), then resolve.
     `defaults` are the script's own defaults (e.g. the dVAE's paper optimizer), below presets and flags."""

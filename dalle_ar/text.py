@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from dalle_ar.config import ConfigError
+
 UNK = "[UNK]"
 
 
@@ -29,22 +31,24 @@ def train_bpe(captions: Iterable[str], vocab_size: int = 16384, min_frequency: i
 
 
 class TextTokenizer:
-    """Fixed-length caption encoder with per-position pad tokens."""
+    """Fixed-length caption encoder with per-position pad tokens. Overlong captions are truncated and
+    counted (`num_truncated`, and as the note "long_caption" in `skips`, a data.shards.SkipCounter)."""
 
-    def __init__(self, tokenizer: Tokenizer, text_len: int):
+    def __init__(self, tokenizer: Tokenizer, text_len: int, skips=None):
         self.tokenizer = tokenizer
         self.text_len = text_len
         self.num_truncated = 0  # captions longer than text_len seen so far (counted, not fatal)
+        self.skips = skips
 
     @classmethod
-    def load(cls, path: str | Path, text_len: int) -> "TextTokenizer":
+    def load(cls, path: str | Path, text_len: int, skips=None) -> "TextTokenizer":
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: tokenizer not found; train one with `python train/train_tokenizer.py "
                                     f"--data <shards> --out {path.parent}` or pass --tokenizer <path/to/tokenizer.json>")
-        return cls(Tokenizer.from_file(str(path)), text_len)
+        return cls(Tokenizer.from_file(str(path)), text_len, skips)
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +71,14 @@ class TextTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         out = torch.arange(self.text_len).add(self.vocab_size).repeat(len(texts), 1)
-        for row, enc in enumerate(self.tokenizer.encode_batch([t.strip() for t in texts])):
+        # Lone surrogates (possible in a Python str, e.g. from surrogateescape) cannot cross into Rust: replace them.
+        clean = [t.encode("utf-8", "replace").decode("utf-8").strip() for t in texts]
+        for row, enc in enumerate(self.tokenizer.encode_batch(clean)):
             ids = enc.ids
             if len(ids) > self.text_len:
                 self.num_truncated += 1
+                if self.skips is not None:
+                    self.skips.note("long_caption")
                 ids = ids[: self.text_len]
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
@@ -81,3 +89,15 @@ class TextTokenizer:
             return [self.decode(row) for row in ids]
         keep = [i for i in ids.tolist() if i < self.vocab_size]
         return self.tokenizer.decode(keep).strip()
+
+
+def check_vocab(tokenizer: TextTokenizer, cfg, source: str) -> None:
+    """A DalleConfig and the tokenizer it is used with must agree on the BPE vocabulary and text_len:
+    another tokenizer's ids index the wrong (or no) rows of the text embedding."""
+    if tokenizer.vocab_size != cfg.text_vocab_size:
+        raise ConfigError(f"{source}: the model has a {cfg.text_vocab_size}-token BPE vocabulary (text_vocab_size) but "
+                          f"the tokenizer has {tokenizer.vocab_size}; use the tokenizer.json the model was trained with "
+                          f"(saved in its export directory)")
+    if tokenizer.text_len != cfg.text_len:
+        raise ConfigError(f"{source}: the model reads {cfg.text_len} text tokens (text_len) but the tokenizer pads to "
+                          f"{tokenizer.text_len}; load the tokenizer with text_len={cfg.text_len}")

@@ -523,18 +523,27 @@ def _read_shards(src: Iterator[dict], skips: SkipCounter, select=None, give_up: 
                             f"`python train/validate_shards.py {skips.source or 'DATA'}` to see what is wrong")
 
 
+def decode_sample(sample: dict, image_size: int, min_image_size: int = MIN_IMAGE_SIZE,
+                  max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, tuple[int, int], str]:
+    """An image-text sample {ext: bytes} -> (loaded image in its own mode, stored size, caption), or
+    SkipSample with the reason. Training (`image_text_dataset`) and `train/validate_shards.py` both
+    decide here, so validation reports exactly what training will skip."""
+    name = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
+    if name is None:
+        raise SkipSample("missing_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
+    if "txt" not in sample:
+        raise SkipSample("missing_caption")
+    text = decode_caption(sample["txt"])
+    image, size = open_image(sample[name], image_size, min_image_size, max_pixels)
+    return image, size, text
+
+
 def _image_text(src: Iterator[dict], skips: SkipCounter, image_size: int, uint8: bool, min_image_size: int,
                 max_pixels: int) -> Iterator[tuple[torch.Tensor, str, str]]:
     for sample in src:
         skips.saw()
         try:
-            name = next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
-            if name is None:
-                raise SkipSample("missing_image", f"members {sorted(k for k in sample if not k.startswith('__'))}")
-            if "txt" not in sample:
-                raise SkipSample("missing_caption")
-            text = decode_caption(sample["txt"])
-            image, _ = open_image(sample[name], image_size, min_image_size, max_pixels)
+            image, _, text = decode_sample(sample, image_size, min_image_size, max_pixels)
             pixels = image_to_uint8(image, image_size)
         except SkipSample as s:
             skips.skip(s.reason, sample["__url__"], sample["__key__"], s.detail)

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Check image shards before training: read every sample the way training does and report what is used,
+what is converted and what is skipped, by reason, per shard and in total.
+
+  python train/validate_shards.py data/laion --image_size 256 --tokenizer runs/tokenizer --json report.json
+
+Prints one line per problem (`SHARD KEY: reason (detail)`, the first --show of them), a table of skip
+reasons, the image modes and formats that get converted, image and caption size statistics, and with
+--tokenizer the captions longer than --text_len tokens (kept and truncated in training). Exits 1 when a
+shard is unreadable, truncated or empty, or more than --max_skip_fraction of the samples would be skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from functools import partial
+from multiprocessing import get_context
+
+import numpy as np
+from tqdm import tqdm
+
+from dalle_ar.config import DalleConfig, DVAEConfig, TrainConfig, run_cli, save_json
+from dalle_ar.data.shards import (IMAGE_MEMBERS, MAX_PIXELS, MIN_IMAGE_SIZE, NOTES, SHARD_REASONS, SKIP_REASONS,
+                                  SkipCounter, SkipSample, decode_sample, image_to_uint8, shard_samples, shard_urls)
+
+FORMAT_EXTS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "BMP": ("bmp",), "GIF": ("gif",),
+               "TIFF": ("tif", "tiff")}
+
+
+def validate_shard(url: str, image_size: int, min_image_size: int, max_pixels: int, tokenizer: str | None,
+                   text_len: int) -> dict:
+    """Everything about one shard, as plain data (it crosses process boundaries)."""
+    skips = SkipCounter(record=True, source=url)
+    modes, formats, wrong_ext = Counter(), Counter(), 0
+    widths, heights, chars, captions = [], [], [], []
+    ok = 0
+    for sample in shard_samples(url, skips):
+        skips.saw()
+        try:
+            image, (w, h), text = decode_sample(sample, image_size, min_image_size, max_pixels)
+            image_to_uint8(image, image_size)  # the conversion training does, so its failures show here too
+        except SkipSample as s:
+            skips.skip(s.reason, url, sample["__key__"], s.detail)
+            continue
+        except Exception as e:
+            skips.skip("other", url, sample["__key__"], f"{type(e).__name__}: {e}")
+            continue
+        ok += 1
+        ext = next(e for e in IMAGE_MEMBERS if e in sample)
+        modes[image.mode] += 1
+        formats[image.format or "?"] += 1
+        wrong_ext += ext not in FORMAT_EXTS.get(image.format, (ext,))
+        widths.append(w)
+        heights.append(h)
+        chars.append(len(text))
+        captions.append(text)
+    tokens = []
+    if tokenizer and captions:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(tokenizer)
+        tokens = [len(e.ids) for e in tok.encode_batch(captions)]
+        long = sum(n > text_len for n in tokens)
+        if long:
+            skips.note("long_caption", long)
+    return {"shard": url, "ok": ok, "seen": skips.seen, "skipped": skips.counts, "notes": skips.notes,
+            "modes": dict(modes), "formats": dict(formats), "wrong_extension": wrong_ext,
+            "upscaled": sum(min(w, h) < image_size for w, h in zip(widths, heights)),
+            "widths": widths, "heights": heights, "caption_chars": chars, "caption_tokens": tokens,
+            "problems": [list(p) for p in skips.problems]}
+
+
+def stats(values: list[int]) -> dict:
+    if not values:
+        return {}
+    a = np.asarray(values)
+    return {"min": int(a.min()), "median": float(np.median(a)), "mean": round(float(a.mean()), 1),
+            "p99": float(np.percentile(a, 99)), "max": int(a.max())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="image shard directory, glob or brace pattern (as --data in training)")
+    p.add_argument("--image_size", type=int, default=DVAEConfig.image_size,
+                   help=f"training image size S (default: {DVAEConfig.image_size})")
+    p.add_argument("--min_image_size", type=int, default=MIN_IMAGE_SIZE,
+                   help=f"short sides below this are skipped (default: {MIN_IMAGE_SIZE})")
+    p.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help=f"(default: {MAX_PIXELS})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory): count captions over --text_len")
+    p.add_argument("--text_len", type=int, default=DalleConfig.text_len, help=f"(default: {DalleConfig.text_len})")
+    p.add_argument("--max_skip_fraction", type=float, default=TrainConfig.max_skip_fraction,
+                   help=f"exit 1 above this skipped fraction (default: {TrainConfig.max_skip_fraction}, as in training)")
+    p.add_argument("--json", default=None, help="write the full report (every problem, per-shard details) here")
+    p.add_argument("--show", type=int, default=50, help="problem lines to print (default: 50)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes reading shards (default: min(8, CPU count))")
+    args = p.parse_args(argv)
+
+    tokenizer = args.tokenizer
+    if tokenizer and os.path.isdir(tokenizer):
+        tokenizer = os.path.join(tokenizer, "tokenizer.json")
+    if tokenizer and not os.path.exists(tokenizer):
+        raise FileNotFoundError(f"{tokenizer}: tokenizer not found; pass the tokenizer.json from train/train_tokenizer.py")
+    urls = shard_urls(args.data)
+    check = partial(validate_shard, image_size=args.image_size, min_image_size=args.min_image_size,
+                    max_pixels=args.max_pixels, tokenizer=tokenizer, text_len=args.text_len)
+    workers = max(1, min(args.num_workers, len(urls)))
+    reports = []
+    with tqdm(total=len(urls), desc="validate", unit="shard") as bar:
+        if workers == 1:
+            results = map(check, urls)
+        else:
+            pool = get_context("spawn").Pool(workers)  # spawn: no forked copies of the caller's threads
+            results = pool.imap(check, urls)
+        for report in results:
+            reports.append(report)
+            bar.update(1)
+            bar.set_postfix(ok=sum(r["ok"] for r in reports), skipped=sum(sum(r["skipped"].values()) for r in reports))
+        if workers > 1:
+            pool.close()
+
+    skipped, notes, modes, formats = Counter(), Counter(), Counter(), Counter()
+    for r in reports:
+        skipped.update(r["skipped"])
+        notes.update(r["notes"])
+        modes.update(r["modes"])
+        formats.update(r["formats"])
+    problems = [p for r in reports for p in r["problems"]]
+    seen, ok, total = sum(r["seen"] for r in reports), sum(r["ok"] for r in reports), sum(skipped.values())
+    every = lambda key: [v for r in reports for v in r[key]]  # noqa: E731
+    summary = {
+        "data": args.data, "shards": len(urls), "seen": seen, "ok": ok, "skipped": total,
+        "skipped_fraction": total / max(seen, 1), "skip_reasons": dict(skipped.most_common()),
+        "notes": dict(notes), "modes": dict(modes.most_common()), "formats": dict(formats.most_common()),
+        "wrong_extension": sum(r["wrong_extension"] for r in reports), "upscaled": sum(r["upscaled"] for r in reports),
+        "width": stats(every("widths")), "height": stats(every("heights")),
+        "caption_chars": stats(every("caption_chars")), "caption_tokens": stats(every("caption_tokens")),
+        "image_size": args.image_size, "text_len": args.text_len if tokenizer else None,
+    }
+    bad_shards = sorted({p[1] for p in problems if p[0] in SHARD_REASONS})
+    failed = bool(bad_shards) or summary["skipped_fraction"] > args.max_skip_fraction
+
+    for reason, shard, key, detail in problems[: args.show]:
+        print(f"{shard} {key}: {reason}" + (f" ({detail})" if detail else ""))
+    if len(problems) > args.show:
+        print(f"... {len(problems) - args.show} more problems" + (f" in {args.json}" if args.json else " (--json FILE lists all)"))
+    print(f"\n{len(urls)} shards, {seen} samples read: {ok} usable, {total} skipped "
+          f"({100 * summary['skipped_fraction']:.2f}%)")
+    for reason, n in skipped.most_common():
+        print(f"  {reason:<18} {n:>8}  {SKIP_REASONS[reason]}")
+    for name, n in notes.items():
+        print(f"  {name:<18} {n:>8}  {NOTES[name]} (text_len {args.text_len})")
+    converted = {m: n for m, n in modes.items() if m != "RGB"}
+    print(f"image modes: {dict(modes.most_common())}" + (f" ({sum(converted.values())} converted to RGB)" if converted else ""))
+    print(f"formats: {dict(formats.most_common())}; wrong extension: {summary['wrong_extension']}; "
+          f"upscaled (short side < {args.image_size}): {summary['upscaled']}")
+    for key in ("width", "height", "caption_chars", "caption_tokens"):
+        if summary[key]:
+            print(f"{key}: {summary[key]}")
+    if args.json:
+        per_shard = [{k: v for k, v in r.items() if k not in ("widths", "heights", "caption_chars", "caption_tokens")}
+                     for r in reports]
+        save_json(args.json, {"summary": summary, "shards": per_shard})
+        print(f"report -> {args.json}")
+    if failed:
+        why = ([f"{len(bad_shards)} shard(s) unreadable, truncated or empty"] if bad_shards else []) + \
+              ([f"{100 * summary['skipped_fraction']:.2f}% skipped > --max_skip_fraction {args.max_skip_fraction}"]
+               if summary["skipped_fraction"] > args.max_skip_fraction else [])
+        print(f"FAILED: {'; '.join(why)}")
+        return 1
+    print("OK")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: sys.exit(main()))
