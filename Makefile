@@ -42,7 +42,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m bench.bench_train --out bench/results/train_$$(hostname).json
+	$(PY) -m bench.train_throughput --out bench/results/train_throughput_$$(hostname).json
 	$(PY) -m bench.bench_sample --out bench/results/sample_$$(hostname).json
 	$(PY) -m bench.dvae_speed --out bench/results/dvae_speed_$$(hostname).json
 

@@ -351,7 +351,7 @@ class Trainer:
         if cfg.compile:  # in place: the module keeps its parameter names, so checkpoints don't change
             model.compile()
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), fused=torch.cuda.is_available())
+                                      betas=(cfg.beta1, cfg.beta2), fused=cfg.fused_adamw and torch.cuda.is_available())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, factor))
