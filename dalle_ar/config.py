@@ -219,6 +219,7 @@ class TrainConfig:
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples read was skipped as bad data
     max_nonfinite: int = 10          # NaN/Inf losses are skipped and counted; stop after this many in a row
     compile: bool = False            # torch.compile the model (in place: parameter names and checkpoints unchanged)
+    fused_adamw: bool = True         # torch's fused AdamW kernel on CUDA (one launch for all parameters)
 
     def __post_init__(self):
         if not 0.0 <= self.max_skip_fraction <= 1.0:
