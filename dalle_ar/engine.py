@@ -313,6 +313,8 @@ class Stopped(SystemExit):
     """Raised by `Trainer.fit` after a SIGTERM/SIGINT: the checkpoint is saved; exit status 0."""
 
 
+MIN_SEEN_FOR_SKIP_CHECK = 200  # a few bad samples at the start of a stream say little about the data
+
 COMPLETE = "complete"  # marker written into a checkpoint directory once every rank has written its part
 
 
@@ -551,9 +553,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                 samples_s=f"{rate:.1f}", **extra)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    data = {} if skips is None else {"data_seen": skips.seen, "data_skipped": skips.total}
                     self.log({"loss": value, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
-                              "nonfinite_skipped": self.nonfinite, **metrics})
+                              "nonfinite_skipped": self.nonfinite, **data, **metrics})
                     t0, seen = time.perf_counter(), 0
+                    if skips is not None:  # too much bad data: stop early with the reasons (DataError)
+                        skips.check(cfg.max_skip_fraction, min_seen=MIN_SEEN_FOR_SKIP_CHECK)
                 if on_step is not None:
                     on_step(self)
                 if any_rank(stop.received is not None, self.device):
@@ -567,14 +572,15 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
         bar.close()
+        if skips is not None:
+            skips.check(cfg.max_skip_fraction, min_seen=MIN_SEEN_FOR_SKIP_CHECK)
         final = f"step_{self.step:08d}"
         if final not in self.complete_checkpoints():
             self.save()
         export = self.export(final)
         if self.is_main and (skips is not None or self.nonfinite):
             print(f"{self.name}: done at step {self.step}; {self.nonfinite} non-finite micro-batches skipped"
-                  + (f"; bad data: {skips.summary() if hasattr(skips, 'summary') else skips.counts}" if skips is not None else ""),
-                  flush=True)
+                  + (f"; data: {skips.summary()}" if skips is not None else ""), flush=True)
         if self._wandb is not None:
             self._wandb.summary.update({"final_loss": ema, "steps": self.step})
             self._wandb.finish()

@@ -13,7 +13,7 @@ import torch
 
 from dalle_ar.clip import build_clip, clip_export_config, clip_tokenizer, contrastive_loss, export_files, normalize_images
 from dalle_ar.config import ClipConfig, TrainConfig, parse, run_cli
-from dalle_ar.data.shards import batches, image_text_dataset, infinite
+from dalle_ar.data.shards import SkipCounter, batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
 
 
@@ -24,7 +24,9 @@ def main(argv=None):
     tokenizer = clip_tokenizer(clip_cfg)
     trainer = Trainer(model, cfg, name="clip", export_config=clip_export_config(clip_cfg),
                       extra_files=export_files(clip_cfg, Path(cfg.out) / "open_clip"))
-    data = image_text_dataset(cfg.data, clip_cfg.image_size, resampled=True, shuffle=2000, seed=cfg.seed + rank())
+    skips = SkipCounter(source=cfg.data)
+    data = image_text_dataset(cfg.data, clip_cfg.image_size, resampled=True, shuffle=2000, seed=cfg.seed + rank(),
+                              skips=skips)
     stream = ((images, tokenizer(list(texts))) for images, texts, _ in
               infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False)))
 
@@ -32,7 +34,7 @@ def main(argv=None):
         images, tokens = batch
         return contrastive_loss(engine, normalize_images(trainer.module, images), tokens)
 
-    return trainer.fit(stream, loss_fn)
+    return trainer.fit(stream, loss_fn, skips=skips)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, given, parse, run_cli
-from dalle_ar.data.shards import batches, infinite, token_dataset
+from dalle_ar.data.shards import SkipCounter, batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.model import DalleTransformer
 from dalle_ar.text import TextTokenizer, check_vocab
@@ -39,11 +39,11 @@ def check_tokens(data: str, cfg: DalleConfig) -> dict:
     return meta
 
 
-def token_batches(cfg: TrainConfig):
+def token_batches(cfg: TrainConfig, skips: SkipCounter | None = None):
     """The training stream: endless batches of (codes, captions, keys). Shards are resampled with a sampler
     seeded by (seed, rank, DataLoader worker), so every rank reads its own samples and the same command
     reads the same stream again (resume fast-forwards it)."""
-    data = token_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank())
+    data = token_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank(), skips=skips)
     return infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False))
 
 
@@ -59,13 +59,14 @@ def main(argv=None):
     trainer = Trainer(DalleTransformer(model_cfg), cfg, name="dalle",
                       export_config={"kind": "dalle", "model": asdict(model_cfg), "dvae": meta.get("dvae")},
                       extra_files={"tokenizer.json": tok_file})
-    stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg))
+    skips = SkipCounter(source=cfg.data)
+    stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg, skips))
 
     def loss_fn(engine, batch, step):
         text, codes = batch
         return trainer.module.loss(text, codes, forward=engine)  # caption dropout lives in the model's loss
 
-    return trainer.fit(stream, loss_fn)
+    return trainer.fit(stream, loss_fn, skips=skips)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 
 from dalle_ar.config import ConfigError, DVAEConfig, DVAELossConfig, TrainConfig, parse, run_cli, save_json
 from dalle_ar.data import synthetic
-from dalle_ar.data.shards import batches, image_text_dataset, infinite
+from dalle_ar.data.shards import SkipCounter, batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.report import save_grid
 from dvae import DiscreteVAE
@@ -42,7 +42,9 @@ def main(argv=None):
     model = DiscreteVAE(model_cfg)
     trainer = Trainer(model, cfg, name="dvae", lr_decay_steps=schedule.lr_anneal_steps,
                       export_config={"kind": "dvae", "dvae": asdict(model_cfg), "loss": asdict(loss_cfg)})
-    data = image_text_dataset(cfg.data, model_cfg.image_size, resampled=True, shuffle=1000, seed=cfg.seed + rank())
+    skips = SkipCounter(source=cfg.data)
+    data = image_text_dataset(cfg.data, model_cfg.image_size, resampled=True, shuffle=1000, seed=cfg.seed + rank(),
+                              skips=skips)
     stream = infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False))
     fixed = next(iter(batches(image_text_dataset(cfg.data, model_cfg.image_size), 16)))[0]
 
@@ -54,7 +56,8 @@ def main(argv=None):
             path = reconstruction_grid(t.module, fixed, t.out / "samples" / f"recon_{t.step:08d}.png")
             t.log_image("reconstructions", path)
 
-    export = trainer.fit((b[:1] for b in stream), loss_fn, on_step=on_step, show=("tau", "codes_used", "recon_mse"))
+    export = trainer.fit((b[:1] for b in stream), loss_fn, on_step=on_step, show=("tau", "codes_used", "recon_mse"),
+                         skips=skips)
     if trainer.is_main:
         report(export, cfg, model_cfg)
     return export
