@@ -78,8 +78,8 @@ def stats(values: list[int]) -> dict:
     if not values:
         return {}
     a = np.asarray(values)
-    return {"min": int(a.min()), "median": float(np.median(a)), "mean": round(float(a.mean()), 1),
-            "p99": float(np.percentile(a, 99)), "max": int(a.max())}
+    return {"min": int(a.min()), "median": round(float(np.median(a)), 1), "mean": round(float(a.mean()), 1),
+            "p99": round(float(np.percentile(a, 99)), 1), "max": int(a.max())}
 
 
 def main(argv=None) -> int:

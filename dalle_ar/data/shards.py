@@ -392,6 +392,8 @@ def open_image(data: bytes, image_size: int, min_size: int = MIN_IMAGE_SIZE,
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise SkipSample("image_too_large", str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise SkipSample("corrupt_image", f"not an image format PIL reads (starts {data[:8]!r})") from None
     except Exception as e:
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     size = image.size
