@@ -383,9 +383,10 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> str:
-        """Save on all ranks, atomically: each rank writes its files into `step_N/`, then rank 0 marks the
-        directory complete and only then points `latest` at it (temp file + rename). A crash at any point
-        leaves the previous complete checkpoint as the one that resume picks."""
+        """Save on all ranks, atomically: each rank writes its files into `step_N/`, rank 0 writes the
+        consolidated weights to `step_N/export/` (config.json + model.safetensors, like `<out>/export`),
+        marks the directory complete and only then points `latest` at it (temp file + rename). A crash at
+        any point leaves the previous complete checkpoint as the one that resume picks."""
         tag = f"step_{self.step:08d}"
         state = {"step": self.step, "consumed": self.consumed, "nonfinite": self.nonfinite, "rng": rng_state()}
         if self.ema is not None:
@@ -398,7 +399,9 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
         fault_point(f"save:{self.step}")
         barrier()
-        if self.is_main:
+        if self.is_main:  # consolidated fp32 weights beside the shards: sampling loads them without DeepSpeed
+            save_pretrained(self.consolidated_state_dict(tag), self.ckpt_dir / tag / "export", self.export_config,
+                            self.extra_files)
             (self.ckpt_dir / tag / COMPLETE).write_text(json.dumps({"step": self.step, "world_size": world_size()}))
             tmp = self.ckpt_dir / "latest.tmp"
             tmp.write_text(tag)

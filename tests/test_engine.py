@@ -58,6 +58,9 @@ def test_zero_stage_trains_and_resumes_step_exact(tmp_path, stage):
     with pytest.raises(Crash):
         train(tmp_path / "b", steps=8, stage=stage, save_every=2, on_step=crash_at(5))
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    # every checkpoint carries consolidated weights that load without DeepSpeed (ZeRO-3: gathered shards)
+    mid = weights(tmp_path / "b" / "checkpoints" / "step_00000004" / "export")
+    assert mid.keys() == DalleTransformer(MODEL).state_dict().keys()
     resumed, export = train(tmp_path / "b", steps=8, stage=stage, save_every=2)
     assert resumed.step == 8
     a, b = weights(straight), weights(export)
