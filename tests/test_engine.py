@@ -5,7 +5,7 @@ import torch
 
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, preset
-from dalle_ar.engine import Trainer, build_ds_config
+from dalle_ar.engine import Trainer, build_ds_config, param_groups
 from dalle_ar.model import DalleTransformer
 
 MODEL = preset(DalleConfig, "tiny", dim=32, depth=2, heads=2, text_vocab_size=40, text_len=8, image_fmap_size=4,
@@ -199,3 +199,16 @@ def test_plateau_schedule_through_the_engine_halves_lr_and_resumes(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="lr_schedule"):
         train(tmp_path / "c", steps=1, stage=0, lr_schedule="step")
+
+
+def test_weight_decay_skips_embeddings_norms_and_biases():
+    model = DalleTransformer(MODEL)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "blocks.0.attn.qkv.weight" in decayed or any(n.startswith("blocks.0.attn") for n in decayed)
+    assert "blocks.0.mlp.fc.weight" in decayed and "to_image_logits.weight" in decayed
+    assert not any("emb" in n or "image_row" in n or "text_pos" in n or "ln" in n or n.endswith("bias") or n == "bos"
+                   for n in decayed), decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
