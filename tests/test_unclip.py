@@ -1,0 +1,325 @@
+"""unCLIP: the diffusion core against closed-form answers, the prior and decoder learn, the scripts run on
+tiny data (precompute resumes, the prior's sampled embeddings move towards the true ones, exports hold
+the EMA weights), and the pipeline generates and edits images deterministically."""
+
+import json
+import runpy
+import shutil
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+
+from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar.clip import ClipScorer, build_clip, clip_export_config, export_files
+from dalle_ar.config import ClipConfig, DiffusionConfig, PriorConfig, UnetConfig
+from dalle_ar.data import shards
+from dalle_ar.data.embeddings import embedding_dataset
+from dalle_ar.text import TextTokenizer, train_bpe
+from dalle_ar.unclip.decoder import UnetDecoder, build_decoder
+from dalle_ar.unclip.diffusion import GaussianDiffusion, alphas_cumprod, conditional, guided
+from dalle_ar.unclip.pipeline import UnclipPipeline, slerp
+from dalle_ar.unclip.prior import DiffusionPrior
+
+precompute = runpy.run_path(str(ROOT / "train/precompute_clip.py"))["main"]
+train_prior = runpy.run_path(str(ROOT / "train/train_prior.py"))["main"]
+train_decoder = runpy.run_path(str(ROOT / "train/train_decoder.py"))["main"]
+unclip_edit = runpy.run_path(str(ROOT / "sample/unclip_edit.py"))["main"]
+
+CLIP = ClipConfig(image_size=64, embed_dim=32, vision_layers=1, vision_width=64, patch_size=16, context_length=16,
+                  text_width=32, text_heads=2, text_layers=1)
+PRIOR = PriorConfig(embed_dim=32, text_len=12, text_vocab_size=64, dim=64, depth=2, heads=4)
+UNET = UnetConfig(image_size=16, channels=16, channel_mult="1,2", num_res_blocks=1, attention_resolutions="8",
+                  head_channels=16, embed_dim=32)
+QUIET = ["--wandb", "disabled", "--progress", "false", "--zero_stage", "0"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the diffusion core
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedules_decrease_from_one_to_nearly_zero(schedule):
+    acp = alphas_cumprod(schedule, 1000)
+    assert (acp[1:] < acp[:-1]).all() and acp[0] > 0.999 and acp[-1] < 1e-3 and acp[-1] > 0
+    if schedule == "cosine":  # improved DDPM: abar_t = cos^2(((t/T + s)/(1 + s)) pi/2) / f(0)
+        s, t = 0.008, 500
+        f = lambda u: torch.cos(torch.tensor((u + s) / (1 + s) * torch.pi / 2, dtype=torch.float64)) ** 2  # noqa: E731
+        assert acp[t - 1].item() == pytest.approx((f(t / 1000) / f(0)).item(), rel=1e-6)
+
+
+def test_q_sample_has_the_forward_process_moments():
+    d = GaussianDiffusion.from_config("cosine", 1000, "eps")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000, 1), 0.7)
+    for step in (10, 500, 900):
+        t = torch.full((len(x0),), step)
+        x = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        a = d.alphas_cumprod[step].item()
+        assert x.mean().item() == pytest.approx(a ** 0.5 * 0.7, abs=0.02)
+        assert x.std().item() == pytest.approx((1 - a) ** 0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_each_target_converts_back_to_x0_and_eps(target):
+    d = GaussianDiffusion.from_config("linear", 1000, target)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    x_t = d.q_sample(x0, t, noise)
+    x0_back, eps_back = d.x0_eps(d.target_of(x0, noise, t), x_t, t)
+    assert torch.allclose(x0_back, x0, atol=1e-4) and torch.allclose(eps_back, noise, atol=1e-4)
+
+
+def gaussian_denoiser(d: GaussianDiffusion, mu: float, sigma: float):
+    """The exact E[x0 | x_t] for data x0 ~ N(mu, sigma^2), as a network predicting d.target would."""
+    def denoise(x, t):
+        i = torch.searchsorted(d.timestep_map, t)  # the model sees original timesteps
+        a = d.alphas_cumprod[i].float().view(-1, *[1] * (x.ndim - 1))
+        x0 = mu + a.sqrt() * sigma ** 2 / (a * sigma ** 2 + 1 - a) * (x - a.sqrt() * mu)
+        return d.target_of(x0, (x - a.sqrt() * x0) / (1 - a).sqrt(), i)
+    return denoise
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v"])
+def test_samplers_recover_the_data_distribution(target):
+    """With the exact denoiser for N(mu, sigma^2) data, DDPM and DDIM (eta 0 and 1) samples on a respaced
+    schedule have the data's mean and standard deviation."""
+    d = GaussianDiffusion.from_config("cosine", 1000, target).respace(50)
+    denoise = gaussian_denoiser(d, mu=1.5, sigma=0.5)
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)):
+        x = d.sample(denoise, (5000, 1), sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(0))
+        assert x.mean().item() == pytest.approx(1.5, abs=0.04), (sampler, eta)  # standard error ~0.007
+        assert x.std().item() == pytest.approx(0.5, abs=0.04), (sampler, eta)
+
+
+def test_ddim_with_eta_one_on_all_steps_is_ddpm():
+    """DDIM's eta = 1 variance is DDPM's posterior variance and its mean the posterior mean: with the same
+    generator both walk the same path (a network-like denoiser, x0 clipping on)."""
+    d = GaussianDiffusion.from_config("cosine", 200, "eps", clip_x0=1.0)
+    w = torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 0.3
+    denoise = lambda x, t: torch.tanh(x @ w) + 1e-3 * t[:, None]  # noqa: E731
+    a = d.ddpm_sample(denoise, (16, 6), generator=torch.Generator().manual_seed(3))
+    b = d.ddim_sample(denoise, (16, 6), eta=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    c = d.ddim_sample(denoise, (16, 6), eta=0.0, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(a, c, atol=1e-2)  # and eta = 0 is a different (deterministic) sampler
+
+
+def test_ddim_eta0_is_deterministic_and_inverts():
+    d = GaussianDiffusion.from_config("cosine", 1000, "eps").respace(250)
+    denoise = gaussian_denoiser(d, mu=0.3, sigma=0.4)
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    x1 = d.ddim_sample(denoise, noise.shape, noise=noise, generator=torch.Generator().manual_seed(1))
+    x2 = d.ddim_sample(denoise, noise.shape, noise=noise, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(x1, x2)  # eta 0: the generator is never used beyond the start noise
+    back = d.ddim_sample(denoise, noise.shape, noise=d.ddim_invert(denoise, x1))
+    # inversion is first order in the step size: ~1/250 of the data scale here (measured 0.004 mean, 0.02 max)
+    assert (back - x1).abs().mean() < 0.01 and torch.allclose(back, x1, atol=0.04), (back - x1).abs().max()
+
+
+def test_seeded_sampling_is_reproducible():
+    d = GaussianDiffusion.from_config("linear", 100, "v").respace(10)
+    denoise = gaussian_denoiser(d, 0.0, 1.0)
+    run = lambda seed: d.ddpm_sample(denoise, (4, 3), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
+
+
+@pytest.mark.parametrize("kind", ["prior", "decoder"])
+def test_guidance_scale_one_is_the_conditional_output(kind):
+    torch.manual_seed(0)
+    if kind == "prior":
+        model, x = DiffusionPrior(PRIOR, DiffusionConfig(target="x0")).eval(), torch.randn(3, 32)
+        cond = {"text": torch.randint(0, 64, (3, 12)), "text_embed": F.normalize(torch.randn(3, 32), dim=-1)}
+        with torch.no_grad():  # a trained model's null condition differs from zero: make it matter here
+            model.null_text_embed.normal_()
+    else:
+        model, x = UnetDecoder(UNET, DiffusionConfig()).eval(), torch.randn(3, 3, 16, 16)
+        cond = {"image_embed": F.normalize(torch.randn(3, 32), dim=-1)}
+        with torch.no_grad():
+            model.null_image_embed.normal_()
+            for p in model.parameters():  # zero-initialised output layers would hide any difference
+                p.add_(torch.randn_like(p) * 0.05)
+    t = torch.tensor([3, 400, 999])
+    with torch.no_grad():
+        c = conditional(model, cond)(x, t)
+        u = model(x, t, cond, torch.ones(3, dtype=torch.bool))
+        assert (c - u).abs().max() > 1e-3
+        assert torch.allclose(guided(model, cond, 1.0)(x, t), c, atol=1e-5)
+        assert torch.allclose(guided(model, cond, 3.0)(x, t), u + 3 * (c - u), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the models learn
+# ------------------------------------------------------------------------------------------------
+
+def test_prior_overfits_a_handful_of_embeddings():
+    torch.manual_seed(0)
+    model = DiffusionPrior(PriorConfig(**{**asdict(PRIOR), "text_drop_prob": 0.0}), DiffusionConfig(target="x0"))
+    text = torch.randint(0, 64, (4, 12))
+    text_embed, image_embed = F.normalize(torch.randn(4, 32), dim=-1), F.normalize(torch.randn(4, 32), dim=-1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        loss, _ = model.loss(text.repeat(4, 1), text_embed.repeat(4, 1), image_embed.repeat(4, 1), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    z = model.sample(text, text_embed, steps=16, generator=torch.Generator().manual_seed(0))
+    cos = F.cosine_similarity(z, image_embed, dim=-1)
+    assert cos.min() > 0.9, cos  # the random image embeddings are near-orthogonal to each other
+    assert torch.allclose(z.norm(dim=-1), torch.ones(4))
+
+
+def test_decoder_overfits_a_few_images():
+    torch.manual_seed(0)
+    model = UnetDecoder(UnetConfig(**{**asdict(UNET), "image_embed_drop": 0.0}), DiffusionConfig())
+    images = torch.zeros(2, 3, 16, 16)
+    images[0, 0, 4:12, 4:12] = 1  # a red square
+    images[1, 2, :, 8:] = 1       # a blue half
+    embeds = F.normalize(torch.randn(2, 32), dim=-1)
+
+    def fixed_loss():
+        with torch.no_grad():
+            return model.loss(images.repeat(16, 1, 1, 1), embeds.repeat(16, 1), generator=torch.Generator().manual_seed(9))[0].item()
+
+    before = fixed_loss()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        loss, _ = model.loss(images.repeat(4, 1, 1, 1), embeds.repeat(4, 1), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    assert after < 0.35 * before, (before, after)  # measured: 0.17 after 30 steps
+
+
+def test_upsampler_conditions_on_a_blurred_low_res_image():
+    model = UnetDecoder(UnetConfig(**{**asdict(UNET), "image_size": 16, "low_res_size": 8, "embed_dim": 0}), DiffusionConfig())
+    images = torch.rand(2, 3, 16, 16)
+    low = model.low_res_condition(images, torch.Generator().manual_seed(0))
+    sharp = model.low_res_condition(images, blur=False)
+    assert low.shape == (2, 3, 8, 8) and not torch.allclose(low, sharp) and low.std() < sharp.std()
+    loss, _ = model.loss(images)
+    loss.backward()
+    out = model.sample(low_res=torch.rand(2, 3, 8, 8), steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
+
+
+def test_slerp_endpoints_and_unit_norm():
+    a, b = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    assert torch.allclose(slerp(a, b, 0.3).norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# scripts on tiny data: precompute -> train_prior / train_decoder -> pipeline
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(shapes_shards, tmp_path_factory):
+    """An (untrained) tiny CLIP export, a BPE tokenizer and the shards' embeddings."""
+    d = tmp_path_factory.mktemp("unclip")
+    torch.manual_seed(0)
+    clip = save_pretrained(build_clip(CLIP), d / "clip", clip_export_config(CLIP), export_files(CLIP, d / "oc"))
+    tok = TextTokenizer(train_bpe(shards.captions(str(shapes_shards)), vocab_size=300), 12)
+    tok.save(d / "tokenizer" / "tokenizer.json")
+    precompute(["--clip", str(clip), "--data", str(shapes_shards), "--out", str(d / "emb"), "--num_workers", "0",
+                "--batch_size", "64"])
+    return {"dir": d, "clip": clip, "tokenizer": d / "tokenizer", "emb": d / "emb", "shards": shapes_shards}
+
+
+def test_precompute_writes_clip_embeddings_and_resumes(world, tmp_path, capsys):
+    meta = json.loads((world["emb"] / "meta.json").read_text())
+    assert meta["num_samples"] == 300 and meta["embed_dim"] == 32 and meta["num_shards"] == 3
+    zi, zt, captions, keys = next(iter(embedding_dataset(str(world["emb"])).batched(5)))
+    images, captions2, keys2 = next(iter(shards.image_text_dataset(str(world["shards"]), 64).batched(5)))
+    scorer = ClipScorer.load(str(world["clip"]))
+    assert list(keys) == list(keys2) and list(captions) == list(captions2)
+    assert torch.allclose(zi, scorer.encode_images(images), atol=1e-5)
+    assert torch.allclose(zt, scorer.encode_texts(captions), atol=1e-5)
+    # a crash after the first shard: only the other two are computed again, to identical bytes
+    out = tmp_path / "emb"
+    shutil.copytree(world["emb"], out)
+    for name in ("000001", "000002"):
+        (out / f"{name}.tar").unlink()
+        (out / "progress" / f"{name}.json").unlink()
+    capsys.readouterr()
+    precompute(["--clip", str(world["clip"]), "--data", str(world["shards"]), "--out", str(out), "--num_workers", "0"])
+    assert "1 of 3 shards already embedded" in capsys.readouterr().out
+    for name in ("000000", "000001", "000002"):
+        assert (out / f"{name}.tar").read_bytes() == (world["emb"] / f"{name}.tar").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def prior_run(world):
+    out = world["dir"] / "prior"
+    train_prior(["--data", str(world["emb"]), "--tokenizer", str(world["tokenizer"]), "--out", str(out),
+                 "--steps", "40", "--batch_size", "32", "--lr", "2e-3", "--warmup_steps", "5", "--ema_decay", "0.9",
+                 "--dim", "64", "--depth", "2", "--text_len", "12", "--sample_every", "20", "--eval_samples", "32",
+                 "--eval_steps", "8", *QUIET])
+    return out
+
+
+def test_prior_script_moves_sampled_embeddings_towards_the_true_ones(prior_run):
+    ev = json.loads((prior_run / "eval.json").read_text())
+    start, end = ev["history"][0]["cosine"], ev["export_cosine"]
+    assert [h["step"] for h in ev["history"]] == [0, 20]
+    assert end > start + 0.3 and end > 0.6, ev
+    config = json.loads((prior_run / "export" / "config.json").read_text())
+    assert config["prior"]["embed_scale"] == pytest.approx(32 ** 0.5)  # the scale travels with the weights
+
+
+def test_export_holds_the_ema_weights(prior_run):
+    """Sampling loads <out>/export: the EMA average from the checkpoint, not the last raw weights."""
+    exported, _ = load_pretrained(prior_run / "export", lambda c: DiffusionPrior(PriorConfig(**c["prior"]),
+                                                                                 DiffusionConfig(**c["diffusion"])))
+    tag = (prior_run / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(prior_run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
+    raw, ema = state["module"], state["ema"]
+    name = "out.weight"
+    assert torch.equal(exported.state_dict()[name], ema[name].float())
+    assert not torch.allclose(ema[name].float(), raw[name].float())
+
+
+@pytest.fixture(scope="module")
+def decoder_run(world):
+    out = world["dir"] / "decoder"
+    train_decoder(["--data", str(world["shards"]), "--embeddings", str(world["emb"]), "--out", str(out),
+                   "--steps", "3", "--batch_size", "4", "--image_size", "16", "--channels", "16", "--channel_mult", "1,2",
+                   "--num_res_blocks", "1", "--use_caption", "true", "--tokenizer", str(world["tokenizer"]),
+                   "--text_len", "12", "--sample_steps", "2", "--num_samples", "2", *QUIET])
+    return out
+
+
+def test_decoder_script_exports_and_writes_sample_grids(decoder_run):
+    config = json.loads((decoder_run / "export" / "config.json").read_text())
+    assert config["unet"]["embed_dim"] == 32 and config["unet"]["use_caption"] and config["stage"] == "base"
+    assert (decoder_run / "export" / "tokenizer.json").exists()
+    assert (decoder_run / "samples" / "step_00000003.png").exists()
+
+
+def test_pipeline_generates_and_edits_deterministically(world, prior_run, decoder_run, tmp_path):
+    up_cfg = UnetConfig(**{**asdict(UNET), "image_size": 32, "low_res_size": 16, "embed_dim": 0})
+    upsampler = UnetDecoder(up_cfg, DiffusionConfig())
+    save_pretrained(upsampler, tmp_path / "up", upsampler.export_config(stage="upsampler"))
+    pipe = UnclipPipeline.load(prior_run / "export", decoder_run / "export", device="cpu", upsampler_dir=tmp_path / "up")
+    kw = dict(seed=3, prior_steps=4, decoder_steps=3, prior_guidance=2.0, decoder_guidance=3.0, batch_size=3)
+    a = pipe.generate(["a red circle", "a blue square"], 2, **kw)
+    assert a.shape == (2, 2, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, pipe.generate(["a red circle", "a blue square"], 2, **kw))
+    assert not torch.equal(a, pipe.generate(["a red circle", "a blue square"], 2, **{**kw, "seed": 4}))
+    base = ["--prior", str(prior_run / "export"), "--decoder", str(decoder_run / "export"), "--out", str(tmp_path / "e"),
+            "--decoder_steps", "2"]
+    unclip_edit([*base, "variations", "--synthetic", "0", "--n", "2"])
+    unclip_edit([*base, "interpolate", "--synthetic", "0", "--synthetic", "1", "--steps", "2"])
+    unclip_edit([*base, "text_diff", "--synthetic", "0", "--from", "a red circle", "--to", "a blue circle", "--steps", "2"])
+    for op, n in (("variations", 2), ("interpolate", 2), ("text_diff", 2)):
+        assert (tmp_path / "e" / f"{op}.png").exists()
+        assert len(json.loads((tmp_path / "e" / f"{op}.json").read_text())["cosine_to_input"]) == n
+    with pytest.raises(FileNotFoundError, match="interpolate takes 2"):
+        unclip_edit([*base, "interpolate", "--synthetic", "0"])
