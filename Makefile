@@ -43,7 +43,7 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.train_throughput --out bench/results/train_throughput_$$(hostname).json
-	$(PY) -m bench.bench_sample --out bench/results/sample_$$(hostname).json
+	$(PY) -m bench.sample_speed --out bench/results/sample_speed_$$(hostname).json
 	$(PY) -m bench.dvae_speed --out bench/results/dvae_speed_$$(hostname).json
 
 clean:

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, run_script
 
@@ -40,15 +41,71 @@ def test_every_stage_writes_its_outputs(pipeline):
 
 def test_generate_writes_grid_and_scores(pipeline):
     d = pipeline
+    (d / "prompts.txt").write_text("a photo of a cat\n\n")
     run_script("sample/generate.py", "--dalle", str(d / "dalle/export"), "--clip", str(d / "clip/export"),
-               "--synthetic_prompts", "2", "--prompt", "a photo of a cat", "--num_candidates", "4", "--top_k_rerank", "2",
-               "--out", str(d / "samples"))
+               "--synthetic_prompts", "2", "--prompts_file", str(d / "prompts.txt"), "--num_candidates", "4",
+               "--top_k_rerank", "2", "--out", str(d / "samples"))
     report = json.loads((d / "samples/scores.json").read_text())
     assert report["summary"]["num_prompts"] == 3 and len(report["prompts"]) == 3
-    assert all(len(p["clip_scores"]) == 4 and len(p["top"]) == 2 for p in report["prompts"])
-    assert "check" not in report["prompts"][0] and len(report["prompts"][1]["check"]) == 4  # the cat is not checkable
+    for p in report["prompts"]:
+        assert len(p["clip_cosine"]) == 4 and len(p["top"]) == 2 and p["seed"] == 0
+        assert p["clip_score"] == [round(100 * max(c, 0), 3) for c in p["clip_cosine"]]
+        assert p["order"][:2] == p["top"] and sorted(p["order"]) == [0, 1, 2, 3]
+        assert [p["clip_cosine"][i] for i in p["order"]] == sorted(p["clip_cosine"], reverse=True)
+    assert "check" not in report["prompts"][0] and len(report["prompts"][1]["check"]) == 4  # the cat (from the file) is not checkable
     assert 0.0 <= report["summary"]["caption_accuracy_reranked"] <= 1.0
+    assert {"caption_accuracy_all", "seconds_per_image", "device"} <= set(report["summary"])
+    assert report["settings"]["backend"] == "ar" and report["settings"]["cond_scale"] == 1.0
     assert (d / "samples/grid.png").stat().st_size > 0 and (d / "samples/candidates.png").exists()
+    for i in range(3):
+        assert {f.name for f in (d / f"samples/prompts/{i:03d}").iterdir()} == {"grid.png", "rank_00.png", "rank_01.png"}
+
+
+def test_generate_guided_primed_and_ranked_by_likelihood(pipeline):
+    """--cond-scale, --prime-image/--prime-rows and --rank-by likelihood together; the prime's top rows survive."""
+    from PIL import Image
+
+    from dalle_ar.data import synthetic
+
+    d = pipeline
+    image, _ = synthetic.make_example(0, seed=99)
+    image.save(d / "prime.png")
+    out = d / "primed"
+    run_script("sample/generate.py", "--dalle", str(d / "dalle/export"), "--prompt", "a large red circle on the left",
+               "--num-candidates", "3", "--top-k-rerank", "3", "--cond-scale", "2", "--prime-image", str(d / "prime.png"),
+               "--prime-rows", "4", "--rank-by", "likelihood", "--seed", "3", "--out", str(out))
+    report = json.loads((out / "scores.json").read_text())
+    row = report["prompts"][0]
+    assert report["summary"]["rank_by"] == "likelihood" and report["settings"]["prime_rows"] == 4
+    assert len(row["likelihood"]) == 3 and all(x < 0 for x in row["likelihood"]) and "clip_cosine" not in row
+    assert [row["likelihood"][i] for i in row["order"]] == sorted(row["likelihood"], reverse=True)
+    # the top 4 code rows are the prime's: the first pixel rows (inside the decoder's reach of them) agree
+    tops = [np.asarray(Image.open(out / f"prompts/000/rank_{r:02d}.png"))[:10] for r in range(3)]
+    assert all(np.array_equal(tops[0], t) for t in tops[1:])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--prime-image", "missing.png", "--prime-rows", "2"], "missing.png: prime/inpaint image not found"),
+    (["--prime-image", "{prime}", "--prime-rows", "9"], "prime rows 9 outside the 8x8 code grid"),
+    (["--clip-model", "ViT-B-32", "--clip-checkpoint", "nowhere.pt"], "nowhere.pt: CLIP checkpoint not found"),
+    (["--clip-model", "NoSuchNet", "--clip-checkpoint", "{prime}"], "unknown open_clip architecture 'NoSuchNet'"),
+    (["--inpaint-border", "2"], "--inpaint-border needs an input image"),
+])
+def test_generate_bad_inputs_are_one_line_errors(pipeline, flags, message):
+    import subprocess
+
+    from conftest import script_env
+
+    d = pipeline
+    if not (d / "prime.png").exists():
+        from dalle_ar.data import synthetic
+        synthetic.make_example(0, seed=99)[0].save(d / "prime.png")
+    flags = [f.format(prime=d / "prime.png") for f in flags]
+    proc = subprocess.run([sys.executable, "sample/generate.py", "--dalle", str(d / "dalle/export"), "--prompt", "x",
+                           "--num-candidates", "2", "--top-k-rerank", "1", "--out", str(d / "bad_samples"), *flags],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1000:]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Caption accuracy on held-out shapes-world prompts (synthetic.check on the pixels) for: no rerank,
+CLIP top-1 of 8 and of 32, likelihood top-1 of 8 and of 32 -- with and without classifier-free guidance.
+
+  python -m bench.rerank_accuracy --dalle outputs/cfg_dalle/export --clip outputs/demo/runs/clip/export \\
+      --prompts 64 --candidates 32 --cond-scales 1,3 --out bench/results/rerank_accuracy_tiny_cpu.json
+
+Each prompt gets `--candidates` samples per guidance scale; "top-1 of n" ranks the first n of them, "no
+rerank" is the mean over all candidates (the accuracy of an unranked pick). Prints one JSON object with
+a markdown table under "table".
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bench.common import emit
+from dalle_ar.clip import ClipScorer
+from dalle_ar.data import synthetic
+from dalle_ar.report import device_name
+from dalle_ar.sampling import generate_codes, log_likelihood
+from sample.generate import load_dalle, load_dvae
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dalle", required=True, help="transformer export (trained with --null_cond_prob > 0 for guidance)")
+    p.add_argument("--dvae", default=None, help="dVAE export (default: the transformer's)")
+    p.add_argument("--clip", required=True, help="CLIP export directory or ARCH:/local/weights")
+    p.add_argument("--prompts", type=int, default=64, help="held-out shapes-world prompts")
+    p.add_argument("--synthetic_seed", type=int, default=12345, help="world seed of the prompts (not a training seed)")
+    p.add_argument("--candidates", type=int, default=32)
+    p.add_argument("--top-of", "--top_of", dest="top_of", default="8,32", help="rerank pools (first n candidates)")
+    p.add_argument("--cond-scales", "--cond_scales", dest="cond_scales", default="1,3")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    pools = [int(n) for n in args.top_of.split(",")]
+    if max(pools) > args.candidates:
+        p.error(f"--top-of {args.top_of}: pools larger than --candidates {args.candidates}")
+
+    model, tok, dalle_cfg = load_dalle(args.dalle, args.device)
+    dvae = load_dvae(args.dvae or dalle_cfg["dvae"], args.device)
+    scorer = ClipScorer.load(args.clip, args.device)
+    prompts = [synthetic.make_example(i, seed=args.synthetic_seed)[1] for i in range(args.prompts)]
+    N = args.candidates
+    results, start = {}, time.perf_counter()
+    for scale in (float(s) for s in args.cond_scales.split(",")):
+        text = tok.encode(prompts).to(args.device).repeat_interleave(N, dim=0)
+        gen = torch.Generator(device=args.device).manual_seed(args.seed)
+        codes = []
+        rows = args.batch_size // (2 if scale != 1 else 1)
+        for chunk in tqdm(text.split(rows), desc=f"cond_scale {scale:g}"):
+            codes.append(generate_codes(model, chunk, temperature=args.temperature, top_k=args.top_k, generator=gen,
+                                        cond_scale=scale))
+        codes = torch.cat(codes)
+        images = torch.cat([dvae.decode(c).float().cpu() for c in codes.split(args.batch_size)])
+        ll = log_likelihood(model, text, codes, args.batch_size).cpu().view(len(prompts), N)
+        images = images.view(len(prompts), N, *images.shape[1:])
+        passed, cos = [], []
+        for prompt, cands in zip(prompts, images):
+            passed.append(synthetic.check_batch(cands, [prompt] * N))
+            cos.append(scorer.scores(cands, [prompt])[:, 0].cpu())
+        passed, cos = torch.tensor(passed, dtype=torch.float), torch.stack(cos)
+        row = {"no_rerank": round(float(passed.mean()), 4)}
+        for n in pools:
+            for name, score in (("clip", cos), ("likelihood", ll)):
+                best = score[:, :n].argmax(1)
+                row[f"{name}_top1_of_{n}"] = round(float(passed[torch.arange(len(prompts)), best].mean()), 4)
+        results[f"cond_scale={scale:g}"] = row
+
+    columns = list(next(iter(results.values())))
+    table = ["| | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    table += [f"| {k.replace('=', ' ')} | " + " | ".join(f"{100 * v[c]:.1f}%" for c in columns) + " |"
+              for k, v in results.items()]
+    result = {"bench": "rerank_accuracy", "device": device_name(args.device), "dalle": args.dalle, "clip": args.clip,
+              "null_cond_prob": model.config.null_cond_prob, "prompts": len(prompts), "candidates": N,
+              "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "results": results,
+              "seconds": round(time.perf_counter() - start, 1), "table": "\n".join(table)}
+    print("\n".join(table))
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
