@@ -5,8 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
+COMPARE ?= outputs/compare
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean compare compare-models
 
 setup: $(STAMP)
 
@@ -37,6 +38,32 @@ demo: setup
 	$(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
 		--synthetic_prompts 64 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --out $(DEMO)/eval
 	@echo "demo finished in $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) s: see $(DEMO)/grid.png and $(DEMO)/scores.json"
+
+# `make compare`: AR (the demo's dVAE + transformer) versus unCLIP (a tiny prior + decoder trained here on the
+# same shards and the same CLIP) on held-out shapes prompts, scored by a second, independently trained
+# evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing). CPU: ~15 min after the demo.
+compare-models: setup
+	@test -d $(DEMO)/runs/dalle/export || $(MAKE) demo
+	mkdir -p $(COMPARE) && date +%s > $(COMPARE)/.start
+	$(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE)/runs/eval_clip --seed 1 \
+		--embed_dim 64 --vision_layers 2 --vision_width 96 --text_layers 1 --text_width 64 \
+		--steps 150 --batch_size 64 --lr 2e-3 --warmup_steps 10 --save_every 0
+	$(PY) train/precompute_clip.py --clip $(DEMO)/runs/clip/export --data '$(DEMO)/data/shapes/00000{0..2}.tar' \
+		--out $(COMPARE)/data/shapes_clip --num_workers 0
+	$(PY) train/train_prior.py --data $(COMPARE)/data/shapes_clip --tokenizer $(DEMO)/runs/tokenizer \
+		--out $(COMPARE)/runs/prior --dim 128 --depth 2 --steps 250 --batch_size 64 --lr 1e-3 --warmup_steps 20 \
+		--ema_decay 0.99 --save_every 0 --eval_samples 32 --eval_steps 8
+	$(PY) train/train_decoder.py --data '$(DEMO)/data/shapes/00000{0..2}.tar' --embeddings $(COMPARE)/data/shapes_clip \
+		--out $(COMPARE)/runs/decoder --image_size 32 --channels 32 --channel_mult 1,2,2 --num_res_blocks 1 \
+		--steps 300 --batch_size 16 --lr 1e-3 --warmup_steps 20 --ema_decay 0.99 --save_every 0 --sample_steps 16
+	@echo "compare models trained in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s"
+
+compare: compare-models
+	$(PY) sample/compare.py --ar $(DEMO)/runs/dalle/export --unclip-prior $(COMPARE)/runs/prior/export \
+		--unclip-decoder $(COMPARE)/runs/decoder/export --clip $(DEMO)/runs/clip/export \
+		--eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 32 --samples-per-prompt 4 --seed 0 \
+		--ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 --unclip-steps 16,64 --out $(COMPARE)/report
+	@echo "compare finished in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s: see $(COMPARE)/report/report.md"
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""Things people look at: image grids (the one grid writer) and, later, tables and plots."""
+"""Things people look at: image grids (the one grid writer), scatter plots and markdown tables."""
 
 from __future__ import annotations
 
@@ -78,3 +78,67 @@ def _label_tiles(grid: Image.Image, hw: tuple[int, int], ncol: int, labels: list
         x, y = c * (w + pad) * scale + pad * scale, r * (band + strip) + band + pad * scale - 1
         draw.text((x, y), label[: max(1, w * scale // 6)], fill="black", font=font)
     return canvas
+
+
+# ------------------------------------------------------------------------------------------------
+# plots (matplotlib, Agg: files only, no display)
+# ------------------------------------------------------------------------------------------------
+
+def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both axes, for lower x (cost) and higher y (quality);
+    sorted by x."""
+    order = sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i]))
+    front, best = [], float("-inf")
+    for i in order:
+        if ys[i] > best:
+            front.append(i)
+            best = ys[i]
+    return front
+
+
+def scatter_plot(points: Sequence[dict], x: str, y: str, path: str | Path, *, group: str = "backend",
+                 label: str = "setting", xlabel: str | None = None, ylabel: str | None = None, title: str = "",
+                 logx: bool = False, pareto: bool = False, yerr: str | None = None) -> Path:
+    """One marker per point dict (points[i][x], points[i][y]), a colour per `group` value, each point
+    annotated with its `label`; `yerr` names a (low, high) interval key drawn as error bars; with `pareto`,
+    the cost/quality front over all points (lower x, higher y) is drawn as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pts = [p for p in points if p.get(x) is not None and p.get(y) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for gi, g in enumerate(dict.fromkeys(p[group] for p in pts)):
+        sel = [p for p in pts if p[group] == g]
+        xs, ys = [p[x] for p in sel], [p[y] for p in sel]
+        err = None
+        if yerr:
+            err = [[max(0.0, p[y] - p[yerr][0]) for p in sel], [max(0.0, p[yerr][1] - p[y]) for p in sel]]
+        ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, color=f"C{gi}", label=str(g))
+        for p in sel:
+            ax.annotate(str(p[label]), (p[x], p[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if pareto and pts:
+        front = pareto_front([p[x] for p in pts], [p[y] for p in pts])
+        ax.plot([pts[i][x] for i in front], [pts[i][y] for i in front], "k--", lw=1, label="Pareto front")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """A GitHub markdown table: `columns` are (header, key) pairs; values are printed as given (format them first)."""
+    head = "| " + " | ".join(h for h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(str(r.get(k, "")) for _, k in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
