@@ -18,7 +18,7 @@ from dalle_ar.config import ClipConfig, DiffusionConfig, PriorConfig, UnetConfig
 from dalle_ar.data import shards
 from dalle_ar.data.embeddings import embedding_dataset
 from dalle_ar.text import TextTokenizer, train_bpe
-from dalle_ar.unclip.decoder import UnetDecoder, build_decoder
+from dalle_ar.unclip.decoder import UnetDecoder
 from dalle_ar.unclip.diffusion import GaussianDiffusion, alphas_cumprod, conditional, guided
 from dalle_ar.unclip.pipeline import UnclipPipeline, slerp
 from dalle_ar.unclip.prior import DiffusionPrior
