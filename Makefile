@@ -61,8 +61,8 @@ compare-models: setup
 compare: compare-models
 	$(PY) sample/compare.py --ar $(DEMO)/runs/dalle/export --unclip-prior $(COMPARE)/runs/prior/export \
 		--unclip-decoder $(COMPARE)/runs/decoder/export --clip $(DEMO)/runs/clip/export \
-		--eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 32 --samples-per-prompt 4 --seed 0 \
-		--ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 --unclip-steps 16,64 --out $(COMPARE)/report
+		--eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 16 --samples-per-prompt 4 --seed 0 \
+		--ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 --unclip-steps 16,64 --real-images 256 --out $(COMPARE)/report
 	@echo "compare finished in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s: see $(COMPARE)/report/report.md"
 
 test: setup

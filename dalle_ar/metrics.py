@@ -150,9 +150,10 @@ def training_flops(step_fn: Callable[[], object], steps: int) -> int:
 
 
 def run_info(export_dir: str | Path) -> dict:
-    """How long a run trained, from what it wrote next to its export (`<run>/export`):
-    steps = the last step in metrics.jsonl (the run may have stopped early), else train_config.json's
-    `steps`; micro-batch and accumulation from train_config.json. Missing files -> None."""
+    """How long a run trained, from what it wrote next to its export (`<run>/export`): steps = the step of
+    its latest checkpoint (`checkpoints/latest`; a run stopped early and exported), else the last step in
+    metrics.jsonl, else train_config.json's `steps`; micro-batch and accumulation from train_config.json.
+    Missing files -> None."""
     run = Path(export_dir).resolve().parent
     cfg_path = run / "train_config.json"
     if not cfg_path.exists():
@@ -164,6 +165,9 @@ def run_info(export_dir: str | Path) -> dict:
         logged = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
         if logged:
             steps, source = max(logged), "metrics.jsonl"
+    latest = run / "checkpoints" / "latest"
+    if latest.exists() and latest.read_text().strip().startswith("step_"):
+        steps, source = int(latest.read_text().strip()[5:]), "checkpoints/latest"
     return {"run": str(run), "steps": steps, "batch_size": cfg.get("batch_size"), "grad_accum": cfg.get("grad_accum", 1),
             "source": source}
 

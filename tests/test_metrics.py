@@ -137,3 +137,7 @@ def test_stage_training_flops_reads_steps_from_the_run(tmp_path):
     # a run stopped early: the last logged step counts
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 10, "loss": 3.0}\n{"step": 40, "loss": 2.0}\n')
     assert stage_training_flops(model, export, {"kind": "dalle"})["steps"] == 40
+    # the latest checkpoint knows the exact step (metrics are logged every few steps)
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000047\n")
+    assert run_info(export)["steps"] == 47
