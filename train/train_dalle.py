@@ -49,7 +49,8 @@ def token_batches(cfg: TrainConfig, skips: SkipCounter | None = None):
 
 def main(argv=None):
     args, (model_cfg, cfg) = parse(__doc__, DalleConfig, TrainConfig, extra=extra_args, argv=argv)
-    tok = TextTokenizer.load(args.tokenizer, model_cfg.text_len)
+    skips = SkipCounter(source=cfg.data)  # bad samples by reason, and captions longer than text_len
+    tok = TextTokenizer.load(args.tokenizer, model_cfg.text_len, skips=skips)
     if given(args, "text_vocab_size"):  # a vocabulary the user named must be this tokenizer's
         check_vocab(tok, model_cfg, f"{args.config or 'command line'} with --tokenizer {args.tokenizer}")
     model_cfg = replace(model_cfg, text_vocab_size=tok.vocab_size)  # otherwise the tokenizer decides
@@ -59,7 +60,6 @@ def main(argv=None):
     trainer = Trainer(DalleTransformer(model_cfg), cfg, name="dalle",
                       export_config={"kind": "dalle", "model": asdict(model_cfg), "dvae": meta.get("dvae")},
                       extra_files={"tokenizer.json": tok_file})
-    skips = SkipCounter(source=cfg.data)
     stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg, skips))
 
     def loss_fn(engine, batch, step):
