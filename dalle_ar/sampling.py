@@ -113,6 +113,24 @@ def decode_step_fn(model: DalleTransformer, compile: bool):
     return _COMPILED[model]
 
 
+_CACHES: "weakref.WeakKeyDictionary[DalleTransformer, dict]" = weakref.WeakKeyDictionary()
+
+
+def reusable_cache(model: DalleTransformer, batch: int):
+    """One cache per (model, batch, dtype), reused by every compiled call: CUDA graphs are captured against
+    fixed buffer addresses, so a fresh cache per call would re-record them. Stale entries are harmless:
+    prefill and each step write a slot before any query may attend to it (the mask hides the rest)."""
+    p = model.to_image_logits.weight
+    pool = _CACHES.setdefault(model, {})
+    key = (batch, p.dtype, p.device)
+    if key not in pool:
+        pool[key] = model.new_cache(batch)
+        if p.is_cuda:
+            pool[key].mark_static()
+    pool[key].length = 0
+    return pool[key]
+
+
 @torch.no_grad()
 def generate_codes(model: DalleTransformer, text: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 0.0, generator: torch.Generator | None = None, cond_scale: float = 1.0,
@@ -137,10 +155,8 @@ def generate_codes(model: DalleTransformer, text: torch.Tensor, *, temperature: 
     both = (lambda x: x.repeat(2, *([1] * (x.dim() - 1)))) if guided else (lambda x: x)
     rows = torch.cat([text, null_text(model, B, device)]) if guided else text
 
-    cache = model.new_cache(rows.shape[0])
+    cache = reusable_cache(model, rows.shape[0]) if compile else model.new_cache(rows.shape[0])
     step = decode_step_fn(model, compile)
-    if compile and device.type == "cuda":
-        cache.mark_static()
     codes = torch.empty(B, N, dtype=torch.long, device=device)
     logits = model.prefill(rows, cache)
     all_logits = []
