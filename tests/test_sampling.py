@@ -163,3 +163,22 @@ def test_sampler_matches_the_distribution():
     draws = sample_token(logits.expand(40000, -1), 0.5, 0, 0.0, g)
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert torch.allclose(freq, (logits / 0.5).softmax(-1), atol=0.01)
+
+
+def test_decode_step_is_one_graph_for_every_position():
+    """torch.compile traces the decode step whole (fullgraph: no breaks, so CUDA graphs can capture it) and
+    never recompiles as the position advances; the traced step gives the eager logits."""
+    import torch._dynamo
+
+    model = tiny(attention="sparse", rotary=True)
+    text, codes = batch(model)
+    torch._dynamo.reset()
+    step = torch.compile(model.decode_step, backend="eager", fullgraph=True, dynamic=False)
+    eager_cache, traced_cache = model.new_cache(len(text)), model.new_cache(len(text))
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        model.prefill(text, eager_cache), model.prefill(text, traced_cache)
+        positions = torch.arange(SIDE * SIDE)
+        for i in range(12):
+            a = model.decode_step(codes[:, i], positions[i], eager_cache)
+            b = step(codes[:, i], positions[i], traced_cache)
+            assert torch.allclose(a, b, atol=1e-5)
