@@ -182,3 +182,14 @@ def test_decode_step_is_one_graph_for_every_position():
             a = model.decode_step(codes[:, i], positions[i], eager_cache)
             b = step(codes[:, i], positions[i], traced_cache)
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sparse_decode_steps_read_a_fixed_key_set():
+    """A decode step gathers text keys + the mask's image distances: row w + 1, column h, conv 6 + 5 * 11."""
+    from dalle_ar.config import preset
+    from dalle_ar.model.transformer import image_offsets
+
+    cfg = preset(DalleConfig, "base")  # 32 x 32 grid
+    assert image_offsets("row", cfg).tolist() == list(range(33))
+    assert image_offsets("column", cfg).tolist() == list(range(0, 1024, 32))
+    assert len(image_offsets("conv", cfg)) == 61 and image_offsets("full", cfg) is None

@@ -179,7 +179,7 @@ class DalleTransformer(nn.Module):
     def _attend_step(self, attn, x: torch.Tensor, slot: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """One query at `slot` under `attn`'s mask (the same rule as CausalSelfAttention.sdpa). Sparse masks
         allow a fixed set of raster distances, so only text keys + those image keys are gathered (row:
-        w + 1 of them, conv: 66) instead of the whole prefix: the step reads what the mask needs."""
+        w + 1 of them, conv: 61) instead of the whole prefix: the step reads what the mask needs."""
         q, k, v = rearrange(attn.qkv(x), "b n (three h d) -> three b h n d", three=3, h=attn.heads)
         if attn.rotary:
             q, k = _rotary_at(q, slot), _rotary_at(k, slot)
@@ -219,5 +219,5 @@ def image_offsets(kind: str, cfg: DalleConfig) -> torch.Tensor | None:
     if kind == "full":
         return None
     d = torch.arange(cfg.image_seq_len)
-    last = torch.tensor(cfg.seq_len - 1)  # a query far enough in that every distance is an image key
+    last = torch.tensor(cfg.seq_len)  # a (virtual) query slot far enough in that every distance is an image key
     return d[allowed(kind, last, last - d, cfg.text_len + 1, cfg.image_fmap_size)]
