@@ -54,8 +54,9 @@ compare-models: setup
 		--out $(COMPARE)/runs/prior --dim 128 --depth 2 --steps 250 --batch_size 64 --lr 1e-3 --warmup_steps 20 \
 		--ema_decay 0.99 --save_every 0 --eval_samples 32 --eval_steps 8
 	$(PY) train/train_decoder.py --data '$(DEMO)/data/shapes/00000{0..2}.tar' --embeddings $(COMPARE)/data/shapes_clip \
-		--out $(COMPARE)/runs/decoder --image_size 32 --channels 32 --channel_mult 1,2,2 --num_res_blocks 1 \
-		--steps 300 --batch_size 16 --lr 1e-3 --warmup_steps 20 --ema_decay 0.99 --save_every 0 --sample_steps 16
+		--out $(COMPARE)/runs/decoder --image_size 16 --channels 16 --channel_mult 1,2 --num_res_blocks 1 \
+		--attention_resolutions 8 --head_channels 16 --steps 150 --batch_size 16 --lr 2e-3 --warmup_steps 10 \
+		--ema_decay 0.95 --save_every 0 --sample_steps 16
 	@echo "compare models trained in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s"
 
 compare: compare-models
