@@ -85,3 +85,23 @@ def test_user_checkpoint_by_arch_and_path(trained_clip, tmp_path):
     first = next(iter(model.state_dict()))
     assert torch.equal(loaded.state_dict()[first], model.state_dict()[first])
     assert tok(["a red circle"]).shape[-1] == 77
+
+
+def test_clip_score_and_top_k_of_n():
+    from dalle_ar.clip import best_first, clip_score
+
+    cos = torch.tensor([0.20, -0.10, 0.31, 0.20])
+    assert clip_score(cos).tolist() == pytest.approx([20.0, 0.0, 31.0, 20.0])
+    assert best_first(cos).tolist() == [2, 0, 3, 1]  # ties keep sampling order
+    assert best_first(cos, 2).tolist() == [2, 0]
+
+
+def test_unknown_arch_is_a_config_error(tmp_path):
+    from dalle_ar.config import ConfigError
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    with pytest.raises(ConfigError, match="unknown open_clip architecture 'NoSuchNet'"):
+        load_clip(f"NoSuchNet:{weights}")
+    with pytest.raises(FileNotFoundError, match="--clip-checkpoint"):
+        load_clip(f"ViT-B-32:{tmp_path / 'missing.pt'}")
