@@ -246,6 +246,11 @@ class SampleConfig:
     inpaint_box: str = ""            # "x0,y0,x1,y1" region to regenerate: grid cells, or fractions in [0, 1]
     inpaint_border: int = 0          # regenerate a border this many grid cells wide
     compile: bool = False            # torch.compile the decode step (CUDA graphs on CUDA)
+    # --backend unclip (DDIM steps on the respaced schedule; guidance is classifier-free, 1 = off)
+    prior_steps: int = 64
+    decoder_steps: int = 64
+    prior_guidance: float = 1.0
+    decoder_guidance: float = 3.0
 
     def __post_init__(self):
         if self.rank_by not in ("clip", "likelihood"):

@@ -12,6 +12,9 @@ Sampling: --temperature, --top-k (a token count, 0 = off), --top-p (0 = off), --
   and device -> same images), --cond-scale S (classifier-free guidance; needs a model trained with
   --null_cond_prob > 0; 1 = off), --batch-size (rows per forward; guidance runs 2 rows per candidate),
   --compile (torch.compile the decode step; CUDA graphs on CUDA). CUDA runs in bf16.
+unCLIP backend (DALL-E 2; dalle_ar/unclip): --backend unclip --prior PRIOR_EXPORT --decoder DECODER_EXPORT
+  [--upsampler EXPORT] --prior-steps 64 --decoder-steps 64 (DDIM steps) --prior-guidance 1 --decoder-guidance 3
+  (classifier-free, 1 = off); the same ranking and outputs (no likelihood ranking, priming or inpainting).
 Priming and inpainting (an input image, encoded with the dVAE):
   --prime-image x.png --prime-rows R     keep the top R rows of its code grid, sample the rest
   --prime-image x.png --inpaint-box x0,y0,x1,y1   regenerate that box: integers are grid cells (end
@@ -53,10 +56,10 @@ from dalle_ar.data import synthetic
 from dalle_ar.model import DalleTransformer
 from dalle_ar.report import device_name, save_grid
 from dalle_ar.sampling import border_mask, box_mask, generate_codes, log_likelihood, prime_mask
-from dalle_ar.text import TextTokenizer
+from dalle_ar.text import TextTokenizer, check_vocab
 from dvae import DiscreteVAE
 
-BACKENDS = ["ar"]  # the unCLIP backend registers here as "unclip"
+BACKENDS = ["ar", "unclip"]
 
 
 def load_dalle(path: str, device: str):
@@ -64,6 +67,7 @@ def load_dalle(path: str, device: str):
     if str(device).startswith("cuda"):
         model = model.to(torch.bfloat16)  # sampling is memory-bound: half the bytes per step
     tok = TextTokenizer.load(Path(path) / "tokenizer.json", model.config.text_len)
+    check_vocab(tok, model.config, str(Path(path) / "tokenizer.json"))
     return model, tok, cfg
 
 
@@ -167,10 +171,32 @@ def generate_ar(args, cfg: SampleConfig, prompts: list[str]) -> dict:
     return out
 
 
+@torch.no_grad()
+def generate_unclip(args, cfg: SampleConfig, prompts: list[str]) -> dict:
+    """The unCLIP backend (dalle_ar/unclip): prior (CLIP text -> image embedding) then the diffusion decoder
+    (and the upsampler when given); images (P, N, 3, H, W) in [0, 1] and the sampling seconds."""
+    from dalle_ar.unclip.pipeline import UnclipPipeline
+
+    if not (args.prior and args.decoder):
+        raise ConfigError("--backend unclip needs --prior <prior export> and --decoder <decoder export> "
+                          "(from train/train_prior.py and train/train_decoder.py)")
+    pipe = UnclipPipeline.load(args.prior, args.decoder, device=args.device, upsampler_dir=args.upsampler)
+    start = time.perf_counter()
+    images = pipe.generate(prompts, cfg.num_candidates, seed=cfg.seed, prior_steps=cfg.prior_steps,
+                           decoder_steps=cfg.decoder_steps, prior_guidance=cfg.prior_guidance,
+                           decoder_guidance=cfg.decoder_guidance, batch_size=cfg.batch_size,
+                           progress=not args.no_progress)
+    return {"images": images.float(), "seconds": time.perf_counter() - start, "likelihood": None}
+
+
 def generate(args, cfg: SampleConfig, prompts: list[str]) -> dict:
     """Dispatch to the sampling backend named by --backend."""
     if args.backend == "ar":
+        if not args.dalle:
+            raise ConfigError("--backend ar needs --dalle <transformer export directory> (from train/train_dalle.py)")
         return generate_ar(args, cfg, prompts)
+    if args.backend == "unclip":
+        return generate_unclip(args, cfg, prompts)
     raise ConfigError(f"--backend {args.backend}: not available; choose one of {BACKENDS}")
 
 
@@ -182,8 +208,13 @@ def clip_spec(args) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="ar", choices=BACKENDS, help="sampler: ar = the DALL-E transformer (default)")
-    p.add_argument("--dalle", required=True, help="transformer export directory (from train/train_dalle.py)")
+    p.add_argument("--backend", default="ar", choices=BACKENDS,
+                   help="sampler: ar = the DALL-E transformer (default); unclip = diffusion prior + decoder "
+                        "(--prior, --decoder; --prior-steps --decoder-steps --prior-guidance --decoder-guidance)")
+    p.add_argument("--dalle", default=None, help="transformer export directory (from train/train_dalle.py), for --backend ar")
+    p.add_argument("--prior", default=None, help="unCLIP prior export (train/train_prior.py), for --backend unclip")
+    p.add_argument("--decoder", default=None, help="unCLIP decoder export (train/train_decoder.py), for --backend unclip")
+    p.add_argument("--upsampler", default=None, help="optional unCLIP upsampler export (train_decoder.py --stage upsampler)")
     p.add_argument("--dvae", default=None, help="dVAE export directory (default: the one the tokens were encoded with)")
     p.add_argument("--clip", default=None, help="CLIP for reranking: an export directory or ARCH:/local/weights")
     p.add_argument("--clip-checkpoint", "--clip_checkpoint", dest="clip_checkpoint", default=None,
@@ -223,6 +254,8 @@ def main(argv=None) -> dict:
         p.error(str(e))
     if cfg.rank_by == "likelihood" and args.backend != "ar":
         p.error("--rank-by likelihood needs --backend ar (the transformer's own likelihood)")
+    if args.backend == "unclip" and (args.prime_image or cfg.prime_rows or cfg.inpaint_box or cfg.inpaint_border):
+        p.error("priming and inpainting are AR-backend features; for unCLIP edits use sample/unclip_edit.py")
     prompts = read_prompts(args)
     if args.prime_image and not Path(args.prime_image).is_file():
         raise FileNotFoundError(f"{args.prime_image}: prime/inpaint image not found; pass --prime-image with an existing PNG/JPEG")
@@ -264,7 +297,8 @@ def main(argv=None) -> dict:
     save_grid(torch.cat(best), out / "grid.png", nrow=k, row_labels=prompts, tile_labels=best_labels)
     save_grid(images.flatten(0, 1), out / "candidates.png", nrow=N, row_labels=prompts)
     seconds = result["seconds"]
-    settings = {"backend": args.backend, "dalle": args.dalle, "dvae": args.dvae, "clip": spec,
+    settings = {"backend": args.backend, "dalle": args.dalle, "dvae": args.dvae, "prior": args.prior,
+                "decoder": args.decoder, "upsampler": args.upsampler, "clip": spec,
                 "prime_image": args.prime_image, "device": args.device, **asdict(cfg)}
     summary = {
         "num_prompts": len(prompts), "num_candidates": N, "top_k_rerank": k, "rank_by": cfg.rank_by,

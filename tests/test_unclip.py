@@ -323,3 +323,25 @@ def test_pipeline_generates_and_edits_deterministically(world, prior_run, decode
         assert len(json.loads((tmp_path / "e" / f"{op}.json").read_text())["cosine_to_input"]) == n
     with pytest.raises(FileNotFoundError, match="interpolate takes 2"):
         unclip_edit([*base, "interpolate", "--synthetic", "0"])
+
+
+def test_generate_script_with_the_unclip_backend(world, prior_run, decoder_run, tmp_path):
+    """sample/generate.py --backend unclip: the AR backend's outputs (grids, rank PNGs, scores.json with CLIP
+    scores and the shapes check), from the prior + decoder exports."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "sample"))
+    from generate import main as generate
+
+    out = tmp_path / "gen"
+    report = generate(["--backend", "unclip", "--prior", str(prior_run / "export"), "--decoder", str(decoder_run / "export"),
+                       "--clip", str(world["clip"]), "--synthetic_prompts", "2", "--num_candidates", "3",
+                       "--top_k_rerank", "2", "--prior-steps", "3", "--decoder-steps", "2", "--decoder-guidance", "2",
+                       "--batch_size", "3", "--out", str(out), "--no-progress"])
+    assert report["settings"]["backend"] == "unclip" and report["summary"]["num_candidates"] == 3
+    assert all(len(r["clip_score"]) == 3 and len(r["check"]) == 3 for r in report["prompts"])
+    assert (out / "grid.png").exists() and (out / "prompts" / "001" / "rank_01.png").exists()
+    with pytest.raises(SystemExit):  # likelihood ranking is the transformer's
+        generate(["--backend", "unclip", "--prior", "p", "--decoder", "d", "--rank-by", "likelihood", "--prompt", "x"])
