@@ -51,12 +51,12 @@ compare-models: setup
 	$(PY) train/precompute_clip.py --clip $(DEMO)/runs/clip/export --data '$(DEMO)/data/shapes/00000{0..2}.tar' \
 		--out $(COMPARE)/data/shapes_clip --num_workers 0
 	$(PY) train/train_prior.py --data $(COMPARE)/data/shapes_clip --tokenizer $(DEMO)/runs/tokenizer \
-		--out $(COMPARE)/runs/prior --dim 128 --depth 2 --steps 250 --batch_size 64 --lr 1e-3 --warmup_steps 20 \
+		--out $(COMPARE)/runs/prior --dim 128 --depth 2 --steps 500 --batch_size 64 --lr 1e-3 --warmup_steps 20 \
 		--ema_decay 0.99 --save_every 0 --eval_samples 32 --eval_steps 8
 	$(PY) train/train_decoder.py --data '$(DEMO)/data/shapes/00000{0..2}.tar' --embeddings $(COMPARE)/data/shapes_clip \
-		--out $(COMPARE)/runs/decoder --image_size 16 --channels 16 --channel_mult 1,2 --num_res_blocks 1 \
-		--attention_resolutions 8 --head_channels 16 --steps 150 --batch_size 16 --lr 2e-3 --warmup_steps 10 \
-		--ema_decay 0.95 --save_every 0 --sample_steps 16
+		--out $(COMPARE)/runs/decoder --image_size 32 --channels 32 --channel_mult 1,2,2 --num_res_blocks 1 \
+		--attention_resolutions 8 --head_channels 32 --steps 1500 --batch_size 32 --lr 1e-3 --warmup_steps 50 \
+		--ema_decay 0.995 --save_every 0 --sample_steps 32 --sample_every 500
 	@echo "compare models trained in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s"
 
 compare: compare-models
