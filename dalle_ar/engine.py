@@ -417,8 +417,13 @@ class Trainer:
         return tag
 
     def complete_checkpoints(self) -> list[str]:
-        """Tags of the complete checkpoints, oldest first."""
-        return sorted(p.parent.name for p in self.ckpt_dir.glob(f"step_*/{COMPLETE}"))
+        """Tags of the complete checkpoints, oldest first: those with the marker, and the one `latest` names
+        (written only after the marker here, and last by DeepSpeed, so also right for older checkpoints)."""
+        tags = {p.parent.name for p in self.ckpt_dir.glob(f"step_*/{COMPLETE}")}
+        latest = self.ckpt_dir / "latest"
+        if latest.is_file() and (self.ckpt_dir / latest.read_text().strip()).is_dir():
+            tags.add(latest.read_text().strip())
+        return sorted(tags)
 
     def _prune(self, keep: str) -> None:
         """Keep the newest `keep_checkpoints` complete checkpoints; drop older ones and crash leftovers."""
