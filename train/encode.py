@@ -16,12 +16,10 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from dalle_ar.checkpoint import WEIGHTS, load_pretrained
 from dalle_ar.config import ConfigError, DVAEConfig, run_cli, save_json
-from dalle_ar.data.shards import ShardBatches, TokenShards, shard_urls
+from dalle_ar.data.shards import TokenShards, shard_urls
 from dvae import DiscreteVAE
 
 
@@ -50,28 +48,13 @@ def main(argv=None) -> Path:
     fingerprint = hashlib.sha256((Path(args.dvae) / WEIGHTS).read_bytes()).hexdigest()
     device = torch.device(args.device)
 
-    with TokenShards(args.out, urls, str(Path(args.dvae).resolve()), fingerprint) as out:
-        pending = out.pending
-        if len(pending) < len(urls):
-            print(f"{len(urls) - len(pending)} of {len(urls)} shards already encoded in {args.out}: skipping them")
-        loader = DataLoader(ShardBatches(pending, dcfg.image_size, args.batch_size), batch_size=None,
-                            num_workers=min(args.num_workers, len(pending)), pin_memory=device.type == "cuda",
-                            in_order=False)  # a slow shard does not stall the others; order within a shard is kept
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-        with tqdm(desc="encode", unit="img", mininterval=1.0) as bar, torch.inference_mode(), autocast:
-            finished = 0
-            bar.set_postfix(shards=f"0/{len(pending)}")
-            for kind, url, *item in loader:
-                if kind == "batch":
-                    images, captions, keys = item
-                    codes = model.encode(images.to(device, non_blocking=True).float().div_(255))
-                    out.write(url, keys, codes.cpu().numpy(), captions)
-                    bar.update(len(keys))
-                else:
-                    out.finish(url, *item)
-                    finished += 1
-                    bar.set_postfix(shards=f"{finished}/{len(pending)}")
-        totals = out.summary()
+    def encode(url, images, captions, keys):
+        codes = model.encode(images.to(device, non_blocking=True).float().div_(255))
+        out.write(url, keys, codes.cpu().numpy(), captions)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    with TokenShards(args.out, urls, str(Path(args.dvae).resolve()), fingerprint) as out, autocast:
+        totals = out.process(dcfg.image_size, args.batch_size, args.num_workers, device, encode, "encode", "encoded")
 
     meta = {"num_samples": totals["num_samples"], "dvae": str(Path(args.dvae).resolve()),
             "num_tokens": dcfg.num_tokens, "grid_size": dcfg.grid_size, "skipped": totals["skipped"],

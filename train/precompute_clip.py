@@ -17,13 +17,11 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from dalle_ar.clip import ClipScorer
 from dalle_ar.config import run_cli, save_json
 from dalle_ar.data.embeddings import META, EmbeddingShards
-from dalle_ar.data.shards import ShardBatches, shard_urls
+from dalle_ar.data.shards import shard_urls
 
 
 def clip_fingerprint(spec: str) -> str:
@@ -57,28 +55,14 @@ def main(argv=None) -> Path:
     embed_dim = None
 
     with EmbeddingShards(args.out, urls, args.clip, clip_fingerprint(args.clip)) as out:
-        pending = out.pending
-        if len(pending) < len(urls):
-            print(f"{len(urls) - len(pending)} of {len(urls)} shards already embedded in {args.out}: skipping them")
-        loader = DataLoader(ShardBatches(pending, size, args.batch_size), batch_size=None,
-                            num_workers=min(args.num_workers, len(pending)), pin_memory=device.type == "cuda",
-                            in_order=False)
-        with tqdm(desc="clip embeddings", unit="img", mininterval=1.0) as bar, torch.inference_mode():
-            finished = 0
-            bar.set_postfix(shards=f"0/{len(pending)}")
-            for kind, url, *item in loader:
-                if kind == "batch":
-                    images, captions, keys = item
-                    zi = scorer.encode_images(images.float().div_(255))
-                    zt = scorer.encode_texts(list(captions))
-                    embed_dim = zi.shape[-1]
-                    out.write(url, keys, zi.cpu().numpy(), zt.cpu().numpy(), list(captions))
-                    bar.update(len(keys))
-                else:
-                    out.finish(url, *item)
-                    finished += 1
-                    bar.set_postfix(shards=f"{finished}/{len(pending)}")
-        totals = out.summary()
+        def embed(url, images, captions, keys):
+            nonlocal embed_dim
+            zi = scorer.encode_images(images.float().div_(255))
+            zt = scorer.encode_texts(captions)
+            embed_dim = zi.shape[-1]
+            out.write(url, keys, zi.cpu().numpy(), zt.cpu().numpy(), captions)
+
+        totals = out.process(size, args.batch_size, args.num_workers, device, embed, "clip embeddings", "embedded")
 
     if embed_dim is None:  # nothing new computed: the width from a previous run's metadata
         embed_dim = json.loads((Path(args.out) / META).read_text())["embed_dim"] if (Path(args.out) / META).exists() \

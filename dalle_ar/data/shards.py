@@ -202,6 +202,36 @@ class TokenShards:
         self.done[name] = record
         return record
 
+    def process(self, image_size: int, batch_size: int, num_workers: int, device: torch.device,
+                fn: Callable[[str, torch.Tensor, list[str], list[str]], None], desc: str, done_word: str) -> dict:
+        """Read the pending image shards in per-shard batches (`ShardBatches`, whole shards per DataLoader
+        worker) and call `fn(url, images uint8 (B,3,S,S), captions, keys)` for each batch, which computes
+        and `write`s that batch; each shard is finished once read. Progress bar over images and shards.
+        Returns `summary()`."""
+        from tqdm import tqdm
+
+        pending = self.pending
+        if len(pending) < len(self.names):
+            print(f"{len(self.names) - len(pending)} of {len(self.names)} shards already {done_word} in {self.out}: "
+                  f"skipping them")
+        loader = torch.utils.data.DataLoader(
+            ShardBatches(pending, image_size, batch_size), batch_size=None,
+            num_workers=min(num_workers, len(pending)), pin_memory=device.type == "cuda",
+            in_order=False)  # a slow shard does not stall the others; order within a shard is kept
+        with tqdm(desc=desc, unit="img", mininterval=1.0) as bar, torch.inference_mode():
+            finished = 0
+            bar.set_postfix(shards=f"0/{len(pending)}")
+            for kind, url, *item in loader:
+                if kind == "batch":
+                    images, captions, keys = item
+                    fn(url, images, list(captions), keys)
+                    bar.update(len(keys))
+                else:
+                    self.finish(url, *item)
+                    finished += 1
+                    bar.set_postfix(shards=f"{finished}/{len(pending)}")
+        return self.summary()
+
     def summary(self) -> dict:
         """Totals over every finished shard in the directory, from this run and earlier ones."""
         skipped = Counter()
