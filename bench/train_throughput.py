@@ -20,6 +20,8 @@ Variants (each in its own process, ZeRO-2, bf16 on CUDA):
   flex_compile   flex + torch.compile of the model
   full_compile   dense causal attention (flash SDPA) + torch.compile: the no-sparsity baseline
   unfused_adamw  flex_compile with torch's for-each AdamW instead of the fused kernel
+  fp16           flex in fp16 with DeepSpeed's dynamic loss scale (instead of bf16)
+  fp16_resblock  fp16 with per-resblock gradient scaling (paper appendix D): its cost over fp16
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ VARIANTS = {
     "flex_compile": dict(attention_backend="flex", compile=True),
     "full_compile": dict(attention="full", attention_backend="sdpa", compile=True),
     "unfused_adamw": dict(attention_backend="flex", compile=True, fused_adamw=False),
+    "fp16": dict(attention_backend="flex", precision="fp16"),
+    "fp16_resblock": dict(attention_backend="flex", precision="fp16", resblock_grad_scaling=True),
 }
 # Dense bf16 tensor-core peaks (spec sheets, no sparsity), for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -90,8 +94,8 @@ def run_variant(args, overrides: dict) -> dict:
     model = DalleTransformer(cfg)
     with tempfile.TemporaryDirectory() as out:
         tcfg = TrainConfig(out=out, steps=args.warmup + args.steps, batch_size=args.batch_size, zero_stage=args.zero_stage,
-                           precision="bf16" if args.device.startswith("cuda") else "fp32", wandb="disabled",
-                           progress=False, save_every=0, warmup_steps=1, **train_over)
+                           wandb="disabled", progress=False, save_every=0, warmup_steps=1,
+                           **{"precision": "bf16" if args.device.startswith("cuda") else "fp32", **train_over})
         trainer = Trainer(model, tcfg, name="bench", export_config={})
         engine, device = trainer.engine, trainer.device
         g = torch.Generator().manual_seed(0)
@@ -100,8 +104,7 @@ def run_variant(args, overrides: dict) -> dict:
 
         def step():
             loss, _ = trainer.module.loss(text, codes, forward=engine)
-            engine.backward(loss)
-            engine.step()
+            trainer.micro_step(loss)
             return loss
 
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

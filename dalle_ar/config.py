@@ -201,6 +201,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     zero_stage: int = 2
     precision: str = "auto"          # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp16 (dynamic loss scaling, CUDA) | fp32
+    # fp16 only: a dynamic gradient scale per residual branch (paper appendix D; model/grad_scale.py), starting
+    # at 2**initial_scale_power and doubling every loss_scale_window clean steps (ds_config's fp16 section)
+    resblock_grad_scaling: bool = False
     ds_config: str = "ds_config.json"
     seed: int = 0
     log_every: int = 10

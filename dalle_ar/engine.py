@@ -86,12 +86,25 @@ def barrier() -> None:
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+def fp16_supported() -> bool:
+    """Whether DeepSpeed runs fp16 here: CUDA, or a CPU its accelerator reports fp16 support for."""
+    if torch.cuda.is_available():
+        return True
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """auto = bf16 on CUDA, fp32 elsewhere; fp16 (dynamic loss scaling) needs CUDA."""
+    """auto = bf16 on CUDA, fp32 elsewhere; fp16 (dynamic loss scaling) where DeepSpeed supports it."""
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("--precision fp16 needs a CUDA GPU (DeepSpeed's loss-scaled fp16 optimizer); use fp32 or bf16 on CPU")
+    if cfg.precision == "fp16" and not fp16_supported():
+        raise ConfigError("--precision fp16 needs a CUDA GPU (DeepSpeed's loss-scaled fp16 optimizer; this CPU has no "
+                          "fp16 support); use fp32 or bf16 on CPU")
+    if cfg.resblock_grad_scaling and cfg.precision != "fp16":
+        raise ConfigError(f"--resblock_grad_scaling is for --precision fp16 (got {cfg.precision}): bf16 and fp32 have "
+                          f"fp32's exponent range and need no gradient scaling; drop the flag or pass --precision fp16")
     if cfg.precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
@@ -356,6 +369,16 @@ class Trainer:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"--activation_checkpointing: {type(model).__name__} does not support it; drop the flag")
             model.set_grad_checkpointing(True)
+        self.grad_scaler = None
+        if cfg.resblock_grad_scaling:  # fp16: a gradient scale per residual branch (paper appendix D)
+            if not hasattr(model, "enable_resblock_grad_scaling"):
+                raise ConfigError(f"--resblock_grad_scaling: {type(model).__name__} has no resblocks to scale; drop the flag")
+            if cfg.compile:
+                raise ConfigError("--resblock_grad_scaling and --compile: the scaling's autograd hooks are not compiled; "
+                                  "drop one of them")
+            fp16 = ds_config["fp16"]  # the per-branch scales start and grow like DeepSpeed's global one
+            self.grad_scaler = model.enable_resblock_grad_scaling(init_scale=2.0 ** fp16["initial_scale_power"],
+                                                                  window=fp16["loss_scale_window"])
         if cfg.compile:  # in place: the module keeps its parameter names, so checkpoints don't change
             model.compile()
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -364,6 +387,8 @@ class Trainer:
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, factor))
         self.device = self.engine.device
+        if self.grad_scaler is not None:
+            self.grad_scaler.to(self.device)
         self.ema = EMA(self.module, cfg.ema_decay) if cfg.ema_decay else None
         self.dtype = compute_dtype(cfg)
         self.step = 0
@@ -399,6 +424,8 @@ class Trainer:
             state["ema"], state["ema_updates"] = self.ema.state_dict(), self.ema.updates
         if self.plateau is not None:
             state["plateau"] = self.plateau.state_dict()
+        if self.grad_scaler is not None:
+            state["resblock_grad_scaler"] = self.grad_scaler.checkpoint_state()
         if self.is_main:
             (self.ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)  # re-saving a tag after a resume
         barrier()
@@ -451,6 +478,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"], state["ema_updates"])
         if self.plateau is not None and "plateau" in state:
             self.plateau.load_state_dict(state["plateau"])
+        if self.grad_scaler is not None and "resblock_grad_scaler" in state:
+            self.grad_scaler.load_checkpoint_state(state["resblock_grad_scaler"])
         if self.is_main:
             log.info("resumed %s from %s at step %d", self.name, path, self.step)
             print(f"{self.name}: resumed from {self.ckpt_dir / tag} at step {self.step}", flush=True)
@@ -502,6 +531,33 @@ class Trainer:
 
             self._wandb.log({key: wandb.Image(str(path))}, step=self.step)
 
+    def micro_step(self, loss: torch.Tensor) -> None:
+        """Backward and DeepSpeed's step for one micro-batch (an optimizer step at the accumulation
+        boundary, where the per-resblock gradient scales are updated too)."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if self.grad_scaler is not None:  # the scale DeepSpeed multiplies this loss by
+            global_scale = self.engine.optimizer.loss_scale
+            self.grad_scaler.set_loss_scale(global_scale)
+        self.engine.backward(loss)
+        fault_point(f"step:{self.step + 1}")
+        self.engine.step()
+        if boundary and self.grad_scaler is not None:
+            # A branch overflowed: DeepSpeed skipped the step (the NaN the scaler put in the embedding
+            # gradients) and lowered its scale, but that branch's own scale takes the blame; the global
+            # one answers to parameter gradients only. (One sync; DeepSpeed's overflow check made one.)
+            if self.grad_scaler.overflow.any():
+                self.engine.optimizer.loss_scale = global_scale
+            self.grad_scaler.update()
+
+    def precision_stats(self) -> dict[str, float]:
+        """fp16: DeepSpeed's loss scale and skipped steps, and the per-resblock scales when on."""
+        if self.dtype != torch.float16:
+            return {}
+        stats = {"loss_scale": float(self.engine.optimizer.loss_scale), "overflow_skipped_steps": self.engine.skipped_steps}
+        if self.grad_scaler is not None:
+            stats.update(self.grad_scaler.stats())
+        return stats
+
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, batches: Iterable, loss_fn: LossFn, items: Callable[[Any], int] = lambda b: len(b[0]),
             on_step: Callable[["Trainer"], None] | None = None, show: tuple[str, ...] = (), skips=None) -> Path:
@@ -545,9 +601,7 @@ class Trainer:
                                     self.name, value, self.step + 1, self.nonfinite)
                         continue
                     in_a_row = 0
-                    self.engine.backward(loss)
-                    fault_point(f"step:{self.step + 1}")
-                    self.engine.step()
+                    self.micro_step(loss)
                     seen += items(batch)
                     micro += 1
                 if self.ema is not None:
@@ -568,6 +622,7 @@ class Trainer:
                                 samples_s=f"{rate:.1f}", **extra)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     data = {} if skips is None else {"data_seen": skips.seen, "data_skipped": skips.total}
+                    data.update(self.precision_stats())
                     self.log({"loss": value, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
                               "nonfinite_skipped": self.nonfinite, **data, **metrics})
                     t0, seen = time.perf_counter(), 0

@@ -5,7 +5,7 @@ import torch
 
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, preset
-from dalle_ar.engine import Trainer, build_ds_config, param_groups
+from dalle_ar.engine import Trainer, build_ds_config, fp16_supported, param_groups
 from dalle_ar.model import DalleTransformer
 
 MODEL = preset(DalleConfig, "tiny", dim=32, depth=2, heads=2, text_vocab_size=40, text_len=8, image_fmap_size=4,
@@ -140,7 +140,7 @@ def test_fp16_offload_and_checkpointing_settings(tmp_path):
         build_ds_config(TrainConfig(offload="nvme", precision="fp32"))
     with pytest.raises(ConfigError, match="ZeRO"):
         build_ds_config(TrainConfig(zero_stage=0, offload="cpu", precision="fp32"))
-    if not torch.cuda.is_available():
+    if not fp16_supported():
         with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
             build_ds_config(TrainConfig(precision="fp16"))
 

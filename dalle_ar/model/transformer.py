@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dalle_ar.config import DalleConfig
 from dalle_ar.model.attention import CausalSelfAttention, allowed
+from dalle_ar.model.grad_scale import ResblockGradScaler
 from dalle_ar.model.kv_cache import KVCache
 
 
@@ -46,9 +47,21 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.dim, int(cfg.mlp_ratio * cfg.dim), cfg.dropout)
         self.ln_mlp_out = nn.LayerNorm(cfg.dim) if cfg.sandwich_norm else nn.Identity()
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.ln_attn_out(self.attn(self.ln_1(x), cache, layer))
-        return x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, scaler: ResblockGradScaler | None = None):
+        if scaler is None:
+            x = x + self.ln_attn_out(self.attn(self.ln_1(x), cache, layer))
+            return x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
+        # per-resblock gradient scaling: x is the fp32 residual stream; each branch is its own resblock
+        dtype = self.ln_1.weight.dtype
+        a = scaler.enter(x, 2 * layer, dtype)
+        x = x + scaler.exit(self.ln_attn_out(self.attn(self.ln_1(a), cache, layer)), 2 * layer)
+        m = scaler.enter(x, 2 * layer + 1, dtype)
+        return x + scaler.exit(self.ln_mlp_out(self.mlp(self.ln_2(m))), 2 * layer + 1)
+
+    def branch_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Parameters of the attention branch and of the MLP branch."""
+        return ([*self.ln_1.parameters(), *self.attn.parameters(), *self.ln_attn_out.parameters()],
+                [*self.ln_2.parameters(), *self.mlp.parameters(), *self.ln_mlp_out.parameters()])
 
 
 class DalleTransformer(nn.Module):
@@ -96,13 +109,30 @@ class DalleTransformer(nn.Module):
         """Recompute each block's activations in backward (activation checkpointing) while training."""
         self.grad_checkpointing = enable
 
+    def enable_resblock_grad_scaling(self, **kwargs) -> ResblockGradScaler:
+        """fp16 training: a gradient scale per residual branch (model/grad_scale.py, paper appendix D).
+        Applies to training forwards (grad enabled, no cache); returns the scaler (its state is the
+        trainer's to step, save and restore; `kwargs` go to ResblockGradScaler)."""
+        scaler = ResblockGradScaler(2 * len(self.blocks), **kwargs)
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.branch_params()
+            scaler.hook_branch_params(attn, 2 * i)
+            scaler.hook_branch_params(mlp, 2 * i + 1)
+        embeddings = (self.text_emb, self.text_pos, self.image_emb, self.image_row, self.image_col)
+        scaler.hook_skip_params([self.bos, *(m.weight for m in embeddings)])
+        self.grad_scaler = scaler
+        return scaler
+
     def trunk(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         recompute = self.training and cache is None and getattr(self, "grad_checkpointing", False)
+        scaler = getattr(self, "grad_scaler", None) if cache is None and torch.is_grad_enabled() else None
+        if scaler is not None:
+            x = x.float()  # the identity path in fp32 (so is its gradient)
         for i, block in enumerate(self.blocks):
-            x = checkpoint(block, x, None, i, use_reentrant=False) if recompute else block(x, cache, i)
+            x = checkpoint(block, x, None, i, scaler, use_reentrant=False) if recompute else block(x, cache, i, scaler)
         if cache is not None:
             cache.advance(x.shape[1])
-        return self.ln_f(x)
+        return self.ln_f(x.to(self.ln_f.weight.dtype))
 
     def forward(self, text: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing. text (B, L), codes (B, N) or (B, h, w) -> (text logits (B, L, Vt),
