@@ -144,11 +144,11 @@ def test_config_errors(tmp_path, cpu_fp16):
         Trainer(DalleTransformer(MODEL), replace(cfg, compile=True), name="x", export_config={})
 
 
-def fp16_run(tmp_path, out, steps, save_every=0, stop_at=None, precision="fp16", after_step=None):
+def fp16_run(tmp_path, out, steps, save_every=0, stop_at=None, precision="fp16", after_step=None, stage=2):
     ds = tmp_path / "ds_fp16.json"  # small window: the scales move within a short run
     ds.write_text(json.dumps({"fp16": {"initial_scale_power": 8, "loss_scale_window": 2}}))
     torch.manual_seed(0)
-    cfg = TrainConfig(out=str(tmp_path / out), steps=steps, batch_size=4, zero_stage=2, lr=3e-3, warmup_steps=2,
+    cfg = TrainConfig(out=str(tmp_path / out), steps=steps, batch_size=4, zero_stage=stage, lr=3e-3, warmup_steps=2,
                       precision=precision, resblock_grad_scaling=precision == "fp16", ds_config=str(ds),
                       save_every=save_every, log_every=1, wandb="disabled", progress=False)
     trainer = Trainer(DalleTransformer(MODEL), cfg, name="fp16", export_config={"model": MODEL.__dict__})
@@ -203,3 +203,13 @@ def test_fp16_engine_a_branch_overflow_skips_steps_without_lowering_the_global_s
     others = [0, 2, 3]  # the other branches kept their schedule
     assert torch.equal(run.grad_scaler.scales[others], straight.grad_scaler.scales[others])
     assert log[-1]["loss"] < log[2]["loss"]  # and training went on after the skipped steps
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_fp16_resblock_scaling_trains_at_every_zero_stage(tmp_path, cpu_fp16, stage):
+    """The parameter-gradient hooks run before DeepSpeed's own (fp16 optimizer, ZeRO-1 partitions,
+    ZeRO-3 partitioned parameters)."""
+    run = fp16_run(tmp_path, "a", steps=6, stage=stage)
+    log = losses(tmp_path, "a")
+    assert log[-1]["loss"] < log[0]["loss"] - 0.2 and log[-1]["overflow_skipped_steps"] == 0
+    assert (run.grad_scaler.scales == 2.0 ** 11).all()  # 2**8, doubled every 2 clean steps
