@@ -102,6 +102,63 @@ def test_long_captions_are_kept_truncated_and_noted(bad):
     assert tok.skips.summary().endswith("long_caption 1 (kept)")
 
 
+def write_tar(path, members: dict[str, dict]) -> None:
+    """A tar shard of {key: {ext: bytes or numpy array (saved as .npy)}}."""
+    import io
+
+    with tarfile.open(path, "w") as tar:
+        for key, files in members.items():
+            for ext, value in files.items():
+                if isinstance(value, np.ndarray):
+                    buf = io.BytesIO()
+                    np.save(buf, value)
+                    value = buf.getvalue()
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+
+
+def token_members():
+    codes = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    return {"good": {"codes.npy": codes, "txt": b"a red circle"},
+            "other_grid": {"codes.npy": codes[:3, :3], "txt": b"a blue square"},
+            "past_codebook": {"codes.npy": codes + 60, "txt": b"a green star"},
+            "negative": {"codes.npy": codes.astype(np.int16) - 1, "txt": b"a pink heart"},
+            "no_codes": {"txt": b"x"}}
+
+
+def test_token_samples_from_another_dvae_are_skipped_not_crashed_on(tmp_path):
+    """A shard encoded with another dVAE (another grid, a larger codebook) would break batching or index past
+    the embedding table mid-run; training gives the grid and codebook, and such samples are counted."""
+    write_tar(tmp_path / "000000.tar", token_members())
+    skips = shards.SkipCounter(record=True)
+    got = [key for _, _, key in shards.token_dataset(str(tmp_path / "000000.tar"), skips=skips, grid=4, num_tokens=64)]
+    assert got == ["good"] and skips.counts == {"corrupt_codes": 3, "missing_codes": 1}
+    details = {p[2]: p[3] for p in skips.problems}
+    assert details["other_grid"] == "shape (3, 3), expected (4, 4)"
+    assert details["past_codebook"] == "code 75 outside [0, 64)" and details["negative"] == "code -1 outside [0, 64)"
+
+
+def test_validate_shards_checks_token_shards(tmp_path):
+    write_tar(tmp_path / "000000.tar", token_members())
+    write_tar(tmp_path / "000001.tar", {f"s{i}": {"codes.npy": np.full((4, 4), i, np.uint16), "txt": b"a red circle"}
+                                        for i in range(40)})
+    (tmp_path / "meta.json").write_text(json.dumps({"grid_size": 4, "num_tokens": 64}))
+    proc = validate(str(tmp_path), "--json", str(tmp_path / "r.json"), "--num_workers", "1", "--max_skip_fraction", "0.1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())["summary"]
+    assert report["kind"] == "tokens" and report["ok"] == 41 and report["skip_reasons"] == {"corrupt_codes": 3, "missing_codes": 1}
+    assert report["grids"] == {"4x4": 41} and report["codes_used"] == 40 and report["code_range"] == [0, 39]
+    assert "000000.tar past_codebook: corrupt_codes (code 75 outside [0, 64))" in proc.stdout
+    assert "codes used: 40 of 64" in proc.stdout
+    # without meta.json nothing says what the grid should be: mixed grids fail, --grid_size names the samples
+    (tmp_path / "meta.json").unlink()
+    proc = validate(str(tmp_path), "--num_workers", "1", "--max_skip_fraction", "0.1")
+    assert proc.returncode == 1 and "FAILED: several code grids ['3x3', '4x4']" in proc.stdout
+    proc = validate(str(tmp_path), "--num_workers", "1", "--grid_size", "4", "--max_skip_fraction", "0.1")
+    assert proc.returncode == 0 and "other_grid: corrupt_codes (shape (3, 3), expected (4, 4))" in proc.stdout
+
+
 def test_token_shards_skip_bad_samples_and_never_unpickle(tmp_path):
     marker = tmp_path / "pwned"
 
@@ -117,18 +174,7 @@ def test_token_shards_skip_bad_samples_and_never_unpickle(tmp_path):
                "pyd_member": {"codes.npy": good, "txt": b"a blue square", "pyd": pickle.dumps(Exploit())},
                "no_codes": {"txt": b"x"}, "no_caption": {"codes.npy": good}, "blank": {"codes.npy": good, "txt": b"  "},
                "wrong_shape": {"codes.npy": np.zeros(16, np.uint16), "txt": b"x"}}
-    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
-        for key, files in members.items():
-            for ext, value in files.items():
-                import io
-
-                if isinstance(value, np.ndarray):
-                    buf = io.BytesIO()
-                    np.save(buf, value)
-                    value = buf.getvalue()
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(value)
-                tar.addfile(info, io.BytesIO(value))
+    write_tar(tmp_path / "000000.tar", members)
     skips = shards.SkipCounter()
     got = {key: (codes, text) for codes, text, key in shards.token_dataset(str(tmp_path / "000000.tar"), skips=skips)}
     assert sorted(got) == ["good", "pyd_member"] and got["pyd_member"][1] == "a blue square"

@@ -39,11 +39,13 @@ def check_tokens(data: str, cfg: DalleConfig) -> dict:
     return meta
 
 
-def token_batches(cfg: TrainConfig, skips: SkipCounter | None = None):
+def token_batches(cfg: TrainConfig, skips: SkipCounter | None = None, model: DalleConfig | None = None):
     """The training stream: endless batches of (codes, captions, keys). Shards are resampled with a sampler
     seeded by (seed, rank, DataLoader worker), so every rank reads its own samples and the same command
-    reads the same stream again (resume fast-forwards it)."""
-    data = token_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank(), skips=skips)
+    reads the same stream again (resume fast-forwards it). With `model`, samples whose codes are not its
+    grid or codebook are skipped and counted (corrupt_codes)."""
+    data = token_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank(), skips=skips,
+                         grid=model and model.image_fmap_size, num_tokens=model and model.num_image_tokens)
     return infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False))
 
 
@@ -60,7 +62,7 @@ def main(argv=None):
     trainer = Trainer(DalleTransformer(model_cfg), cfg, name="dalle",
                       export_config={"kind": "dalle", "model": asdict(model_cfg), "dvae": meta.get("dvae")},
                       extra_files={"tokenizer.json": tok_file})
-    stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg, skips))
+    stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg, skips, model_cfg))
 
     def loss_fn(engine, batch, step):
         text, codes = batch

@@ -269,7 +269,7 @@ SKIP_REASONS = {
     "image_too_large": "more than max_pixels pixels to decode (decompression bombs)",
     "empty_caption": "the caption is empty or whitespace only",
     "non_utf8_caption": "the caption bytes are not UTF-8",
-    "corrupt_codes": ".codes.npy is not a 2-d integer array",
+    "corrupt_codes": ".codes.npy is not a 2-d integer array, or (in training) not the model's grid and codebook",
     "other": "any other error while reading a sample (its type is in the warning)",
 }
 # Kept, but worth knowing about: `SkipCounter.notes`.
@@ -586,21 +586,36 @@ def _image_text(src: Iterator[dict], skips: SkipCounter, image_size: int, uint8:
         yield (pixels if uint8 else pixels.float().div_(255)), text, sample["__key__"]
 
 
-def _token_text(src: Iterator[dict], skips: SkipCounter) -> Iterator[tuple[torch.Tensor, str, str]]:
+def decode_token_sample(sample: dict, grid: int | None = None, num_tokens: int | None = None) -> tuple[np.ndarray, str]:
+    """A token-shard sample {ext: bytes} -> (codes (h, w) integer array, caption), or SkipSample. With
+    `grid` / `num_tokens` the codes must be grid x grid and in [0, num_tokens): a sample from another dVAE
+    would otherwise break batching, or index past the embedding table mid-run. Training (`token_dataset`)
+    and `train/validate_shards.py` both decide here."""
+    if "codes.npy" not in sample:
+        raise SkipSample("missing_codes")
+    if "txt" not in sample:
+        raise SkipSample("missing_caption")
+    text = decode_caption(sample["txt"])
+    try:  # allow_pickle=False: a data file never runs code (webdataset's default decoders unpickle .pyd)
+        codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
+    except Exception as e:
+        raise SkipSample("corrupt_codes", f"{type(e).__name__}: {e}") from None
+    if codes.ndim != 2 or codes.dtype.kind not in "iu":
+        raise SkipSample("corrupt_codes", f"{codes.dtype} array of shape {codes.shape}")
+    if grid is not None and codes.shape != (grid, grid):
+        raise SkipSample("corrupt_codes", f"shape {codes.shape}, expected ({grid}, {grid})")
+    if num_tokens is not None and codes.size and (codes.min() < 0 or codes.max() >= num_tokens):
+        bad = codes.max() if codes.max() >= num_tokens else codes.min()
+        raise SkipSample("corrupt_codes", f"code {bad} outside [0, {num_tokens})")
+    return codes, text
+
+
+def _token_text(src: Iterator[dict], skips: SkipCounter, grid: int | None = None,
+                num_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, str, str]]:
     for sample in src:
         skips.saw()
         try:
-            if "codes.npy" not in sample:
-                raise SkipSample("missing_codes")
-            if "txt" not in sample:
-                raise SkipSample("missing_caption")
-            text = decode_caption(sample["txt"])
-            try:  # allow_pickle=False: a data file never runs code (webdataset's default decoders unpickle .pyd)
-                codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
-            except Exception as e:
-                raise SkipSample("corrupt_codes", f"{type(e).__name__}: {e}") from None
-            if codes.ndim != 2 or codes.dtype.kind not in "iu":
-                raise SkipSample("corrupt_codes", f"{codes.dtype} array of shape {codes.shape}")
+            codes, text = decode_token_sample(sample, grid, num_tokens)
         except SkipSample as s:
             skips.skip(s.reason, sample["__url__"], sample["__key__"], s.detail)
             continue
@@ -675,10 +690,13 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
 
 def token_dataset(spec: str, *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
-                  skips: SkipCounter | None = None) -> _Pipeline:
-    """Yields (codes (h, w) long, caption str, key); bad samples and shards are counted in `skips`."""
+                  skips: SkipCounter | None = None, grid: int | None = None,
+                  num_tokens: int | None = None) -> _Pipeline:
+    """Yields (codes (h, w) long, caption str, key); bad samples and shards are counted in `skips`, and so
+    are codes not grid x grid or outside [0, num_tokens) when those are given (`decode_token_sample`)."""
     skips = skips if skips is not None else SkipCounter()
-    return _dataset(spec, resampled, shuffle, seed, skips).compose(partial(_token_text, skips=skips))
+    return _dataset(spec, resampled, shuffle, seed, skips).compose(
+        partial(_token_text, skips=skips, grid=grid, num_tokens=num_tokens))
 
 
 def captions(spec: str, skips: SkipCounter | None = None) -> Iterator[str]:
