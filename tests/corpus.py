@@ -35,6 +35,36 @@ RED, WHITE, BLACK = (220, 40, 40), (255, 255, 255), (0, 0, 0)
 LEFT, RIGHT = (IMAGE_SIZE // 4, IMAGE_SIZE // 2), (3 * IMAGE_SIZE // 4, IMAGE_SIZE // 2)  # (x, y) in the output
 
 
+def matrix_trc_profile(primaries, gamma: float, name: str) -> bytes:
+    """A minimal ICC v2 RGB display profile (D50 white, XYZ colorants, one gamma): enough for littleCMS,
+    so the tests can tag images with a wide-gamut space without profile files on disk."""
+    import struct
+
+    def s15(x):
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(v):
+        return b"XYZ \0\0\0\0" + b"".join(s15(c) for c in v)
+
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    text = name.encode() + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + struct.pack(">IIHB", 0, 0, 0, 0) + b"\0" * 67
+    tags = [(b"desc", desc), (b"wtpt", xyz(D50)), (b"rXYZ", xyz(primaries[0])), (b"gXYZ", xyz(primaries[1])),
+            (b"bXYZ", xyz(primaries[2])), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ "
+              + b"\0" * 12 + b"acsp" + b"\0" * 28 + b"".join(s15(c) for c in D50) + b"\0" * 48)
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+D50 = (0.9642, 1.0, 0.8249)
+ADOBE_RGB = ((0.6097, 0.3111, 0.0195), (0.2053, 0.6257, 0.0609), (0.1492, 0.0632, 0.7446))  # D50-adapted
+
+
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kw)

@@ -95,6 +95,32 @@ def test_captions_for_the_tokenizer_skip_empty_and_non_utf8(bad):
     assert skips.counts["empty_caption"] == 2 and skips.counts["non_utf8_caption"] == 1
 
 
+def test_icc_profiles_and_lab_are_colour_managed_to_srgb():
+    """A skin tone tagged Adobe RGB is more saturated in sRGB (littleCMS: 180,120,90 -> about 199,121,88);
+    sRGB-tagged pixels stay; an unusable profile falls back to PIL's conversion; CIELAB L=50 is mid gray."""
+    import io
+
+    from PIL import Image, ImageCms
+
+    adobe = corpus.matrix_trc_profile(corpus.ADOBE_RGB, 2.2, "Adobe RGB (1998) test")
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    tone = Image.new("RGB", (32, 32), (180, 120, 90))
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        tone.save(buf, fmt, icc_profile=adobe, quality=100)
+        image, _ = shards.open_image(buf.getvalue(), 32)
+        r, g, b = (int(v) for v in np.asarray(shards.to_rgb(image))[16, 16])
+        assert r >= 195 and abs(g - 120) <= 3 and b <= 90, (fmt, r, g, b)
+    for profile in (srgb, b"not a profile"):
+        tagged = tone.copy()
+        tagged.info["icc_profile"] = profile
+        assert np.asarray(shards.to_rgb(tagged))[0, 0].tolist() == [180, 120, 90]
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
+    cmyk.info["icc_profile"] = srgb  # an RGB profile on CMYK pixels: unusable, PIL's formula instead
+    assert np.asarray(shards.to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+    assert np.asarray(shards.to_rgb(Image.new("LAB", (4, 4), (128, 128, 128))))[0, 0].tolist() == [119, 119, 119]
+
+
 def test_long_captions_are_kept_truncated_and_noted(bad):
     tok = TextTokenizer(train_bpe([corpus.CAPTION.decode()] * 20, vocab_size=300), text_len=16, skips=shards.SkipCounter())
     ids = tok.encode([corpus.LONG_CAPTION, corpus.CAPTION.decode()])

@@ -40,7 +40,7 @@ def validate_shard(url: str, image_size: int, min_image_size: int, max_pixels: i
                    text_len: int) -> dict:
     """Everything about one shard, as plain data (it crosses process boundaries)."""
     skips = SkipCounter(record=True, source=url)
-    modes, formats, wrong_ext = Counter(), Counter(), 0
+    modes, formats, wrong_ext, icc = Counter(), Counter(), 0, 0
     widths, heights, chars, captions = [], [], [], []
     ok = 0
     for sample in shard_samples(url, skips):
@@ -59,11 +59,13 @@ def validate_shard(url: str, image_size: int, min_image_size: int, max_pixels: i
         modes[image.mode] += 1
         formats[image.format or "?"] += 1
         wrong_ext += ext not in FORMAT_EXTS.get(image.format, (ext,))
+        icc += bool(image.info.get("icc_profile"))
         widths.append(w)
         heights.append(h)
         chars.append(len(text))
         captions.append(text)
     return {"shard": url, "ok": ok, "modes": dict(modes), "formats": dict(formats), "wrong_extension": wrong_ext,
+            "icc_profiles": icc,
             "upscaled": sum(min(w, h) < image_size for w, h in zip(widths, heights)),
             "widths": widths, "heights": heights, **caption_report(skips, captions, tokenizer, text_len)}
 
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
     else:
         summary.update(modes=dict(modes.most_common()), formats=dict(formats.most_common()),
                        wrong_extension=sum(r["wrong_extension"] for r in reports),
+                       icc_profiles=sum(r["icc_profiles"] for r in reports),
                        upscaled=sum(r["upscaled"] for r in reports), width=stats(every("widths")),
                        height=stats(every("heights")), image_size=args.image_size)
     bad_shards = sorted({p[1] for p in problems if p[0] in SHARD_REASONS})
@@ -223,7 +226,8 @@ def main(argv=None) -> int:
         converted = {m: n for m, n in modes.items() if m != "RGB"}
         print(f"image modes: {dict(modes.most_common())}" + (f" ({sum(converted.values())} converted to RGB)" if converted else ""))
         print(f"formats: {dict(formats.most_common())}; wrong extension: {summary['wrong_extension']}; "
-              f"upscaled (short side < {args.image_size}): {summary['upscaled']}")
+              f"upscaled (short side < {args.image_size}): {summary['upscaled']}; ICC-tagged (converted to sRGB "
+              f"unless sRGB): {summary['icc_profiles']}")
     for key in ("width", "height", "caption_chars", "caption_tokens"):
         if summary.get(key):
             print(f"{key}: {summary[key]}")

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from dalle_ar.config import ConfigError, DataError, load_json, save_json
 
@@ -444,11 +444,37 @@ def open_image(data: bytes, image_size: int, min_size: int = MIN_IMAGE_SIZE,
 _HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def to_srgb(image: Image.Image) -> Image.Image:
+    """Colour management: an image with an embedded ICC profile (CMYK press profiles, Adobe RGB, Display P3,
+    gray) or in CIELAB is converted to sRGB through littleCMS, so its colours mean what they meant to the
+    camera or the designer; PIL's plain CMYK -> RGB formula and an ignored wide-gamut profile both shift
+    them. sRGB-tagged and untagged images are returned as they are, and so is an image whose profile
+    littleCMS cannot use (PIL's conversion follows)."""
+    icc = image.info.get("icc_profile")
+    try:
+        if image.mode == "LAB":
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc)) if icc else ImageCms.createProfile("LAB")
+        elif icc and image.mode in ("RGB", "RGBA", "CMYK", "L"):
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            if "sRGB" in ImageCms.getProfileDescription(source):
+                return image
+        else:
+            return image
+        return ImageCms.profileToProfile(image, source, _SRGB, outputMode="RGBA" if image.mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, by what the pixels mean rather than PIL's default conversion:
-    16-bit and 32-bit grayscale are scaled to 8 bits (PIL clips: 16-bit white 65535 would stay white
-    but mid-gray 32768 would become white too); transparency is composited on white (PIL drops alpha,
-    and fully transparent pixels often hold black, which gives logos a black box)."""
+    """Any PIL mode -> RGB, by what the pixels mean rather than PIL's default conversion: embedded ICC
+    profiles and CIELAB are colour-managed to sRGB (`to_srgb`); 16-bit and 32-bit grayscale are scaled to
+    8 bits (PIL clips: 16-bit white 65535 would stay white but mid-gray 32768 would become white too);
+    transparency is composited on white (PIL drops alpha, and fully transparent pixels often hold black,
+    which gives logos a black box)."""
+    image = to_srgb(image)
     mode = image.mode
     if mode == "RGB":
         return image
