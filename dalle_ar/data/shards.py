@@ -16,7 +16,7 @@ import re
 import tarfile
 import warnings
 from collections import Counter
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -453,19 +453,29 @@ def to_srgb(image: Image.Image) -> Image.Image:
     camera or the designer; PIL's plain CMYK -> RGB formula and an ignored wide-gamut profile both shift
     them. sRGB-tagged and untagged images are returned as they are, and so is an image whose profile
     littleCMS cannot use (PIL's conversion follows)."""
-    icc = image.info.get("icc_profile")
-    try:
-        if image.mode == "LAB":
-            source = ImageCms.ImageCmsProfile(io.BytesIO(icc)) if icc else ImageCms.createProfile("LAB")
-        elif icc and image.mode in ("RGB", "RGBA", "CMYK", "L"):
-            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            if "sRGB" in ImageCms.getProfileDescription(source):
-                return image
-        else:
-            return image
-        return ImageCms.profileToProfile(image, source, _SRGB, outputMode="RGBA" if image.mode == "RGBA" else "RGB")
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+    icc = image.info.get("icc_profile") or None
+    if not (image.mode == "LAB" or (icc and image.mode in ("RGB", "RGBA", "CMYK", "L"))):
         return image
+    transform = _srgb_transform(icc, image.mode)
+    if transform is None:
+        return image
+    try:
+        return ImageCms.applyTransform(image, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image
+
+
+@lru_cache(maxsize=64)
+def _srgb_transform(icc: bytes | None, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The littleCMS transform from this profile (CIELAB when None) to sRGB, built once per distinct
+    profile (web images share a few: Display P3, Adobe RGB, press CMYK); None: sRGB already, or unusable."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc)) if icc else ImageCms.createProfile("LAB")
+        if icc and "sRGB" in ImageCms.getProfileDescription(source):
+            return None
+        return ImageCms.buildTransform(source, _SRGB, mode, "RGBA" if mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
