@@ -34,16 +34,17 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
 from bench.common import emit
 
-VARIANTS = {
-    "sdpa": dict(attention_backend="sdpa"),
-    "flex": dict(attention_backend="flex"),
+VARIANTS = {  # the headline first: a run cut short by a time limit keeps what it measured (--out is rewritten per variant)
     "flex_compile": dict(attention_backend="flex", compile=True),
     "full_compile": dict(attention="full", attention_backend="sdpa", compile=True),
+    "sdpa": dict(attention_backend="sdpa"),
+    "flex": dict(attention_backend="flex"),
     "unfused_adamw": dict(attention_backend="flex", compile=True, fused_adamw=False),
     "fp16": dict(attention_backend="flex", precision="fp16"),
     "fp16_resblock": dict(attention_backend="flex", precision="fp16", resblock_grad_scaling=True),
@@ -151,9 +152,12 @@ def in_subprocess(args, name: str, overrides: dict, timeout: int) -> dict:
 
 
 def largest(args) -> dict:
-    """Walk up LADDER with ZeRO-3 + CPU offload + activation checkpointing, batch 1; report each rung."""
+    """Walk up LADDER (or the --rungs of it) with ZeRO-3 + CPU offload + activation checkpointing, batch 1;
+    report each rung. The optimizer state lives in host memory (~16 bytes per parameter with fp32 master
+    weights and Adam moments), so host RAM bounds the ladder as much as GPU memory does."""
     rungs = []
-    for dim, depth, heads in LADDER:
+    picked = [LADDER[int(i)] for i in args.rungs.split(",")] if args.rungs else LADDER
+    for dim, depth, heads in picked:
         over = dict(dim=dim, depth=depth, heads=heads, zero_stage=3, offload="cpu", activation_checkpointing=True,
                     attention_backend="flex")
         sub = argparse.Namespace(**{**vars(args), "batch_size": 1, "steps": 2, "warmup": 1, "zero_stage": 3})
@@ -161,11 +165,20 @@ def largest(args) -> dict:
         rungs.append({k: r.get(k) for k in ("variant", "params_total", "seconds_per_step", "tokens_per_s",
                                             "model_tflops", "peak_memory_gib", "error")})
         print(json.dumps(rungs[-1]), file=sys.stderr, flush=True)
+        ok = [r for r in rungs if not r.get("error")]
+        result = {"bench": "largest_zero3_offload", "rungs": rungs, "complete": False,
+                  "largest_params": max((r["params_total"] for r in ok), default=None)}
+        write_partial(result, args.out)
         if "error" in r:
             break
-    ok = [r for r in rungs if not r.get("error")]
-    return {"bench": "largest_zero3_offload", "rungs": rungs,
-            "largest_params": max((r["params_total"] for r in ok), default=None)}
+    return {**result, "complete": True}
+
+
+def write_partial(result: dict, out: str | None) -> None:
+    """Write what is measured so far to --out (marked incomplete): a killed run keeps it."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv=None) -> dict:
@@ -181,8 +194,10 @@ def main(argv=None) -> dict:
                    help=f"comma list of {', '.join(VARIANTS)} (default: all on CUDA; sdpa on CPU, where flex has "
                         f"no backward)")
     p.add_argument("--largest", action="store_true", help="find the largest model for ZeRO-3 + CPU offload instead")
+    p.add_argument("--rungs", default=None, help=f"--largest: comma list of LADDER indices 0-{len(LADDER) - 1} "
+                                                 f"(default: all, smallest first)")
     p.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by device name)")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    p.add_argument("--timeout", type=int, default=540, help="seconds per variant")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the JSON result here (e.g. bench/results/NAME.json)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -209,13 +224,15 @@ def main(argv=None) -> dict:
         results.append(r)
         print(json.dumps({k: r.get(k) for k in ("variant", "tokens_per_s", "model_tflops", "mfu_vs_peak",
                                                 "peak_memory_gib", "error")}), file=sys.stderr, flush=True)
-    best = max((r for r in results if "model_tflops" in r), key=lambda r: r["model_tflops"], default=None)
-    return emit({"bench": "train_throughput", "device": device_name(args.device), "torch": torch.__version__,
-                 "preset": args.preset, "batch_size": args.batch_size, "zero_stage": args.zero_stage,
-                 "precision": "bf16" if args.device.startswith("cuda") else "fp32",
-                 "flop_convention": "6N + 12*L*d*seq per token (N non-embedding params, dense attention)",
-                 "peak_bf16_tflops": peak, "matmul_ceiling_tflops": ceiling,
-                 "best_variant": best and best["variant"], "variants": results}, args.out)
+        best = max((r for r in results if "model_tflops" in r), key=lambda r: r["model_tflops"], default=None)
+        result = {"bench": "train_throughput", "device": device_name(args.device), "torch": torch.__version__,
+                  "preset": args.preset, "batch_size": args.batch_size, "zero_stage": args.zero_stage,
+                  "precision": "bf16 (fp16 where the variant says)" if args.device.startswith("cuda") else "fp32",
+                  "flop_convention": "6N + 12*L*d*seq per token (N non-embedding params, dense attention)",
+                  "peak_bf16_tflops": peak, "matmul_ceiling_tflops": ceiling,
+                  "best_variant": best and best["variant"], "variants": results, "complete": False}
+        write_partial(result, args.out)
+    return emit({**result, "complete": True}, args.out)
 
 
 if __name__ == "__main__":
