@@ -6,8 +6,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
 COMPARE ?= outputs/compare
+BUDGET  ?= 5e13
+MATCHED ?= outputs/compare_matched_$(BUDGET)
 
-.PHONY: setup demo test bench clean compare compare-models
+.PHONY: setup demo test bench clean compare compare-models compare-matched
 
 setup: $(STAMP)
 
@@ -65,6 +67,26 @@ compare: compare-models
 		--eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 16 --samples-per-prompt 4 --seed 0 \
 		--ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 --unclip-steps 16,64 --real-images 256 --out $(COMPARE)/report
 	@echo "compare finished in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s: see $(COMPARE)/report/report.md"
+
+# `make compare-matched [BUDGET=5e13]`: the same comparison at a matched training budget. sample/compare.py
+# --train-budget-flops trains the AR transformer and the unCLIP prior + decoder itself, on the demo's 8,000 shapes
+# (images, and their tokens for AR), for the steps that bring each backend's training FLOPs to $(BUDGET): the
+# demo's dVAE counts in AR's, the prior gets 2% of unCLIP's (make compare's split). Same model recipes and evaluation
+# as `make compare`; reuses the demo's dVAE, tokenizer and CLIP and compare-models' evaluator CLIP (trained here
+# when missing). The default budget is about the demo's AR (dVAE + 800 transformer steps). Rerunning skips finished
+# runs. CPU: ~12 min of training after the demo, ~20 min in all.
+compare-matched: setup
+	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
+	mkdir -p $(MATCHED) && date +%s > $(MATCHED)/.start
+	@test -d $(COMPARE)/runs/eval_clip/export || $(PY) train/train_clip.py --data $(DEMO)/data/shapes \
+		--out $(COMPARE)/runs/eval_clip --seed 1 --embed_dim 64 --vision_layers 2 --vision_width 96 --text_layers 1 \
+		--text_width 64 --steps 150 --batch_size 64 --lr 2e-3 --warmup_steps 10 --save_every 0
+	$(PY) sample/compare.py --train-budget-flops $(BUDGET) --train-images $(DEMO)/data/shapes \
+		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
+		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 16 \
+		--samples-per-prompt 4 --seed 0 --ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 \
+		--unclip-steps 16,64 --real-images 256 --out $(MATCHED)
+	@echo "compare-matched finished in $$(( $$(date +%s) - $$(cat $(MATCHED)/.start) )) s: see $(MATCHED)/report.md"
 
 test: setup
 	$(PY) -m pytest -q

@@ -240,3 +240,46 @@ def stage_training_flops(model: nn.Module, export_dir: str | Path, export_config
     model.eval()
     per_step = per_micro * (info["grad_accum"] or 1)
     return {**info, "flops_per_step": per_step, "flops": per_step * info["steps"]}
+
+
+def plan_steps(budget: float, flops_per_step: dict[str, int], shares: dict[str, float] | None = None,
+               spent: dict[str, int] | None = None) -> dict:
+    """Optimizer steps per stage so that a backend's training FLOPs come to `budget` (sample/compare.py
+    --train-budget-flops). `flops_per_step` lists the stages to train, in order, with the FLOPs of one of
+    their optimizer steps (`count_flops(train_step_fn(...))` x gradient accumulation); `spent` the FLOPs of
+    stages trained before (AR's dVAE), which count first. Every stage but the last gets
+    floor(share x budget / flops_per_step) steps; the last gets floor(what is left / its flops_per_step).
+    Steps are whole, so 0 <= budget - planned < the last stage's flops_per_step.
+
+    Returns {"budget", "spent": {stage: flops}, "stages": {stage: {"steps", "flops_per_step", "flops"}},
+    "flops" (spent + planned), "left" (budget - flops)}. Raises ValueError when the budget cannot pay for
+    what was spent plus one step of every stage."""
+    shares, spent = dict(shares or {}), dict(spent or {})
+    names = list(flops_per_step)
+    if not names:
+        raise ValueError("plan_steps: no stage to train")
+    *head, last = names
+    if set(shares) != set(head):
+        raise ValueError(f"plan_steps: shares must name every stage but the last ({head}), got {sorted(shares)}")
+    if any(s <= 0 for s in shares.values()) or sum(shares.values()) >= 1:
+        raise ValueError(f"plan_steps: shares {shares} must be > 0 and sum to less than 1 (the last stage, {last}, "
+                         f"gets the rest)")
+    if any(f <= 0 for f in flops_per_step.values()):
+        raise ValueError(f"plan_steps: FLOPs per step must be > 0, got {flops_per_step}")
+    used = sum(spent.values())
+    if used + sum(flops_per_step.values()) > budget:
+        given = " + ".join(f"{name} {f:.3g}" for name, f in spent.items())
+        raise ValueError(f"budget {budget:.3g} FLOPs does not cover {given + ' (already trained) + ' if spent else ''}"
+                         f"one step of each stage to train ({', '.join(f'{n} {f:.3g}' for n, f in flops_per_step.items())}); "
+                         f"raise it to at least {used + sum(flops_per_step.values()):.3g}")
+    stages = {}
+    for name in names:
+        fps = int(flops_per_step[name])
+        steps = int((budget - used) // fps) if name == last else int(shares[name] * budget // fps)
+        if steps < 1:
+            part = "what the other stages leave" if name == last else f"share {shares[name]:g}"
+            raise ValueError(f"{part} of the budget {budget:.3g} FLOPs is less than one {name} step ({fps:.3g} "
+                             f"FLOPs); raise the budget or change the shares")
+        stages[name] = {"steps": steps, "flops_per_step": fps, "flops": steps * fps}
+        used += steps * fps
+    return {"budget": budget, "spent": spent, "stages": stages, "flops": used, "left": budget - used}

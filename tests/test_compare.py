@@ -1,5 +1,7 @@
 """sample/compare.py builds its report end to end from tiny (untrained) models made here: a DALL-E + dVAE
-export, a prior + decoder export, and two different CLIPs; and it refuses an evaluator equal to the rerank CLIP."""
+export, a prior + decoder export, and two different CLIPs; and it refuses an evaluator equal to the rerank CLIP.
+With --train-budget-flops it trains tiny models itself on tiny shards so that each backend's counted training
+FLOPs come to the budget (the planner, metrics.plan_steps, is checked against hand-computed values)."""
 
 import json
 import runpy
@@ -10,15 +12,17 @@ from conftest import ROOT
 
 from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.clip import build_clip, clip_export_config, export_files
+from dalle_ar import metrics
 from dalle_ar.config import ClipConfig, ConfigError, DalleConfig, DiffusionConfig, DVAEConfig, PriorConfig, UnetConfig
-from dalle_ar.data import synthetic
+from dalle_ar.data import shards, synthetic
 from dalle_ar.model import DalleTransformer
 from dalle_ar.text import TextTokenizer, train_bpe
 from dalle_ar.unclip.decoder import UnetDecoder
 from dalle_ar.unclip.prior import DiffusionPrior
 from dvae import DiscreteVAE
 
-compare = runpy.run_path(str(ROOT / "sample/compare.py"))["main"]
+script = runpy.run_path(str(ROOT / "sample/compare.py"))
+compare = script["main"]
 
 
 def export(model, run_dir, config, extra=None, steps=5, batch_size=2):
@@ -54,7 +58,7 @@ def models(tmp_path_factory):
     decoder = UnetDecoder(UnetConfig(image_size=16, channels=8, channel_mult="1,2", num_res_blocks=1,
                                      attention_resolutions="8", head_channels=8, embed_dim=16), DiffusionConfig())
     decoder_dir = export(decoder, d / "decoder", decoder.export_config(stage="base", clip=str(clips["clip"])))
-    return {"dir": d, "dalle": dalle, "prior": prior_dir, "decoder": decoder_dir, **clips}
+    return {"dir": d, "dvae": dvae, "dalle": dalle, "prior": prior_dir, "decoder": decoder_dir, **clips}
 
 
 def args(m, out, *extra):
@@ -99,3 +103,122 @@ def test_evaluator_equal_to_the_rerank_clip_is_refused(models, tmp_path):
     bad[bad.index("--eval-clip") + 1] = str(models["clip"])
     with pytest.raises(ConfigError, match="--eval-clip .* is the CLIP used for reranking"):
         compare(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# --train-budget-flops
+# ------------------------------------------------------------------------------------------------
+
+def test_plan_gives_the_last_stage_what_is_left():
+    # AR: the dVAE's 100 FLOPs count first; transformer steps of 30 FLOPs: floor(900 / 30) = 30, none left
+    ar = metrics.plan_steps(1000, {"transformer": 30}, spent={"dvae": 100})
+    assert ar["stages"] == {"transformer": {"steps": 30, "flops_per_step": 30, "flops": 900}}
+    assert ar["flops"] == 1000 and ar["left"] == 0
+    # unCLIP: prior floor(0.25 * 1000 / 7) = 35 steps (245), decoder floor(755 / 40) = 18 steps (720), 35 left < 40
+    un = metrics.plan_steps(1000, {"prior": 7, "decoder": 40}, shares={"prior": 0.25})
+    assert [(s["steps"], s["flops"]) for s in un["stages"].values()] == [(35, 245), (18, 720)]
+    assert un["flops"] == 965 and un["left"] == 35
+    # rounding: floor((1000 - 101) / 30) = 29 steps, 29 left over (less than one step)
+    assert metrics.plan_steps(1000, {"transformer": 30}, spent={"dvae": 101})["left"] == 29
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(spent={"dvae": 1200}), r"does not cover dvae 1.2e\+03 \(already trained\).*raise it to at least 1.23e\+03"),
+    (dict(spent={"dvae": 990}), r"raise it to at least 1.02e\+03"),  # the dVAE leaves less than one step
+])
+def test_plan_refuses_a_budget_the_dvae_alone_spends(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.plan_steps(1000, {"transformer": 30}, **kwargs)
+
+
+def test_plan_refuses_bad_shares():
+    with pytest.raises(ValueError, match="less than one prior step"):
+        metrics.plan_steps(1000, {"prior": 7, "decoder": 40}, shares={"prior": 0.005})
+    with pytest.raises(ValueError, match="less than one decoder step"):
+        metrics.plan_steps(1000, {"prior": 7, "decoder": 40}, shares={"prior": 0.99})
+    with pytest.raises(ValueError, match="shares must name every stage but the last"):
+        metrics.plan_steps(1000, {"prior": 7, "decoder": 40})
+
+
+@pytest.fixture(scope="module")
+def training_data(models):
+    """Tiny image shards, their token shards from the fixture's dVAE (train/encode.py)."""
+    d = models["dir"] / "train_data"
+    shards.write_image_shards(((f"{i:09d}", *synthetic.make_example(i, image_size=32)) for i in range(48)),
+                              d / "images", samples_per_shard=24)
+    runpy.run_path(str(ROOT / "train/encode.py"))["main"](
+        ["--dvae", str(models["dvae"]), "--data", str(d / "images"), "--out", str(d / "tokens"), "--num_workers", "0"])
+    return {"images": str(d / "images"), "tokens": str(d / "tokens")}
+
+
+TINY = ["--transformer-args", "--dim 32 --depth 1 --heads 2 --batch_size 4 --warmup_steps 1",
+        "--prior-args", "--dim 32 --depth 1 --heads 2 --batch_size 4 --warmup_steps 1 --eval_samples 4 --eval_steps 2",
+        "--decoder-args", "--image_size 16 --channels 8 --channel_mult 1,2 --head_channels 8 --batch_size 4 "
+                          "--warmup_steps 1 --sample_steps 2 --num_samples 2 --sample_every 0"]
+BUDGET = 2e9  # tiny models: the fixture's dVAE run (5 steps) + 5-20 steps of each trained stage
+
+
+def budget_args(m, data, out, *extra):
+    return ["--train-budget-flops", f"{BUDGET:g}", "--train-images", data["images"], "--train-tokens", data["tokens"],
+            "--tokenizer", str(m["dir"] / "tokenizer.json"), "--clip", str(m["clip"]), "--eval-clip", str(m["eval_clip"]),
+            "--budget-prior-share", "0.1", *TINY, "--synthetic-prompts", "2", "--samples-per-prompt", "2",
+            "--real-images", "8", "--bootstrap", "10", "--timing-images", "1", "--ar-rerank", "1",
+            "--unclip-guidance", "3", "--unclip-steps", "2", "--batch-size", "8", "--no-progress", "--out", str(out),
+            *extra]
+
+
+def test_matched_budget_trains_both_backends_to_the_budget(models, training_data, tmp_path):
+    out = tmp_path / "report"
+    report = compare(budget_args(models, training_data, out))
+    saved = json.loads((out / "report.json").read_text())
+    budget, cost = saved["train_budget"], saved["cost"]
+    assert budget["budget_flops"] == BUDGET
+    for backend, stages in (("ar", ["transformer"]), ("unclip", ["prior", "decoder"])):
+        plan, counted = budget[backend], cost[backend]["training"]
+        assert list(plan["stages"]) == stages
+        for stage, p in plan["stages"].items():  # planned before training == counted on the export afterwards
+            assert p["steps"] >= 1 and p["trained_now"]
+            assert counted[stage]["steps"] == p["steps"] and counted[stage]["flops_per_step"] == p["flops_per_step"]
+        last = plan["stages"][stages[-1]]["flops_per_step"]
+        assert 0 <= BUDGET - cost[backend]["training_flops"] < last  # within one step of the budget
+        assert budget[backend]["counted_flops"] == cost[backend]["training_flops"]
+    assert cost["ar"]["training"]["dvae"]["flops"] == budget["ar"]["spent"]["dvae"] > 0
+    prior = budget["unclip"]["stages"]["prior"]
+    assert prior["flops"] <= 0.1 * BUDGET < prior["flops"] + prior["flops_per_step"]
+    assert report["models"]["ar"] == str(out / "runs" / "transformer" / "export")
+    md = (out / "report.md").read_text()
+    assert "## Matched training budget" in md and "`--train-budget-flops 2e+09`" in md
+
+    # the same command again: every run is finished, so nothing is retrained (only planned and checked)
+    args = script["build_parser"]().parse_args(budget_args(models, training_data, out))
+    plan = script["train_matched"](args)
+    assert not any(p["trained_now"] for backend in ("ar", "unclip") for p in plan[backend]["stages"].values())
+    # another budget over the same runs is refused rather than mixed into them
+    args = script["build_parser"]().parse_args(budget_args(models, training_data, out))
+    args.train_budget_flops = 2 * BUDGET
+    with pytest.raises(ConfigError, match="trained under another plan"):
+        script["train_matched"](args)
+
+
+def test_budget_below_the_dvae_run_is_a_one_line_error(models, training_data, tmp_path):
+    argv = budget_args(models, training_data, tmp_path / "r")
+    argv[argv.index("--train-budget-flops") + 1] = "1e8"  # the fixture's dVAE run alone took 1.28e8
+    with pytest.raises(ConfigError, match=r"--train-budget-flops 1e\+08 \(AR: dVAE .*\): budget 1e\+08 FLOPs does not "
+                                          r"cover dvae 1.28e\+08 \(already trained\)") as e:
+        compare(argv)
+    assert "\n" not in str(e.value) and not (tmp_path / "r" / "runs" / "transformer").exists()
+
+
+def test_budget_mode_refuses_exports_and_missing_inputs(models, training_data, tmp_path):
+    with pytest.raises(ConfigError, match="drop --ar"):
+        compare(budget_args(models, training_data, tmp_path / "r", "--ar", str(models["dalle"])))
+    argv = budget_args(models, training_data, tmp_path / "r")
+    argv[argv.index("--transformer-args") + 1] += " --steps 5"
+    with pytest.raises(ConfigError, match="--transformer-args: --steps is set by compare.py"):
+        compare(argv)
+    only_ar = args(models, tmp_path / "r")
+    for flag in ("--unclip-prior", "--unclip-decoder"):
+        i = only_ar.index(flag)
+        del only_ar[i:i + 2]
+    with pytest.raises(ConfigError, match="--unclip-prior, --unclip-decoder missing: pass the trained exports"):
+        compare(only_ar)
