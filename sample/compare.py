@@ -83,6 +83,7 @@ from dalle_ar.config import (ConfigError, DalleConfig, DiffusionConfig, DVAEConf
                              UnetConfig, load_json, parse, run_cli, save_json)
 from dalle_ar.data import synthetic
 from dalle_ar.data.embeddings import read_meta
+from dalle_ar.engine import Stopped
 from dalle_ar.model import DalleTransformer
 from dalle_ar.report import device_name, markdown_table, save_grid, scatter_plot
 from dalle_ar.text import TextTokenizer
@@ -512,7 +513,11 @@ def train_stage(stage: str, argv: list[str], steps: int) -> tuple[Path, bool]:
     run.mkdir(parents=True, exist_ok=True)
     save_json(record, full)
     print(f"{stage}: python train/{TRAINERS[stage]}.py {shlex.join(full)}", flush=True)
-    return Path(load_script(ROOT / "train" / f"{TRAINERS[stage]}.py").main(full)), True
+    try:
+        return Path(load_script(ROOT / "train" / f"{TRAINERS[stage]}.py").main(full)), True
+    except Stopped:  # the trainer saved a checkpoint; no report without all three models, so not exit status 0
+        raise SystemExit(f"error: {stage} stopped by a signal before step {steps} (checkpoint saved in {run}); run the "
+                         f"same command again to resume") from None
 
 
 def train_matched(args) -> dict:
