@@ -373,9 +373,6 @@ class Trainer:
         if cfg.resblock_grad_scaling:  # fp16: a gradient scale per residual branch (paper appendix D)
             if not hasattr(model, "enable_resblock_grad_scaling"):
                 raise ConfigError(f"--resblock_grad_scaling: {type(model).__name__} has no resblocks to scale; drop the flag")
-            if cfg.compile:
-                raise ConfigError("--resblock_grad_scaling and --compile: the scaling's autograd hooks are not compiled; "
-                                  "drop one of them")
             fp16 = ds_config["fp16"]  # the per-branch scales start and grow like DeepSpeed's global one
             self.grad_scaler = model.enable_resblock_grad_scaling(init_scale=2.0 ** fp16["initial_scale_power"],
                                                                   window=fp16["loss_scale_window"])

@@ -3,7 +3,6 @@ to its branch, and the real DeepSpeed fp16 engine trains and resumes with it on 
 
 import copy
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -48,6 +47,25 @@ def test_fp32_gradients_are_bit_identical_at_any_power_of_two_scales(extras, rec
     # no gradient, no scaling: eval forwards are the plain model's
     with torch.no_grad():
         assert torch.equal(ref(*batch())[1], model(*batch())[1])
+
+
+def test_torch_compile_keeps_the_scaling():
+    """--compile with --resblock_grad_scaling: the compiled graph reads the current scales (not constants
+    baked in at compile time), flags overflows and skips the step the same way."""
+    torch.manual_seed(0)
+    ref = DalleTransformer(DalleConfig(**{**CFG.__dict__, "depth": 1}))
+    model = copy.deepcopy(ref)
+    scaler = model.enable_resblock_grad_scaling()
+    model.compile()
+    scaler.scales.copy_(torch.tensor([2.0 ** -3, 2.0 ** 9]))
+    scaler.set_loss_scale(2.0 ** 5)
+    want, got = grads(ref), grads(model, loss_scale=2.0 ** 5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name] * 2 ** 5, rtol=1e-4, atol=1e-6, msg=name)
+    assert not scaler.overflow.any()
+    scaler.scales[1] = float("inf")  # after compilation: branch 1 overflows now
+    got = grads(model, loss_scale=2.0 ** 5)
+    assert scaler.overflow.tolist() == [False, True] and torch.isnan(got["bos"]).all()
 
 
 def block_grad_error(ref_grads, model_grads, loss_scale):
@@ -140,8 +158,6 @@ def test_config_errors(tmp_path, cpu_fp16):
     cfg = TrainConfig(out=str(tmp_path), precision="fp16", resblock_grad_scaling=True, wandb="disabled")
     with pytest.raises(ConfigError, match="Linear has no resblocks"):
         Trainer(torch.nn.Linear(2, 2), cfg, name="x", export_config={})
-    with pytest.raises(ConfigError, match="and --compile"):
-        Trainer(DalleTransformer(MODEL), replace(cfg, compile=True), name="x", export_config={})
 
 
 def fp16_run(tmp_path, out, steps, save_every=0, stop_at=None, precision="fp16", after_step=None, stage=2):
