@@ -80,7 +80,6 @@ def main(argv=None) -> dict:
     scaler.set_loss_scale(1.0)
     for k in range(0, 48):
         scaler.scales.fill_(2.0 ** k)
-        scaler.max_scale = 2.0 ** 64
         block_grads(scaled, batch, 1.0)
         flags = scaler.overflow.tolist()
         scaler.overflow.zero_()

@@ -33,8 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
@@ -168,17 +167,10 @@ def largest(args) -> dict:
         ok = [r for r in rungs if not r.get("error")]
         result = {"bench": "largest_zero3_offload", "rungs": rungs, "complete": False,
                   "largest_params": max((r["params_total"] for r in ok), default=None)}
-        write_partial(result, args.out)
+        emit(result, args.out, echo=False)  # a run cut short keeps what it measured
         if "error" in r:
             break
     return {**result, "complete": True}
-
-
-def write_partial(result: dict, out: str | None) -> None:
-    """Write what is measured so far to --out (marked incomplete): a killed run keeps it."""
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv=None) -> dict:
@@ -231,7 +223,7 @@ def main(argv=None) -> dict:
                   "flop_convention": "6N + 12*L*d*seq per token (N non-embedding params, dense attention)",
                   "peak_bf16_tflops": peak, "matmul_ceiling_tflops": ceiling,
                   "best_variant": best and best["variant"], "variants": results, "complete": False}
-        write_partial(result, args.out)
+        emit(result, args.out, echo=False)  # a run cut short keeps what it measured
     return emit({**result, "complete": True}, args.out)
 
 

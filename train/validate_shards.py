@@ -17,7 +17,6 @@ truncated or empty, or more than --max_skip_fraction of the samples would be ski
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -41,7 +40,7 @@ def validate_shard(url: str, image_size: int, min_image_size: int, max_pixels: i
     """Everything about one shard, as plain data (it crosses process boundaries)."""
     skips = SkipCounter(record=True, source=url)
     modes, formats, wrong_ext, icc = Counter(), Counter(), 0, 0
-    widths, heights, chars, captions = [], [], [], []
+    widths, heights, captions = [], [], []
     ok = 0
     for sample in shard_samples(url, skips):
         skips.saw()
@@ -62,7 +61,6 @@ def validate_shard(url: str, image_size: int, min_image_size: int, max_pixels: i
         icc += bool(image.info.get("icc_profile"))
         widths.append(w)
         heights.append(h)
-        chars.append(len(text))
         captions.append(text)
     return {"shard": url, "ok": ok, "modes": dict(modes), "formats": dict(formats), "wrong_extension": wrong_ext,
             "icc_profiles": icc,
