@@ -18,7 +18,9 @@ import torch
 import webdataset as wds
 
 from dalle_ar.config import ConfigError, load_json
-from dalle_ar.data.shards import SkipCounter, TokenShards, _dataset, _Pipeline, image_text_dataset, shard_urls, token_shard_name
+from dalle_ar.data.decode import SkipCounter
+from dalle_ar.data.read import FluidPipeline, image_text_dataset, raw_dataset, shard_urls
+from dalle_ar.data.write import TokenShards, token_shard_name
 
 META = "meta.json"
 
@@ -85,7 +87,7 @@ def embedding_dataset(spec: str | list[str], *, resampled: bool = False, shuffle
                       skips: SkipCounter | None = None, split: bool = True):
     """Yields (image_embed (D,) float, text_embed (D,) float, caption str, key)."""
     skips = skips if skips is not None else SkipCounter()
-    return _dataset(spec, resampled, shuffle, seed, skips, split).compose(partial(_embedding_text, skips=skips))
+    return raw_dataset(spec, resampled, shuffle, seed, skips, split).compose(partial(_embedding_text, skips=skips))
 
 
 def _paired_samples(image_size: int, embeddings: Path, skips: SkipCounter):
@@ -117,5 +119,5 @@ def image_embedding_dataset(spec: str, embeddings: str | Path, image_size: int, 
     each read beside its embedding shard."""
     urls = shard_urls(spec)
     skips = skips or SkipCounter()
-    ds = _Pipeline(wds.ResampledShards(urls, seed=seed, deterministic=True), _paired_samples(image_size, Path(embeddings), skips))
+    ds = FluidPipeline(wds.ResampledShards(urls, seed=seed, deterministic=True), _paired_samples(image_size, Path(embeddings), skips))
     return ds.shuffle(shuffle, seed=seed) if shuffle else ds
