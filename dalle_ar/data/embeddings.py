@@ -4,7 +4,8 @@ Each image shard `.../NAME.tar` gets `<emb>/NAME.tar` with, per sample that deco
 and `KEY.txt_emb.npy` (unit-norm float32 CLIP embeddings) and `KEY.txt` (the caption). Keys and order are
 those of the image shard, so the decoder reads an image shard and its embedding shard side by side
 (`image_embedding_dataset`); the prior needs only the embedding shards (`embedding_dataset`).
-Writing, resuming and progress records are `TokenShards`' (one record per finished shard).
+Writing, resuming and progress records are `write.TokenShards`' (one record per finished shard); reading
+composes an embedding decode stage on `read.raw_dataset`, as `read.image_text_dataset` does for images.
 """
 
 from __future__ import annotations
