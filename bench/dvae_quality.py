@@ -21,7 +21,7 @@ from bench.common import emit
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.config import DVAEConfig, run_cli
 from dalle_ar.data import synthetic
-from dalle_ar.data.shards import batches, image_text_dataset
+from dalle_ar.data.read import batches, image_text_dataset
 from dalle_ar.report import device_name, save_grid
 from dvae import DiscreteVAE
 from dvae.loss import codebook_usage

@@ -32,7 +32,7 @@ def train_bpe(captions: Iterable[str], vocab_size: int = 16384, min_frequency: i
 
 class TextTokenizer:
     """Fixed-length caption encoder with per-position pad tokens. Overlong captions are truncated and
-    counted (`num_truncated`, and as the note "long_caption" in `skips`, a data.shards.SkipCounter)."""
+    counted (`num_truncated`, and as the note "long_caption" in `skips`, a data.decode.SkipCounter)."""
 
     def __init__(self, tokenizer: Tokenizer, text_len: int, skips=None):
         self.tokenizer = tokenizer

@@ -21,7 +21,7 @@ from PIL import Image
 
 from dalle_ar.config import run_cli, save_json
 from dalle_ar.data import synthetic
-from dalle_ar.data.shards import image_to_tensor
+from dalle_ar.data.decode import image_to_tensor
 from dalle_ar.report import device_name, save_grid
 from dalle_ar.unclip.pipeline import UnclipPipeline
 

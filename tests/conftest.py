@@ -37,8 +37,8 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def shapes_shards(tmp_path_factory) -> Path:
     """A small synthetic shard set (300 images over 3 shards), shared by the tests that read data."""
-    from dalle_ar.data import shards, synthetic
+    from dalle_ar.data import synthetic, write
 
     out = tmp_path_factory.mktemp("shapes")
-    shards.write_image_shards(((f"{i:09d}", *synthetic.make_example(i)) for i in range(300)), out, samples_per_shard=100)
+    write.write_image_shards(((f"{i:09d}", *synthetic.make_example(i)) for i in range(300)), out, samples_per_shard=100)
     return out

@@ -13,7 +13,7 @@ crawl produces):
   000004.tar  not a tar at all
 
 Read it with IMAGE_SIZE and MAX_PIXELS (a small limit stands in for a really huge image). Each
-sample's outcome is "ok" or the skip reason (a key of `dalle_ar.data.shards.SKIP_REASONS`); PIXELS
+sample's outcome is "ok" or the skip reason (a key of `dalle_ar.data.decode.SKIP_REASONS`); PIXELS
 gives the RGB values a converted image must have at a few points of the (3, S, S) output.
 """
 

@@ -18,7 +18,8 @@ from conftest import ROOT, run_script, script_env
 import corpus
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
 from dalle_ar.config import ConfigError, DalleConfig, DataError, DVAEConfig, TrainConfig, from_dict, parse
-from dalle_ar.data import shards
+from dalle_ar.data import decode
+from dalle_ar.data.read import batches, captions, image_text_dataset, token_dataset
 from dalle_ar.engine import build_ds_config
 from dalle_ar.text import TextTokenizer, check_vocab, train_bpe
 
@@ -30,18 +31,18 @@ def bad(tmp_path_factory):
 
 def read(path, skips, **kw):
     kw = {"max_pixels": corpus.MAX_PIXELS, "uint8": True, **kw}
-    return {key: (image, text) for image, text, key in shards.image_text_dataset(str(path), corpus.IMAGE_SIZE, skips=skips, **kw)}
+    return {key: (image, text) for image, text, key in image_text_dataset(str(path), corpus.IMAGE_SIZE, skips=skips, **kw)}
 
 
 def test_every_case_is_converted_or_skipped_with_its_reason(bad):
-    skips = shards.SkipCounter(record=True)
+    skips = decode.SkipCounter(record=True)
     got = read(bad, skips)
     assert sorted(got) == sorted(corpus.expected_ok())
     assert skips.counts == corpus.expected_counts()
     by_key = {key: reason for reason, _, key, _ in skips.problems if key and reason != "truncated_shard"}
     assert by_key == {k: outcome for k, (_, outcome, _) in corpus.SAMPLES.items() if outcome != "ok"}
     assert {shard.rsplit("/", 1)[-1]: reason for reason, shard, _, _ in skips.problems
-            if reason in shards.SHARD_REASONS} == corpus.SHARDS
+            if reason in decode.SHARD_REASONS} == corpus.SHARDS
     # samples read (27, and the 3 before the damage) + 4 shard-level problems (the sample lost in the damage is one)
     assert skips.seen == len(corpus.SAMPLES) + 3 + 4 and skips.total == 14
     for key, (_, outcome, pixels) in corpus.SAMPLES.items():
@@ -55,15 +56,15 @@ def test_every_case_is_converted_or_skipped_with_its_reason(bad):
 
 
 def test_skips_in_dataloader_workers_reach_the_main_process(bad):
-    skips = shards.SkipCounter()
-    ds = shards.image_text_dataset(str(bad), corpus.IMAGE_SIZE, skips=skips, max_pixels=corpus.MAX_PIXELS)
-    keys = [k for _, _, batch in shards.batches(ds, 4, num_workers=2) for k in batch]
+    skips = decode.SkipCounter()
+    ds = image_text_dataset(str(bad), corpus.IMAGE_SIZE, skips=skips, max_pixels=corpus.MAX_PIXELS)
+    keys = [k for _, _, batch in batches(ds, 4, num_workers=2) for k in batch]
     assert sorted(keys) == sorted(corpus.expected_ok())
     assert skips.counts == corpus.expected_counts() and skips.seen == len(corpus.SAMPLES) + 7
 
 
 def test_too_many_skips_stop_with_a_message_naming_validate_shards(bad):
-    skips = shards.SkipCounter()
+    skips = decode.SkipCounter()
     read(bad, skips)
     skips.check(0.5)  # 14 of 34 is under half
     skips.check(0.01, min_seen=1000)  # too early to judge
@@ -74,23 +75,23 @@ def test_too_many_skips_stop_with_a_message_naming_validate_shards(bad):
 
 
 def test_resampled_stream_over_only_empty_shards_stops_instead_of_spinning(bad):
-    skips = shards.SkipCounter()
-    ds = shards.image_text_dataset([str(bad / "000002.tar"), str(bad / "000003.tar")], 32, resampled=True, skips=skips)
+    skips = decode.SkipCounter()
+    ds = image_text_dataset([str(bad / "000002.tar"), str(bad / "000003.tar")], 32, resampled=True, skips=skips)
     with pytest.raises(DataError, match="20 shards in a row gave no sample"):
         next(iter(ds))
     assert skips.counts == {"empty_shard": 20}
 
 
 def test_limits_are_configurable(bad):
-    skips = shards.SkipCounter()
-    got = read(bad, skips, max_pixels=shards.MAX_PIXELS, min_image_size=1)  # the huge and the 1x1 image are kept
+    skips = decode.SkipCounter()
+    got = read(bad, skips, max_pixels=decode.MAX_PIXELS, min_image_size=1)  # the huge and the 1x1 image are kept
     assert {"huge_png", "tiny_1x1_png"} <= set(got) and "image_too_large" not in skips.counts
     assert (got["tiny_1x1_png"][0] == torch.tensor(corpus.RED, dtype=torch.uint8)[:, None, None]).all()
 
 
 def test_captions_for_the_tokenizer_skip_empty_and_non_utf8(bad):
-    skips = shards.SkipCounter()
-    texts = list(shards.captions(str(bad), skips))
+    skips = decode.SkipCounter()
+    texts = list(captions(str(bad), skips))
     assert "" not in texts and corpus.LONG_CAPTION.strip() in texts and corpus.CAPTION.decode() in texts
     assert skips.counts["empty_caption"] == 2 and skips.counts["non_utf8_caption"] == 1
 
@@ -108,21 +109,21 @@ def test_icc_profiles_and_lab_are_colour_managed_to_srgb():
     for fmt in ("PNG", "JPEG"):
         buf = io.BytesIO()
         tone.save(buf, fmt, icc_profile=adobe, quality=100)
-        image, _ = shards.open_image(buf.getvalue(), 32)
-        r, g, b = (int(v) for v in np.asarray(shards.to_rgb(image))[16, 16])
+        image, _ = decode.open_image(buf.getvalue(), 32)
+        r, g, b = (int(v) for v in np.asarray(decode.to_rgb(image))[16, 16])
         assert r >= 195 and abs(g - 120) <= 3 and b <= 90, (fmt, r, g, b)
     for profile in (srgb, b"not a profile"):
         tagged = tone.copy()
         tagged.info["icc_profile"] = profile
-        assert np.asarray(shards.to_rgb(tagged))[0, 0].tolist() == [180, 120, 90]
+        assert np.asarray(decode.to_rgb(tagged))[0, 0].tolist() == [180, 120, 90]
     cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
     cmyk.info["icc_profile"] = srgb  # an RGB profile on CMYK pixels: unusable, PIL's formula instead
-    assert np.asarray(shards.to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
-    assert np.asarray(shards.to_rgb(Image.new("LAB", (4, 4), (128, 128, 128))))[0, 0].tolist() == [119, 119, 119]
+    assert np.asarray(decode.to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+    assert np.asarray(decode.to_rgb(Image.new("LAB", (4, 4), (128, 128, 128))))[0, 0].tolist() == [119, 119, 119]
 
 
 def test_long_captions_are_kept_truncated_and_noted(bad):
-    tok = TextTokenizer(train_bpe([corpus.CAPTION.decode()] * 20, vocab_size=300), text_len=16, skips=shards.SkipCounter())
+    tok = TextTokenizer(train_bpe([corpus.CAPTION.decode()] * 20, vocab_size=300), text_len=16, skips=decode.SkipCounter())
     ids = tok.encode([corpus.LONG_CAPTION, corpus.CAPTION.decode()])
     assert ids.shape == (2, 16) and tok.num_truncated == 1 and tok.skips.notes == {"long_caption": 1}
     assert tok.skips.summary().endswith("long_caption 1 (kept)")
@@ -157,8 +158,8 @@ def test_token_samples_from_another_dvae_are_skipped_not_crashed_on(tmp_path):
     """A shard encoded with another dVAE (another grid, a larger codebook) would break batching or index past
     the embedding table mid-run; training gives the grid and codebook, and such samples are counted."""
     write_tar(tmp_path / "000000.tar", token_members())
-    skips = shards.SkipCounter(record=True)
-    got = [key for _, _, key in shards.token_dataset(str(tmp_path / "000000.tar"), skips=skips, grid=4, num_tokens=64)]
+    skips = decode.SkipCounter(record=True)
+    got = [key for _, _, key in token_dataset(str(tmp_path / "000000.tar"), skips=skips, grid=4, num_tokens=64)]
     assert got == ["good"] and skips.counts == {"corrupt_codes": 3, "missing_codes": 1}
     details = {p[2]: p[3] for p in skips.problems}
     assert details["other_grid"] == "shape (3, 3), expected (4, 4)"
@@ -201,8 +202,8 @@ def test_token_shards_skip_bad_samples_and_never_unpickle(tmp_path):
                "no_codes": {"txt": b"x"}, "no_caption": {"codes.npy": good}, "blank": {"codes.npy": good, "txt": b"  "},
                "wrong_shape": {"codes.npy": np.zeros(16, np.uint16), "txt": b"x"}}
     write_tar(tmp_path / "000000.tar", members)
-    skips = shards.SkipCounter()
-    got = {key: (codes, text) for codes, text, key in shards.token_dataset(str(tmp_path / "000000.tar"), skips=skips)}
+    skips = decode.SkipCounter()
+    got = {key: (codes, text) for codes, text, key in token_dataset(str(tmp_path / "000000.tar"), skips=skips)}
     assert sorted(got) == ["good", "pyd_member"] and got["pyd_member"][1] == "a blue square"
     assert skips.counts == {"corrupt_codes": 2, "missing_codes": 1, "missing_caption": 1, "empty_caption": 1}
     assert not marker.exists()

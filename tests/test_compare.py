@@ -14,7 +14,7 @@ from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.clip import build_clip, clip_export_config, export_files
 from dalle_ar import metrics
 from dalle_ar.config import ClipConfig, ConfigError, DalleConfig, DiffusionConfig, DVAEConfig, PriorConfig, UnetConfig
-from dalle_ar.data import shards, synthetic
+from dalle_ar.data import synthetic, write
 from dalle_ar.model import DalleTransformer
 from dalle_ar.text import TextTokenizer, train_bpe
 from dalle_ar.unclip.decoder import UnetDecoder
@@ -144,7 +144,7 @@ def test_plan_refuses_bad_shares():
 def training_data(models):
     """Tiny image shards, their token shards from the fixture's dVAE (train/encode.py)."""
     d = models["dir"] / "train_data"
-    shards.write_image_shards(((f"{i:09d}", *synthetic.make_example(i, image_size=32)) for i in range(48)),
+    write.write_image_shards(((f"{i:09d}", *synthetic.make_example(i, image_size=32)) for i in range(48)),
                               d / "images", samples_per_shard=24)
     runpy.run_path(str(ROOT / "train/encode.py"))["main"](
         ["--dvae", str(models["dvae"]), "--data", str(d / "images"), "--out", str(d / "tokens"), "--num_workers", "0"])

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, script_env
 from safetensors.torch import load_file
 
-from dalle_ar.data import shards, synthetic
+from dalle_ar.data import synthetic, write
 from dalle_ar.text import TextTokenizer, train_bpe
 
 STEPS = 12
@@ -29,7 +29,7 @@ def token_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("tokens")
     rng = np.random.default_rng(0)
     examples = [(f"{i:09d}", rng.integers(0, 512, (8, 8)), synthetic.make_example(i)[1]) for i in range(96)]
-    shards.write_token_shards(examples, d / "tokens", samples_per_shard=32)
+    write.write_token_shards(examples, d / "tokens", samples_per_shard=32)
     TextTokenizer(train_bpe([c for _, _, c in examples], vocab_size=300), 16).save(d / "tok" / "tokenizer.json")
     return d
 

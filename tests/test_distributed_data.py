@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import run_script
 
-from dalle_ar.data import shards, synthetic
+from dalle_ar.data import synthetic, write
 from dalle_ar.engine import _free_port
 
 
@@ -15,7 +15,7 @@ from dalle_ar.engine import _free_port
 def token_shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("tokens")
     rng = np.random.default_rng(0)
-    shards.write_token_shards(((f"{i:09d}", rng.integers(0, 512, (8, 8)), synthetic.make_example(i)[1])
+    write.write_token_shards(((f"{i:09d}", rng.integers(0, 512, (8, 8)), synthetic.make_example(i)[1])
                                for i in range(128)), d, samples_per_shard=16)
     return d
 

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
 from dalle_ar.config import ConfigError, DVAEConfig
-from dalle_ar.data import shards, synthetic
+from dalle_ar.data import read, synthetic, write
 from dvae import DiscreteVAE
 
 encode = runpy.run_path(str(ROOT / "train/encode.py"))["main"]
@@ -28,7 +28,7 @@ def export_dvae(path, seed):
 def setup(tmp_path_factory):
     """25 images in shards of 10, 10, 5; batches of 4, so shards end in partial batches; a clean run."""
     d = tmp_path_factory.mktemp("encode")
-    shards.write_image_shards(((f"{i:09d}", *synthetic.make_example(i)) for i in range(25)), d / "images",
+    write.write_image_shards(((f"{i:09d}", *synthetic.make_example(i)) for i in range(25)), d / "images",
                               samples_per_shard=10)
     export_dvae(d / "dvae", seed=0)
     args = ["--dvae", str(d / "dvae"), "--data", str(d / "images"), "--batch_size", "4"]
@@ -52,8 +52,8 @@ def test_each_image_shard_becomes_a_token_shard_of_the_dvae_codes(setup):
         {"num_samples": 25, "num_tokens": 64, "grid_size": 8, "skipped": {}}
     model, _ = load_pretrained(d / "dvae", lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
     for name, size in zip(NAMES, (10, 10, 5)):
-        images, texts, keys = zip(*shards.image_text_dataset(str(d / "images" / name), 64))
-        codes, captions, got_keys = zip(*shards.token_dataset(str(out / name)))
+        images, texts, keys = zip(*read.image_text_dataset(str(d / "images" / name), 64))
+        codes, captions, got_keys = zip(*read.token_dataset(str(out / name)))
         assert list(got_keys) == list(keys) and len(keys) == size and list(captions) == list(texts)
         assert torch.equal(torch.stack(codes), model.encode(torch.stack(images)))
         assert json.loads((out / "progress" / name.replace(".tar", ".json")).read_text())["num_samples"] == size
@@ -132,7 +132,7 @@ def test_skips_in_worker_processes_reach_the_records_and_meta(setup, tmp_path):
     shutil.copytree(d / "images", images)
     image, text = synthetic.make_example(99)
     with wds.TarWriter(str(images / "000003.tar")) as sink:
-        sink.write({"__key__": "good", "png": shards._encode_image(image, "png"), "txt": text})
+        sink.write({"__key__": "good", "png": write.encode_image(image, "png"), "txt": text})
         sink.write({"__key__": "broken", "png": b"not a png", "txt": "a broken image"})
     encode(["--dvae", str(d / "dvae"), "--data", str(images), "--out", str(tmp_path / "tokens"), "--num_workers", "2"])
     record = json.loads((tmp_path / "tokens/progress/000003.json").read_text())

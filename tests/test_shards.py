@@ -3,15 +3,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_ar.data import shards, synthetic
+from dalle_ar.data import decode, read, synthetic, write
 
 
 def test_image_shards_round_trip(tmp_path):
     examples = [(f"{i:09d}", *synthetic.make_example(i)) for i in range(25)]
-    assert shards.write_image_shards(examples, tmp_path, samples_per_shard=10) == 25
-    assert len(shards.shard_urls(str(tmp_path))) == 3
-    assert list(shards.captions(str(tmp_path))) == [text for _, _, text in examples]  # text only, in order
-    got = {key: (img, txt) for img, txt, key in shards.image_text_dataset(str(tmp_path), 64)}
+    assert write.write_image_shards(examples, tmp_path, samples_per_shard=10) == 25
+    assert len(read.shard_urls(str(tmp_path))) == 3
+    assert list(read.captions(str(tmp_path))) == [text for _, _, text in examples]  # text only, in order
+    got = {key: (img, txt) for img, txt, key in read.image_text_dataset(str(tmp_path), 64)}
     assert len(got) == 25
     for key, image, text in examples:
         img, txt = got[key]
@@ -28,29 +28,29 @@ def test_import_folder_with_sidecar_captions(tmp_path):
         image.save(src / f"img{i}.jpg" if i % 2 else src / f"img{i}.png")
         if i != 3:
             (src / f"img{i}.txt").write_text(text + "\n")
-    stats = shards.import_folder(tmp_path / "src", tmp_path / "out")
+    stats = write.import_folder(tmp_path / "src", tmp_path / "out")
     assert stats == {"written": 4, "skipped_no_caption": 1}
-    texts = sorted(t for _, t, _ in shards.image_text_dataset(str(tmp_path / "out"), 32))
+    texts = sorted(t for _, t, _ in read.image_text_dataset(str(tmp_path / "out"), 32))
     assert texts == sorted(synthetic.make_example(i)[1] for i in (0, 1, 2, 4))
 
 
 def test_token_shards_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     examples = [(f"{i:04d}", rng.integers(0, 8192, (32, 32)), f"caption {i}") for i in range(7)]
-    shards.write_token_shards(examples, tmp_path)
-    got = sorted(shards.token_dataset(str(tmp_path)), key=lambda x: x[2])
+    write.write_token_shards(examples, tmp_path)
+    got = sorted(read.token_dataset(str(tmp_path)), key=lambda x: x[2])
     for (key, codes, text), (c, t, k) in zip(examples, got):
         assert k == key and t == text and torch.equal(c, torch.from_numpy(codes.astype(np.int64)))
 
 
 def test_missing_shards_error_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="make_shards.py"):
-        shards.shard_urls(str(tmp_path / "nothing"))
+        read.shard_urls(str(tmp_path / "nothing"))
 
 
 def test_image_to_tensor_handles_any_mode_and_size():
     for mode in ("L", "RGBA", "P", "CMYK"):
-        t = shards.image_to_tensor(Image.new(mode, (100, 60)), 32)
+        t = decode.image_to_tensor(Image.new(mode, (100, 60)), 32)
         assert t.shape == (3, 32, 32) and 0 <= t.min() <= t.max() <= 1
 
 
@@ -62,7 +62,7 @@ def test_resampled_stream_is_reproducible_across_runs_and_distinct_per_rank(shap
 
     from conftest import ROOT, script_env
 
-    code = ("import sys; from dalle_ar.data.shards import image_text_dataset\n"
+    code = ("import sys; from dalle_ar.data.read import image_text_dataset\n"
             f"ds = image_text_dataset({str(shapes_shards)!r}, 16, resampled=True, shuffle=50, seed=int(sys.argv[1]))\n"
             "keys = []\n"
             "for _, _, k in ds:\n"

@@ -15,7 +15,7 @@ from conftest import ROOT
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
 from dalle_ar.clip import ClipScorer, build_clip, clip_export_config, export_files
 from dalle_ar.config import ClipConfig, DiffusionConfig, PriorConfig, UnetConfig
-from dalle_ar.data import shards
+from dalle_ar.data import read
 from dalle_ar.data.embeddings import embedding_dataset
 from dalle_ar.text import TextTokenizer, train_bpe
 from dalle_ar.unclip.decoder import UnetDecoder
@@ -226,7 +226,7 @@ def world(shapes_shards, tmp_path_factory):
     d = tmp_path_factory.mktemp("unclip")
     torch.manual_seed(0)
     clip = save_pretrained(build_clip(CLIP), d / "clip", clip_export_config(CLIP), export_files(CLIP, d / "oc"))
-    tok = TextTokenizer(train_bpe(shards.captions(str(shapes_shards)), vocab_size=300), 12)
+    tok = TextTokenizer(train_bpe(read.captions(str(shapes_shards)), vocab_size=300), 12)
     tok.save(d / "tokenizer" / "tokenizer.json")
     precompute(["--clip", str(clip), "--data", str(shapes_shards), "--out", str(d / "emb"), "--num_workers", "0",
                 "--batch_size", "64"])
@@ -237,7 +237,7 @@ def test_precompute_writes_clip_embeddings_and_resumes(world, tmp_path, capsys):
     meta = json.loads((world["emb"] / "meta.json").read_text())
     assert meta["num_samples"] == 300 and meta["embed_dim"] == 32 and meta["num_shards"] == 3
     zi, zt, captions, keys = next(iter(embedding_dataset(str(world["emb"])).batched(5)))
-    images, captions2, keys2 = next(iter(shards.image_text_dataset(str(world["shards"]), 64).batched(5)))
+    images, captions2, keys2 = next(iter(read.image_text_dataset(str(world["shards"]), 64).batched(5)))
     scorer = ClipScorer.load(str(world["clip"]))
     assert list(keys) == list(keys2) and list(captions) == list(captions2)
     assert torch.allclose(zi, scorer.encode_images(images), atol=1e-5)

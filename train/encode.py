@@ -19,7 +19,8 @@ import torch
 
 from dalle_ar.checkpoint import WEIGHTS, load_pretrained
 from dalle_ar.config import ConfigError, DVAEConfig, run_cli, save_json
-from dalle_ar.data.shards import TokenShards, shard_urls
+from dalle_ar.data.read import shard_urls
+from dalle_ar.data.write import TokenShards
 from dvae import DiscreteVAE
 
 

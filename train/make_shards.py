@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dalle_ar.config import run_cli
-from dalle_ar.data import shards, synthetic
+from dalle_ar.data import synthetic, write
 
 
 def main(argv=None) -> dict:
@@ -40,10 +40,10 @@ def main(argv=None) -> dict:
                 image, text = synthetic.make_example(i, seed=args.seed, image_size=args.image_size,
                                                      max_shapes=args.max_shapes, p_two=args.p_two)
                 yield f"{i:09d}", image, text
-        n = shards.write_image_shards(examples(), args.out, args.samples_per_shard)
+        n = write.write_image_shards(examples(), args.out, args.samples_per_shard)
         stats = {"written": n, "source": "synthetic", "seed": args.seed, "image_size": args.image_size}
     else:
-        stats = {**shards.import_folder(args.src, args.out, args.samples_per_shard), "source": str(args.src)}
+        stats = {**write.import_folder(args.src, args.out, args.samples_per_shard), "source": str(args.src)}
     (Path(args.out) / "stats.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats))
     return stats

@@ -21,7 +21,7 @@ import torch
 from dalle_ar.clip import ClipScorer
 from dalle_ar.config import run_cli, save_json
 from dalle_ar.data.embeddings import META, EmbeddingShards
-from dalle_ar.data.shards import shard_urls
+from dalle_ar.data.read import shard_urls
 
 
 def clip_fingerprint(spec: str) -> str:

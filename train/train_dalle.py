@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, given, parse, run_cli
-from dalle_ar.data.shards import SkipCounter, batches, infinite, token_dataset
+from dalle_ar.data.decode import SkipCounter
+from dalle_ar.data.read import batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.model import DalleTransformer
 from dalle_ar.text import TextTokenizer, check_vocab

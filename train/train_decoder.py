@@ -21,7 +21,7 @@ import torch
 
 from dalle_ar.config import ConfigError, DiffusionConfig, TrainConfig, UnetConfig, parse, run_cli
 from dalle_ar.data.embeddings import image_embedding_dataset, read_meta
-from dalle_ar.data.shards import batches, image_text_dataset, infinite
+from dalle_ar.data.read import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.report import save_grid
 from dalle_ar.text import TextTokenizer

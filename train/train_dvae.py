@@ -20,7 +20,8 @@ import torch
 
 from dalle_ar.config import ConfigError, DVAEConfig, DVAELossConfig, TrainConfig, parse, run_cli, save_json
 from dalle_ar.data import synthetic
-from dalle_ar.data.shards import SkipCounter, batches, image_text_dataset, infinite
+from dalle_ar.data.decode import SkipCounter
+from dalle_ar.data.read import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.report import save_grid
 from dvae import DiscreteVAE

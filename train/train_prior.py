@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.config import DiffusionConfig, PriorConfig, TrainConfig, parse, run_cli, save_json
 from dalle_ar.data.embeddings import embedding_dataset, read_meta
-from dalle_ar.data.shards import batches, infinite
+from dalle_ar.data.read import batches, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.text import TextTokenizer
 from dalle_ar.unclip.prior import DiffusionPrior, build_prior

@@ -27,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dalle_ar.config import ConfigError, DalleConfig, DVAEConfig, TrainConfig, load_json, run_cli, save_json
-from dalle_ar.data.shards import (IMAGE_MEMBERS, MAX_PIXELS, MIN_IMAGE_SIZE, NOTES, SHARD_REASONS, SKIP_REASONS,
-                                  SkipCounter, SkipSample, decode_sample, decode_token_sample, image_to_uint8,
-                                  shard_samples, shard_urls)
+from dalle_ar.data.decode import (IMAGE_MEMBERS, MAX_PIXELS, MIN_IMAGE_SIZE, NOTES, SHARD_REASONS, SKIP_REASONS,
+                                  SkipCounter, SkipSample, decode_sample, decode_token_sample, image_to_uint8)
+from dalle_ar.data.read import shard_samples, shard_urls
 
 FORMAT_EXTS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "BMP": ("bmp",), "GIF": ("gif",),
                "TIFF": ("tif", "tiff")}

@@ -4,7 +4,8 @@ Each image shard `.../NAME.tar` gets `<emb>/NAME.tar` with, per sample that deco
 and `KEY.txt_emb.npy` (unit-norm float32 CLIP embeddings) and `KEY.txt` (the caption). Keys and order are
 those of the image shard, so the decoder reads an image shard and its embedding shard side by side
 (`image_embedding_dataset`); the prior needs only the embedding shards (`embedding_dataset`).
-Writing, resuming and progress records are `TokenShards`' (one record per finished shard).
+Writing, resuming and progress records are `write.TokenShards`' (one record per finished shard); reading
+composes an embedding decode stage on `read.raw_dataset`, as `read.image_text_dataset` does for images.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 import webdataset as wds
 
 from dalle_ar.config import ConfigError, load_json
-from dalle_ar.data.shards import SkipCounter, TokenShards, _dataset, _Pipeline, image_text_dataset, shard_urls, token_shard_name
+from dalle_ar.data.decode import SkipCounter
+from dalle_ar.data.read import FluidPipeline, image_text_dataset, raw_dataset, shard_urls
+from dalle_ar.data.write import TokenShards, token_shard_name
 
 META = "meta.json"
 
@@ -85,7 +88,7 @@ def embedding_dataset(spec: str | list[str], *, resampled: bool = False, shuffle
                       skips: SkipCounter | None = None, split: bool = True):
     """Yields (image_embed (D,) float, text_embed (D,) float, caption str, key)."""
     skips = skips if skips is not None else SkipCounter()
-    return _dataset(spec, resampled, shuffle, seed, skips, split).compose(partial(_embedding_text, skips=skips))
+    return raw_dataset(spec, resampled, shuffle, seed, skips, split).compose(partial(_embedding_text, skips=skips))
 
 
 def _paired_samples(image_size: int, embeddings: Path, skips: SkipCounter):
@@ -117,5 +120,5 @@ def image_embedding_dataset(spec: str, embeddings: str | Path, image_size: int, 
     each read beside its embedding shard."""
     urls = shard_urls(spec)
     skips = skips or SkipCounter()
-    ds = _Pipeline(wds.ResampledShards(urls, seed=seed, deterministic=True), _paired_samples(image_size, Path(embeddings), skips))
+    ds = FluidPipeline(wds.ResampledShards(urls, seed=seed, deterministic=True), _paired_samples(image_size, Path(embeddings), skips))
     return ds.shuffle(shuffle, seed=seed) if shuffle else ds
