@@ -114,7 +114,7 @@ def test_ema_is_exported_and_resumes_step_exact(tmp_path):
 def test_ds_config_json_values_are_used_unless_a_flag_overrides_them(tmp_path):
     import argparse
 
-    from dalle_ar.config import add_config_args, resolve
+    from dalle_ar.cli import add_config_args, resolve
 
     ds = tmp_path / "ds.json"
     ds.write_text('{"train_micro_batch_size_per_gpu": 7, "gradient_clipping": 0.5, "zero_optimization": {"stage": 1}}')

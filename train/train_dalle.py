@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, given, parse, run_cli
+from dalle_ar.cli import given, parse, run_cli
+from dalle_ar.config import ConfigError, DalleConfig, TrainConfig
 from dalle_ar.data.shards import SkipCounter, batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.model import DalleTransformer
