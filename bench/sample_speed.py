@@ -20,7 +20,8 @@ from dataclasses import asdict
 import torch
 
 from bench.common import emit
-from dalle_ar.config import DalleConfig, add_config_args, resolve
+from dalle_ar.cli import add_config_args, resolve
+from dalle_ar.config import DalleConfig
 from dalle_ar.model import DalleTransformer
 from dalle_ar.model.attention import dense_mask
 from dalle_ar.report import device_name

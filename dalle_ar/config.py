@@ -1,20 +1,19 @@
-"""Configs: one dataclass per concern, JSON load/save, presets, and the one CLI loader.
+"""Configs: one dataclass per concern, presets, and JSON load/save.
 
-Every script builds its argparse parser from the dataclasses it uses (`add_config_args`), so every
-field is a flag with the same default as the class. `--config run.json` supplies values too; flags
-given on the command line win over the file, the file wins over the preset, the preset over defaults.
+Each dataclass validates its own values in `__post_init__` (a bad value is one error, naming the field and
+the fix, wherever the config comes from). Turning the dataclasses into command-line flags, and the
+`--config` / preset / ds_config.json layering, lives in `dalle_ar/cli.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import json
-import sys
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -77,6 +76,12 @@ class DVAELossConfig:
     # codes but many codes used per batch. Small models on short runs otherwise use few codes.
     entropy_weight: float = 0.0
     entropy_cell_weight: float = 1.0
+
+    RECONSTRUCTIONS: ClassVar[tuple[str, ...]] = ("logit_laplace", "mse", "l1")
+
+    def __post_init__(self):
+        if self.reconstruction not in self.RECONSTRUCTIONS:
+            raise ConfigError(f"--reconstruction {self.reconstruction}: use one of {', '.join(self.RECONSTRUCTIONS)}")
 
     def scaled(self, steps: int) -> "DVAELossConfig":
         """Anneal lengths for a run of `steps` updates (at least 1 step each)."""
@@ -181,7 +186,8 @@ class ClipConfig:
 class TrainConfig:
     """What every trainer shares. DeepSpeed-only settings (ZeRO details, offload, buckets) live in
     `ds_config`. The fields that overlap it (batch, accumulation, stage, clipping) take the JSON's value
-    unless a flag, --config or the preset sets them (see `DS_CONFIG_KEYS`); the engine writes the result."""
+    unless a flag, --config or the preset sets them (`cli.DS_CONFIG_KEYS`); the engine writes the result.
+    The JSON is read once (`ds_json`) and carried with the config."""
 
     data: str = "data/shapes"       # directory of .tar shards, a glob, or a brace pattern
     out: str = "runs/run"
@@ -224,12 +230,38 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model (in place: parameter names and checkpoints unchanged)
     fused_adamw: bool = True         # torch's fused AdamW kernel on CUDA (one launch for all parameters)
 
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "bf16", "fp16", "fp32")
+    OFFLOADS: ClassVar[tuple[str, ...]] = ("none", "cpu", "nvme")
+
     def __post_init__(self):
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ConfigError(f"max_skip_fraction: {self.max_skip_fraction} is not in [0, 1]")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        # Whether this machine runs fp16 is the engine's check (engine/ds_config.py: compute_dtype).
+        if self.precision not in self.PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: use one of {', '.join(self.PRECISIONS)}")
+        if self.resblock_grad_scaling and self.precision != "fp16":
+            raise ConfigError(f"--resblock_grad_scaling is for --precision fp16 (got {self.precision}): bf16 and fp32 "
+                              f"have fp32's exponent range and need no gradient scaling; drop the flag or pass "
+                              f"--precision fp16")
+        if self.offload not in self.OFFLOADS:
+            raise ConfigError(f"offload={self.offload!r}: use one of {', '.join(self.OFFLOADS)}")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ConfigError("--offload needs ZeRO (--zero_stage 1, 2 or 3)")
+        if self.offload == "nvme" and not self.nvme_path:
+            raise ConfigError("--offload nvme needs --nvme_path /local/fast/disk")
+        if self.lr_schedule not in ("cosine", "plateau"):
+            raise ConfigError(f"lr_schedule={self.lr_schedule!r}: use cosine or plateau")
+        if self.ema_decay and self.zero_stage == 3:
+            raise ConfigError("--ema_decay needs full parameters on every rank; use --zero_stage 0, 1 or 2 with it")
+
+    @functools.cached_property
+    def ds_json(self) -> dict:
+        """The `ds_config` file's contents, read once: `cli.resolve` hands over the copy it read for the
+        overlapping fields (assigning fills this cache); a config built in code reads the file on first use."""
+        return load_json(self.ds_config)
 
 
 @dataclass
@@ -429,122 +461,3 @@ def load_json(path: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the file") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: dataclass fields -> flags
-# ----------------------------------------------------------------------------------------------
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _field_type(cls: type, f: dataclasses.Field):
-    hints = typing.get_type_hints(cls)
-    t = hints[f.name]
-    return _parse_bool if t is bool else t
-
-
-# Extra spellings users expect (every field also accepts dashes: --batch-size == --batch_size).
-ALIASES = {"steps": ["--max_steps", "--max-steps"]}
-
-
-def add_config_args(parser: argparse.ArgumentParser, *classes: type, defaults: dict[type, dict] | None = None) -> None:
-    """Add one flag per dataclass field (defaults None so we can tell what the user typed)."""
-    seen: dict[str, type] = {}
-    for cls in classes:
-        group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
-        for f in fields(cls):
-            if f.name in seen:
-                raise RuntimeError(f"flag --{f.name} defined by both {seen[f.name].__name__} and {cls.__name__}")
-            seen[f.name] = cls
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            default = (defaults or {}).get(cls, {}).get(f.name, default)
-            names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + ALIASES.get(f.name, [])
-            group.add_argument(*names, dest=f.name, type=_field_type(cls, f), default=None,
-                               metavar=type(default).__name__.upper(), help=f"(default: {default})")
-    parser.add_argument("--config", default=None, help="JSON file with values for any of the fields above "
-                        "(flat, or nested by section name); flags given here override it")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size preset (default: tiny)")
-    # The `deepspeed` launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-
-
-_SECTION = {DVAEConfig: "dvae", DVAELossConfig: "dvae_loss", DalleConfig: "model", ClipConfig: "clip", TrainConfig: "train", SampleConfig: "sample"}
-
-
-# TrainConfig fields that ds_config.json also sets: (field, path of keys in the JSON).
-DS_CONFIG_KEYS = {"batch_size": ("train_micro_batch_size_per_gpu",), "grad_accum": ("gradient_accumulation_steps",),
-                  "grad_clip": ("gradient_clipping",), "zero_stage": ("zero_optimization", "stage")}
-
-
-def ds_config_values(path: str) -> dict[str, Any]:
-    """The TrainConfig fields a DeepSpeed JSON sets (so the JSON is never silently ignored)."""
-    ds, out = load_json(path), {}
-    for name, keys in DS_CONFIG_KEYS.items():
-        node = ds
-        for key in keys:
-            node = node.get(key) if isinstance(node, dict) else None
-        if node is not None and node != "auto":
-            out[name] = node
-    return out
-
-
-def resolve(args: argparse.Namespace, *classes: type, defaults: dict[type, dict] | None = None):
-    """Build each dataclass from class defaults < script `defaults` < (TrainConfig: ds_config.json)
-    < preset < --config file < flags."""
-    file_data = load_json(args.config) if args.config else {}
-    out = []
-    for cls in classes:
-        section = file_data.get(_SECTION.get(cls, cls.__name__), {})
-        flat = {k: v for k, v in file_data.items() if not isinstance(v, dict)}
-        names = {f.name for f in fields(cls)}
-        values = dict((defaults or {}).get(cls, {}))
-        if cls is TrainConfig:
-            ds_path = getattr(args, "ds_config", None) or section.get("ds_config") or flat.get("ds_config") or TrainConfig.ds_config
-            values.update(ds_config_values(ds_path))
-        values.update(PRESETS[args.preset].get(cls, {}))
-        values.update({k: v for k, v in flat.items() if k in names})
-        values.update(section)
-        values.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
-        out.append(from_dict(cls, values, source=args.config or "command line"))
-    known = set().union(*({f.name for f in fields(c)} for c in classes)) | set(_SECTION.values())
-    stray = sorted(k for k in file_data if k not in known and k not in _SECTION.values())
-    if stray:
-        raise ConfigError(f"{args.config}: unknown field(s) {stray}; valid: {sorted(known)}")
-    return out[0] if len(out) == 1 else out
-
-
-def given(args: argparse.Namespace, name: str) -> bool:
-    """Whether the user set field `name` (a flag, or the --config file flat or in a section), as opposed
-    to a default or preset: a value the user chose has to agree with what the script finds."""
-    if getattr(args, name, None) is not None:
-        return True
-    data = load_json(args.config) if getattr(args, "config", None) else {}
-    return name in data or any(isinstance(v, dict) and name in v for v in data.values())
-
-
-def parse(description: str, *classes: type, extra=None, argv=None, defaults: dict[type, dict] | None = None):
-    """Standard script entry: parser from dataclasses (+ `extra(parser)` flags), then resolve.
-    `defaults` are the script's own defaults (e.g. the dVAE's paper optimizer), below presets and flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    if extra:
-        extra(parser)
-    add_config_args(parser, *classes, defaults=defaults)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return args, resolve(args, *classes, defaults=defaults)
-    except ConfigError as e:
-        parser.error(str(e))
-
-
-def run_cli(main) -> None:
-    """Script entry point: a config or missing-file error is one line naming the file and the fix."""
-    try:
-        main()
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")

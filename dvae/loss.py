@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from dalle_ar.config import DVAELossConfig
 from dvae.model import map_pixels, stats_to_image
 
-RECONSTRUCTIONS = ("logit_laplace", "mse", "l1")
-
 
 def logit_laplace_nll(stats: torch.Tensor, images: torch.Tensor, min_scale: float = 0.0) -> torch.Tensor:
     """Per-element negative log-likelihood of `images` in [0, 1] under the logit-Laplace distribution.
@@ -82,7 +80,7 @@ def reconstruction_loss(kind: str, stats: torch.Tensor, images: torch.Tensor, mi
         return F.mse_loss(stats_to_image(stats), images.float())
     if kind == "l1":
         return F.l1_loss(stats_to_image(stats), images.float())
-    raise ValueError(f"reconstruction={kind!r}: use one of {RECONSTRUCTIONS}")
+    raise ValueError(f"reconstruction={kind!r}: use one of {DVAELossConfig.RECONSTRUCTIONS}")
 
 
 def dvae_loss(model, images: torch.Tensor, step: int, cfg: DVAELossConfig):

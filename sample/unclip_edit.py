@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dalle_ar.config import run_cli, save_json
+from dalle_ar.cli import run_cli
+from dalle_ar.config import save_json
 from dalle_ar.data import synthetic
 from dalle_ar.data.decode import image_to_tensor
 from dalle_ar.report import device_name, save_grid

@@ -17,7 +17,8 @@ from conftest import ROOT, run_script, script_env
 
 import corpus
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
-from dalle_ar.config import ConfigError, DalleConfig, DataError, DVAEConfig, TrainConfig, from_dict, parse
+from dalle_ar.cli import parse
+from dalle_ar.config import ConfigError, DalleConfig, DataError, DVAEConfig, TrainConfig, from_dict
 from dalle_ar.data import decode
 from dalle_ar.data.read import batches, captions, image_text_dataset, token_dataset
 from dalle_ar.engine import build_ds_config

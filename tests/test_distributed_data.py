@@ -8,7 +8,7 @@ import pytest
 from conftest import run_script
 
 from dalle_ar.data import synthetic, write
-from dalle_ar.engine import _free_port
+from dalle_ar.engine import free_port
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def token_shards(tmp_path_factory):
 
 def launch(data, out, workers):
     out.mkdir()
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "tests/probes/rank_keys.py", str(data), str(out), str(workers))
     return [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)]
 

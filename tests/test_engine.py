@@ -114,7 +114,7 @@ def test_ema_is_exported_and_resumes_step_exact(tmp_path):
 def test_ds_config_json_values_are_used_unless_a_flag_overrides_them(tmp_path):
     import argparse
 
-    from dalle_ar.config import add_config_args, resolve
+    from dalle_ar.cli import add_config_args, resolve
 
     ds = tmp_path / "ds.json"
     ds.write_text('{"train_micro_batch_size_per_gpu": 7, "gradient_clipping": 0.5, "zero_optimization": {"stage": 1}}')
@@ -212,3 +212,27 @@ def test_weight_decay_skips_embeddings_norms_and_biases():
     assert not any("emb" in n or "image_row" in n or "text_pos" in n or "ln" in n or n.endswith("bias") or n == "bos"
                    for n in decayed), decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_ds_config_json_is_read_once_and_carried(tmp_path):
+    import argparse
+
+    from dalle_ar.cli import add_config_args, resolve
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 1, "overlap_comm": true}}')
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, TrainConfig)
+    cfg = resolve(parser.parse_args(["--ds_config", str(ds), "--precision", "fp32"]), TrainConfig)
+    ds.unlink()  # the engine uses the copy the CLI read, not the file again
+    built = build_ds_config(cfg)
+    assert built["train_micro_batch_size_per_gpu"] == 7 and built["zero_optimization"]["overlap_comm"] is True
+    assert build_ds_config(cfg) == built  # the carried copy is not changed by building
+
+
+def test_checkpoints_keep_their_client_state_keys(tmp_path):
+    """Older checkpoints resume: the checkpointer writes the client_state keys the engine always wrote."""
+    trainer, _ = train(tmp_path, steps=1, stage=0, ema_decay=0.9, lr_schedule="plateau")
+    state = trainer.checkpointer.client_state()
+    assert list(state) == ["step", "consumed", "nonfinite", "rng", "ema", "ema_updates", "plateau"]
+    assert (state["step"], state["consumed"], state["ema_updates"]) == (1, 1, 1)

@@ -110,9 +110,9 @@ def test_generate_bad_inputs_are_one_line_errors(pipeline, flags, message):
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_train_dalle_with_two_processes(pipeline, launcher):
-    from dalle_ar.engine import _free_port
+    from dalle_ar.engine import free_port
 
-    d, port = pipeline, str(_free_port())
+    d, port = pipeline, str(free_port())
     launch = {"torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port],
               # the deepspeed launcher appends --local_rank=N, which every trainer accepts
               "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port]}[launcher]

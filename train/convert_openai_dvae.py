@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 
 from dalle_ar.checkpoint import save_pretrained
-from dalle_ar.config import run_cli
+from dalle_ar.cli import run_cli
 from dvae.openai import import_openai_dvae
 
 

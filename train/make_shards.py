@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dalle_ar.config import run_cli
+from dalle_ar.cli import run_cli
 from dalle_ar.data import synthetic, write
 
 

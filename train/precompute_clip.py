@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from dalle_ar.clip import ClipScorer
-from dalle_ar.config import run_cli, save_json
+from dalle_ar.cli import run_cli
+from dalle_ar.config import save_json
 from dalle_ar.data.embeddings import META, EmbeddingShards
 from dalle_ar.data.read import shard_urls
 

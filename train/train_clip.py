@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from dalle_ar.clip import build_clip, clip_export_config, clip_tokenizer, contrastive_loss, export_files, normalize_images
-from dalle_ar.config import ClipConfig, TrainConfig, parse, run_cli
+from dalle_ar.cli import parse, run_cli
+from dalle_ar.config import ClipConfig, TrainConfig
 from dalle_ar.data.decode import SkipCounter
 from dalle_ar.data.read import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank

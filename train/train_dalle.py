@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, given, parse, run_cli
+from dalle_ar.cli import given, parse, run_cli
+from dalle_ar.config import ConfigError, DalleConfig, TrainConfig
 from dalle_ar.data.decode import SkipCounter
 from dalle_ar.data.read import batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank

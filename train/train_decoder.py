@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.config import ConfigError, DiffusionConfig, TrainConfig, UnetConfig, parse, run_cli
+from dalle_ar.cli import parse, run_cli
+from dalle_ar.config import ConfigError, DiffusionConfig, TrainConfig, UnetConfig
 from dalle_ar.data.embeddings import image_embedding_dataset, read_meta
 from dalle_ar.data.read import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.config import DiffusionConfig, PriorConfig, TrainConfig, parse, run_cli, save_json
+from dalle_ar.cli import parse, run_cli
+from dalle_ar.config import DiffusionConfig, PriorConfig, TrainConfig, save_json
 from dalle_ar.data.embeddings import embedding_dataset, read_meta
 from dalle_ar.data.read import batches, infinite
 from dalle_ar.engine import Trainer, rank

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dalle_ar.config import run_cli
+from dalle_ar.cli import run_cli
 from dalle_ar.data.decode import SkipCounter
 from dalle_ar.data.read import captions
 from dalle_ar.text import train_bpe

@@ -17,7 +17,8 @@ import json
 
 import torch
 
-from dalle_ar.config import DalleConfig, parse, run_cli
+from dalle_ar.cli import parse, run_cli
+from dalle_ar.config import DalleConfig
 from dalle_ar.model.attention import dense_mask
 from dalle_ar.model.transformer import DalleTransformer
 

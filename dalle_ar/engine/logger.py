@@ -1,0 +1,40 @@
+"""Run logging on rank 0: `<out>/metrics.jsonl` always (the loss curve without wandb), and wandb when on.
+wandb is imported only here, and only when a run turns it on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, out: Path, *, enabled: bool):
+        self.out, self.enabled, self.wandb_run = out, enabled, None
+
+    def start_wandb(self, mode: str, project: str, name: str, config: dict) -> None:
+        if not self.enabled or mode == "disabled":
+            return
+        import wandb
+
+        self.wandb_run = wandb.init(mode=mode, project=project, dir=str(self.out), name=name, resume="allow",
+                                    config=config, settings=wandb.Settings(console="off", silent=True))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}) + "\n")
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        """A PNG already written to disk (sample or reconstruction grid); wandb only."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
+
+    def finish(self, summary: dict) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(summary)
+            self.wandb_run.finish()
