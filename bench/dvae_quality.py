@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from bench.common import emit
 from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.config import DVAEConfig, run_cli
+from dalle_ar.config import run_cli
+from dvae.config import DVAEConfig
 from dalle_ar.data import synthetic
 from dalle_ar.data.shards import batches, image_text_dataset
 from dalle_ar.report import device_name, save_grid

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import emit
-from dalle_ar.config import DVAEConfig, preset
+from dalle_ar.config import preset
+from dvae.config import DVAEConfig
 from dalle_ar.report import device_name
 from dvae import DiscreteVAE
 

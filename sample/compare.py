@@ -79,8 +79,9 @@ from tqdm import tqdm
 from dalle_ar import metrics
 from dalle_ar.checkpoint import WEIGHTS, load_pretrained
 from dalle_ar.clip import ClipScorer, clip_score, load_clip
-from dalle_ar.config import (ConfigError, DalleConfig, DiffusionConfig, DVAEConfig, PriorConfig, SampleConfig, TrainConfig,
+from dalle_ar.config import (ConfigError, DalleConfig, DiffusionConfig, PriorConfig, SampleConfig, TrainConfig,
                              UnetConfig, load_json, parse, run_cli, save_json)
+from dvae.config import DVAEConfig
 from dalle_ar.data import synthetic
 from dalle_ar.data.embeddings import read_meta
 from dalle_ar.engine import Stopped

@@ -50,8 +50,9 @@ from tqdm import tqdm
 
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.clip import ClipScorer, best_first, clip_score
-from dalle_ar.config import (ConfigError, DalleConfig, DVAEConfig, SampleConfig, add_config_args, resolve,
+from dalle_ar.config import (ConfigError, DalleConfig, SampleConfig, add_config_args, resolve,
                              run_cli)
+from dvae.config import DVAEConfig
 from dalle_ar.data import synthetic
 from dalle_ar.model import DalleTransformer
 from dalle_ar.report import device_name, save_grid

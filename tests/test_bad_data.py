@@ -17,7 +17,8 @@ from conftest import ROOT, run_script, script_env
 
 import corpus
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
-from dalle_ar.config import ConfigError, DalleConfig, DataError, DVAEConfig, TrainConfig, from_dict, parse
+from dalle_ar.config import ConfigError, DalleConfig, DataError, TrainConfig, from_dict, parse
+from dvae.config import DVAEConfig
 from dalle_ar.data import shards
 from dalle_ar.engine import build_ds_config
 from dalle_ar.text import TextTokenizer, check_vocab, train_bpe

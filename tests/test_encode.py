@@ -10,7 +10,8 @@ import torch
 from conftest import ROOT
 
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
-from dalle_ar.config import ConfigError, DVAEConfig
+from dalle_ar.config import ConfigError
+from dvae.config import DVAEConfig
 from dalle_ar.data import shards, synthetic
 from dvae import DiscreteVAE
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from dalle_ar.checkpoint import WEIGHTS, load_pretrained
-from dalle_ar.config import ConfigError, DVAEConfig, run_cli, save_json
+from dalle_ar.config import ConfigError, run_cli, save_json
+from dvae.config import DVAEConfig
 from dalle_ar.data.shards import TokenShards, shard_urls
 from dvae import DiscreteVAE
 

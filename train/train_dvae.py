@@ -18,7 +18,8 @@ from dataclasses import asdict
 
 import torch
 
-from dalle_ar.config import ConfigError, DVAEConfig, DVAELossConfig, TrainConfig, parse, run_cli, save_json
+from dalle_ar.config import ConfigError, TrainConfig, parse, run_cli, save_json
+from dvae.config import DVAEConfig, DVAELossConfig
 from dalle_ar.data import synthetic
 from dalle_ar.data.shards import SkipCounter, batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
