@@ -85,6 +85,11 @@ class DalleConfig:
         return self.text_vocab_size + self.text_len
 
     @property
+    def text_slots(self) -> int:
+        """Slots before the first image token: BOS and the text_len caption tokens (model/transformer.py)."""
+        return self.text_len + 1
+
+    @property
     def seq_len(self) -> int:
         return self.text_len + self.image_seq_len
 
@@ -276,7 +281,7 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {
         UnetConfig: dict(image_size=32, channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="8"),
     },
     # The paper's data shapes (256 text slots, 32x32 over 8192 codes) and sparse schedule at smaller sizes;
-    # `python -m dalle_ar.model.plan --preset NAME` prints parameters, FLOPs and a memory plan.
+    # `python -m bench.memory_plan --preset NAME` prints parameters, FLOPs and a memory plan.
     # ~450M parameters (454M; 24 layers at this width would be 353M).
     "base": {
         DalleConfig: dict(text_vocab_size=16384, text_len=256, num_image_tokens=8192, image_fmap_size=32,
