@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+
 from dalle_ar.config import DalleConfig
 from dalle_ar.model.attention import AttentionConfig, CausalSelfAttention, allowed
 from dalle_ar.model.kv_cache import KVCache
