@@ -66,8 +66,8 @@ def main(argv=None):
 
     def loss_fn(engine, batch, step):
         text, codes = batch
-        args, target = trainer.module.training_inputs(text, codes)  # caption dropout happens here
-        return trainer.module.loss_from_output(engine(*args), target)
+        inputs, target = trainer.module.training_inputs(text, codes)  # caption dropout happens here
+        return trainer.module.loss_from_output(engine(*inputs), target)
 
     return trainer.fit(stream, loss_fn, skips=skips)
 
