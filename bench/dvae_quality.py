@@ -20,10 +20,10 @@ from tqdm import tqdm
 from bench.common import emit
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.cli import run_cli
-from dalle_ar.config import DVAEConfig
 from dalle_ar.data import synthetic
 from dalle_ar.data.read import batches, image_text_dataset
 from dalle_ar.report import device_name, save_grid
+from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
 from dvae.loss import codebook_usage
 from dvae.metrics import psnr, ssim

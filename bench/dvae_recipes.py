@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from bench.common import emit  # noqa: E402
 from bench.dvae_quality import evaluate, synthetic_batches  # noqa: E402
 from dalle_ar.checkpoint import load_pretrained  # noqa: E402
-from dalle_ar.config import DVAEConfig  # noqa: E402
 from dalle_ar.report import device_name  # noqa: E402
+from dvae.config import DVAEConfig  # noqa: E402
 from dvae import DiscreteVAE  # noqa: E402
 
 RECIPES = {

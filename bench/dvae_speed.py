@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import emit
-from dalle_ar.config import DVAEConfig, preset
+from dalle_ar.config import preset
 from dalle_ar.report import device_name
+from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
 
 

@@ -41,6 +41,7 @@ def compare(ref: dict, got: dict) -> dict:
 def main(argv=None) -> dict:
     from dalle_ar.config import DalleConfig
     from dalle_ar.model import DalleTransformer
+    from dalle_ar.model.parallelize import apply_resblock_grad_scaling
     from dalle_ar.report import device_name
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +64,7 @@ def main(argv=None) -> dict:
 
     plain = copy.deepcopy(ref).half()
     scaled = copy.deepcopy(ref)
-    scaler = scaled.enable_resblock_grad_scaling()
+    scaler = apply_resblock_grad_scaling(scaled)
     scaled.half()
     scaler.to(args.device)
     sweep = []

@@ -54,10 +54,10 @@ def decode_weight_bytes(model: DalleTransformer) -> int:
 
 
 def kv_bytes_per_step(model: DalleTransformer, batch: int, elem: int) -> torch.Tensor:
-    """(N - 1,) KV-cache bytes the masks let step i read (image token i at slot text_len + 1 + i)."""
+    """(N - 1,) KV-cache bytes the masks let step i read (image token i at slot text_slots + i)."""
     cfg = model.config
-    slots = torch.arange(cfg.text_len + 1, cfg.seq_len)
-    keys = sum(dense_mask(kind, cfg.seq_len, cfg.text_len + 1, cfg.image_fmap_size, torch.device("cpu"))[slots].sum(1)
+    slots = torch.arange(cfg.text_slots, cfg.seq_len)
+    keys = sum(dense_mask(kind, cfg.seq_len, cfg.text_slots, cfg.image_fmap_size, torch.device("cpu"))[slots].sum(1)
                for kind in cfg.layer_attention)
     return keys.double() * 2 * batch * cfg.dim * elem  # k and v, all heads
 

@@ -103,7 +103,8 @@ def run_variant(args, overrides: dict) -> dict:
         codes = torch.randint(0, cfg.num_image_tokens, (args.batch_size, cfg.image_seq_len), generator=g).to(device)
 
         def step():
-            loss, _ = trainer.module.loss(text, codes, forward=engine)
+            inputs, target = trainer.module.training_inputs(text, codes)
+            loss, _ = trainer.module.loss_from_output(engine(*inputs), target)
             trainer.micro_step(loss)
             return loss
 

@@ -15,82 +15,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-
-class ConfigError(ValueError):
-    """A config file or value is wrong; the message names the file/field and the fix."""
+from dvae.config import ConfigError, DVAEConfig, DVAELossConfig
 
 
 class DataError(ValueError):
     """The data is too broken to go on (too many skipped samples, no readable shard); the message says
     how to find the bad files (`train/validate_shards.py`)."""
-
-
-@dataclass
-class DVAEConfig:
-    """Gumbel-softmax dVAE (DALL-E section 2.1). Layout follows OpenAI's released dVAE."""
-
-    image_size: int = 64
-    num_tokens: int = 512          # codebook size K (paper: 8192)
-    group_count: int = 4           # resolution halves between groups: grid = image_size / 2**(group_count-1)
-    n_hid: int = 32                # width of the first group; group g has n_hid * 2**(g-1) channels (paper: 256)
-    n_blk_per_group: int = 1       # paper: 2
-    n_init: int = 128              # decoder width after the 1x1 conv from the K one-hot channels
-    straight_through: bool = False  # hard one-hot forward, soft gradients (ablation; paper uses soft)
-
-    def __post_init__(self):
-        if self.group_count < 1 or self.num_tokens < 2:
-            raise ConfigError(f"dvae: group_count {self.group_count} must be >= 1 and num_tokens {self.num_tokens} >= 2")
-        if self.image_size % self.downsample:
-            lo = self.image_size // self.downsample * self.downsample
-            raise ConfigError(f"image_size {self.image_size} is not divisible by the downsampling factor "
-                              f"{self.downsample} (the dVAE's 2**(group_count-1), group_count {self.group_count}); use --image_size "
-                              f"{lo or self.downsample} or {lo + self.downsample}")
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (self.group_count - 1)
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.downsample
-
-
-@dataclass
-class DVAELossConfig:
-    """dVAE objective and schedules (paper appendix A.2). Defaults are the paper's; every anneal length
-    is for a `reference_steps`-update run and is scaled by steps / reference_steps (0 = no scaling)."""
-
-    reconstruction: str = "logit_laplace"  # logit_laplace (paper) | mse | l1 (for comparison)
-    # Lower bound on the logit-Laplace scale b (b = exp(ln b) + min_scale; 0 = none, the paper). An
-    # experiment knob: on flat synthetic images b -> 0 and the codebook collapses (README, "The dVAE").
-    min_scale: float = 0.0
-    kl_weight: float = 6.6           # beta; the loss is divided by H*W*3, so KL summed over the grid weighs beta/192 (8x downsampling)
-    kl_anneal_steps: int = 5000      # beta: cosine 0 -> kl_weight over these updates
-    temperature_start: float = 1.0
-    temperature_end: float = 1 / 16
-    temperature_anneal_steps: int = 150_000  # tau: cosine start -> end over these updates
-    lr_anneal_steps: int = 1_200_000  # learning rate: cosine lr -> lr * min_lr_ratio, then constant
-    reference_steps: int = 3_000_000  # the paper's run length the anneal lengths are written for
-    # Codebook entropy penalty (MAGVIT-v2, Yu et al. 2023, sec. 3.1; not in the paper, off by default):
-    # adds entropy_weight * (entropy_cell_weight * mean H(q(z|x)) - H(batch-mean q)): confident per-cell
-    # codes but many codes used per batch. Small models on short runs otherwise use few codes.
-    entropy_weight: float = 0.0
-    entropy_cell_weight: float = 1.0
-
-    RECONSTRUCTIONS: ClassVar[tuple[str, ...]] = ("logit_laplace", "mse", "l1")
-
-    def __post_init__(self):
-        if self.reconstruction not in self.RECONSTRUCTIONS:
-            raise ConfigError(f"--reconstruction {self.reconstruction}: use one of {', '.join(self.RECONSTRUCTIONS)}")
-
-    def scaled(self, steps: int) -> "DVAELossConfig":
-        """Anneal lengths for a run of `steps` updates (at least 1 step each)."""
-        if not self.reference_steps:
-            return self
-        f = steps / self.reference_steps
-        return dataclasses.replace(self, kl_anneal_steps=max(1, round(self.kl_anneal_steps * f)),
-                                   temperature_anneal_steps=max(1, round(self.temperature_anneal_steps * f)),
-                                   lr_anneal_steps=max(1, round(self.lr_anneal_steps * f)), reference_steps=0)
 
 
 ATTENTION_MASKS = ("full", "row", "column", "conv")
@@ -152,6 +82,11 @@ class DalleConfig:
     def num_text_tokens(self) -> int:
         """BPE vocabulary plus one distinct pad token per text position (paper section 2.2)."""
         return self.text_vocab_size + self.text_len
+
+    @property
+    def text_slots(self) -> int:
+        """Slots before the first image token: BOS and the text_len caption tokens (model/transformer.py)."""
+        return self.text_len + 1
 
     @property
     def seq_len(self) -> int:
@@ -372,7 +307,7 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {
         UnetConfig: dict(image_size=32, channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="8"),
     },
     # The paper's data shapes (256 text slots, 32x32 over 8192 codes) and sparse schedule at smaller sizes;
-    # `python -m dalle_ar.model.plan --preset NAME` prints parameters, FLOPs and a memory plan.
+    # `python -m bench.memory_plan --preset NAME` prints parameters, FLOPs and a memory plan.
     # ~450M parameters (454M; 24 layers at this width would be 353M).
     "base": {
         DalleConfig: dict(text_vocab_size=16384, text_len=256, num_image_tokens=8192, image_fmap_size=32,

@@ -178,7 +178,7 @@ def train_step_fn(model: nn.Module, export_config: dict, batch_size: int,
     `kind`, with inputs of the shapes its trainer feeds (the values do not change the FLOP count).
     Kinds: dalle (train_dalle.py), dvae (train_dvae.py), unclip_prior (train_prior.py), unclip_decoder
     (train_decoder.py), clip (train_clip.py)."""
-    from dalle_ar.config import DVAELossConfig
+    from dvae.config import DVAELossConfig
 
     g = torch.Generator().manual_seed(0)
     kind, b = export_config.get("kind"), batch_size

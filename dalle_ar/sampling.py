@@ -4,8 +4,8 @@ One loop serves every mode:
 - plain sampling: temperature, top-k (a token count), top-p (nucleus), seeded generator;
 - classifier-free guidance (Ho & Salimans 2022; used for autoregressive text-to-image by Make-A-Scene
   and Parti): logits = uncond + cond_scale * (cond - uncond), where the unconditional rows see the
-  all-pad caption the model was trained on with `null_cond_prob`. Both halves run as one batch of 2B
-  rows with one cache, and take the same sampled token;
+  all-pad caption the model was trained on with `null_cond_prob` (`DalleTransformer.null_text`). Both
+  halves run as one batch of 2B rows with one cache, and take the same sampled token;
 - priming / inpainting: a boolean `known_mask` over the grid; known tokens are teacher-forced, the rest
   sampled. A prefix known in every row (priming: the top rows) is run through the cache in one chunk.
   An autoregressive model sees only the tokens before a hole, so inpainting conditions on the region
@@ -49,14 +49,6 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     # torch.multinomial it never validates on the host (gpt-fast's "multinomial_sample_one_no_sync").
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / noise).argmax(-1)
-
-
-def null_text(model: DalleTransformer, batch: int, device=None) -> torch.Tensor:
-    """The all-pad caption (pad id at position i = text_vocab_size + i): the unconditional input that
-    caption dropout (`DalleTransformer.drop_captions`) trained."""
-    cfg = model.config
-    pads = torch.arange(cfg.text_len, device=device) + cfg.text_vocab_size
-    return pads.expand(batch, -1)
 
 
 def guide(logits: torch.Tensor, cond_scale: float) -> torch.Tensor:
@@ -153,7 +145,7 @@ def generate_codes(model: DalleTransformer, text: torch.Tensor, *, temperature: 
         known_mask = known_mask.to(device).reshape(-1, N).expand(B, N)
     guided = cond_scale != 1.0
     both = (lambda x: x.repeat(2, *([1] * (x.dim() - 1)))) if guided else (lambda x: x)
-    rows = torch.cat([text, null_text(model, B, device)]) if guided else text
+    rows = torch.cat([text, model.null_text(B, device)]) if guided else text
 
     cache = reusable_cache(model, rows.shape[0]) if compile else model.new_cache(rows.shape[0])
     step = decode_step_fn(model, compile)

@@ -2,7 +2,8 @@
 
 DALL-E (section 2.2) pads every caption to 256 positions with a *distinct* pad token per position, so
 the model can tell "no more text at position i" apart from any other position. Pad ids therefore live
-after the BPE vocabulary: the pad at position i has id `bpe_vocab_size + i`.
+after the BPE vocabulary: the pad at position i has id `bpe_vocab_size + i`. The all-pad caption
+(`null_caption`) is also the "no caption" input of classifier-free guidance in every model here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def train_bpe(captions: Iterable[str], vocab_size: int = 16384, min_frequency: i
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(captions, trainer=trainer)
     return tok
+
+
+def null_caption(vocab_size: int, text_len: int, batch: int = 1, device=None) -> torch.Tensor:
+    """The all-pad caption, (batch, text_len) ids `vocab_size + i` (an expanded view: clone to write).
+    What an empty caption encodes to, and the null condition that caption dropout trains for guidance."""
+    return torch.arange(text_len, device=device).add(vocab_size).expand(batch, -1)
 
 
 class TextTokenizer:
@@ -66,11 +73,14 @@ class TextTokenizer:
     def pad_id(self, position: int) -> int:
         return self.vocab_size + position
 
+    def null_caption(self, batch: int = 1, device=None) -> torch.Tensor:
+        return null_caption(self.vocab_size, self.text_len, batch, device)
+
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
         """(B, text_len) long ids; overlong captions are truncated (and counted)."""
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.arange(self.text_len).add(self.vocab_size).repeat(len(texts), 1)
+        out = self.null_caption(len(texts)).clone()
         # Lone surrogates (possible in a Python str, e.g. from surrogateescape) cannot cross into Rust: replace them.
         clean = [t.encode("utf-8", "replace").decode("utf-8").strip() for t in texts]
         for row, enc in enumerate(self.tokenizer.encode_batch(clean)):

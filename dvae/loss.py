@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dalle_ar.config import DVAELossConfig
+from dvae.config import DVAELossConfig
 from dvae.model import map_pixels, stats_to_image
 
 

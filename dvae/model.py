@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle_ar.config import DVAEConfig
+from dvae.config import DVAEConfig
 
 LOGIT_LAPLACE_EPS = 0.1
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.config import ConfigError, DVAEConfig
+from dvae.config import ConfigError, DVAEConfig
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ from dalle_ar import metrics
 from dalle_ar.checkpoint import WEIGHTS, load_pretrained
 from dalle_ar.clip import ClipScorer, clip_score, load_clip
 from dalle_ar.cli import parse, run_cli
-from dalle_ar.config import (ConfigError, DalleConfig, DiffusionConfig, DVAEConfig, PriorConfig, SampleConfig, TrainConfig,
+from dalle_ar.config import (ConfigError, DalleConfig, DiffusionConfig, PriorConfig, SampleConfig, TrainConfig,
                              UnetConfig, load_json, save_json)
 from dalle_ar.data import synthetic
 from dalle_ar.data.embeddings import read_meta
@@ -91,6 +91,7 @@ from dalle_ar.text import TextTokenizer
 from dalle_ar.unclip.decoder import UnetDecoder, build_decoder
 from dalle_ar.unclip.pipeline import UnclipPipeline
 from dalle_ar.unclip.prior import DiffusionPrior, build_prior
+from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
 
 

@@ -51,12 +51,13 @@ from tqdm import tqdm
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.clip import ClipScorer, best_first, clip_score
 from dalle_ar.cli import add_config_args, resolve, run_cli
-from dalle_ar.config import ConfigError, DalleConfig, DVAEConfig, SampleConfig
+from dalle_ar.config import ConfigError, DalleConfig, SampleConfig
 from dalle_ar.data import synthetic
 from dalle_ar.model import DalleTransformer
 from dalle_ar.report import device_name, save_grid
 from dalle_ar.sampling import border_mask, box_mask, generate_codes, log_likelihood, prime_mask
 from dalle_ar.text import TextTokenizer, check_vocab
+from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
 
 BACKENDS = ["ar", "unclip"]

@@ -18,11 +18,12 @@ from conftest import ROOT, run_script, script_env
 import corpus
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
 from dalle_ar.cli import parse
-from dalle_ar.config import ConfigError, DalleConfig, DataError, DVAEConfig, TrainConfig, from_dict
+from dalle_ar.config import ConfigError, DalleConfig, DataError, TrainConfig, from_dict
 from dalle_ar.data import decode
 from dalle_ar.data.read import batches, captions, image_text_dataset, token_dataset
 from dalle_ar.engine import build_ds_config
 from dalle_ar.text import TextTokenizer, check_vocab, train_bpe
+from dvae.config import DVAEConfig
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,13 @@ from conftest import ROOT
 from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.clip import build_clip, clip_export_config, export_files
 from dalle_ar import metrics
-from dalle_ar.config import ClipConfig, ConfigError, DalleConfig, DiffusionConfig, DVAEConfig, PriorConfig, UnetConfig
+from dalle_ar.config import ClipConfig, ConfigError, DalleConfig, DiffusionConfig, PriorConfig, UnetConfig
 from dalle_ar.data import synthetic, write
 from dalle_ar.model import DalleTransformer
 from dalle_ar.text import TextTokenizer, train_bpe
 from dalle_ar.unclip.decoder import UnetDecoder
 from dalle_ar.unclip.prior import DiffusionPrior
+from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
 
 script = runpy.run_path(str(ROOT / "sample/compare.py"))

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_ar.config import DVAEConfig, DVAELossConfig, preset
+from dalle_ar.config import preset
 from dalle_ar.data import synthetic
+from dvae.config import DVAEConfig, DVAELossConfig
 from dvae import DiscreteVAE
 from dvae.loss import codebook_usage, dvae_loss, kl_to_uniform, kl_weight, logit_laplace_nll, temperature
 from dvae.metrics import psnr, ssim

@@ -10,8 +10,9 @@ import torch
 from conftest import ROOT
 
 from dalle_ar.checkpoint import load_pretrained, save_pretrained
-from dalle_ar.config import ConfigError, DVAEConfig
+from dalle_ar.config import ConfigError
 from dalle_ar.data import read, synthetic, write
+from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
 
 encode = runpy.run_path(str(ROOT / "train/encode.py"))["main"]

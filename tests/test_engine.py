@@ -6,6 +6,7 @@ import torch
 from dalle_ar.checkpoint import load_pretrained
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, preset
 from dalle_ar.engine import Trainer, build_ds_config, fp16_supported, param_groups
+from dalle_ar.model.parallelize import activation_checkpointed, apply_activation_checkpointing
 from dalle_ar.model import DalleTransformer
 
 MODEL = preset(DalleConfig, "tiny", dim=32, depth=2, heads=2, text_vocab_size=40, text_len=8, image_fmap_size=4,
@@ -152,7 +153,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for enable in (False, True):
         model.zero_grad()
-        model.set_grad_checkpointing(enable)
+        if enable:
+            apply_activation_checkpointing(model)
         model.loss(*batch)[0].backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
@@ -161,7 +163,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_checkpointed_training_runs_through_the_engine(tmp_path):
     trainer, export = train(tmp_path, steps=2, stage=2, activation_checkpointing=True)
-    assert trainer.module.grad_checkpointing and (export / "model.safetensors").exists()
+    assert activation_checkpointed(trainer.module) and (export / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -11,6 +11,7 @@ from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, preset
 from dalle_ar.engine import Trainer, build_ds_config, setup_distributed
 from dalle_ar.model import DalleTransformer
 from dalle_ar.model.grad_scale import ResblockGradScaler
+from dalle_ar.model.parallelize import apply_activation_checkpointing, apply_resblock_grad_scaling
 
 CFG = DalleConfig(text_vocab_size=64, text_len=8, num_image_tokens=64, image_fmap_size=4, dim=64, depth=4, heads=4,
                   attention="sparse")
@@ -36,8 +37,9 @@ def test_fp32_gradients_are_bit_identical_at_any_power_of_two_scales(extras, rec
     torch.manual_seed(0)
     ref = DalleTransformer(DalleConfig(**{**CFG.__dict__, **extras}))
     model = copy.deepcopy(ref)
-    model.set_grad_checkpointing(recompute)
-    scaler = model.enable_resblock_grad_scaling()
+    if recompute:
+        apply_activation_checkpointing(model)
+    scaler = apply_resblock_grad_scaling(model)
     scaler.scales.copy_(2.0 ** torch.randint(-12, 24, scaler.scales.shape).float())
     scaler.set_loss_scale(2.0 ** 5)
     want, got = grads(ref), grads(model, loss_scale=2.0 ** 5)
@@ -55,7 +57,7 @@ def test_torch_compile_keeps_the_scaling():
     torch.manual_seed(0)
     ref = DalleTransformer(DalleConfig(**{**CFG.__dict__, "depth": 1}))
     model = copy.deepcopy(ref)
-    scaler = model.enable_resblock_grad_scaling()
+    scaler = apply_resblock_grad_scaling(model)
     model.compile()
     scaler.scales.copy_(torch.tensor([2.0 ** -3, 2.0 ** 9]))
     scaler.set_loss_scale(2.0 ** 5)
@@ -83,7 +85,7 @@ def test_fp16_activation_gradients_keep_their_precision_under_a_low_loss_scale()
     S = 2.0 ** -8
     plain = copy.deepcopy(ref).half()
     scaled = copy.deepcopy(ref)
-    scaler = scaled.enable_resblock_grad_scaling(init_scale=2.0 ** 12)
+    scaler = apply_resblock_grad_scaling(scaled, init_scale=2.0 ** 12)
     scaled.half()
     scaler.set_loss_scale(S)
     plain_err = block_grad_error(want, grads(plain, S), S)
@@ -95,7 +97,7 @@ def test_fp16_activation_gradients_keep_their_precision_under_a_low_loss_scale()
 def test_an_overflow_stays_in_its_branch_skips_the_step_and_lowers_only_its_scale():
     torch.manual_seed(0)
     model = DalleTransformer(CFG)
-    scaler = model.enable_resblock_grad_scaling(init_scale=2.0 ** 10, window=3, max_scale=2.0 ** 48)
+    scaler = apply_resblock_grad_scaling(model, init_scale=2.0 ** 10, window=3, max_scale=2.0 ** 48)
     model.half()
     scaler.scales[5] = 2.0 ** 40  # branch 5 (layer 2's MLP): its gradients overflow fp16
     got = grads(model)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_ar.config import DalleConfig, DiffusionConfig, DVAEConfig, PriorConfig, UnetConfig
+from dalle_ar.config import DalleConfig, DiffusionConfig, PriorConfig, UnetConfig
 from dalle_ar.metrics import (bootstrap_ci, count_flops, count_params, diversity, frechet_distance, kid,
                               mmd2_unbiased, pairwise_distance_mean, run_info, stage_training_flops, train_step_fn)
 from dalle_ar.model import DalleTransformer
+from dvae.config import DVAEConfig
 
 
 def test_frechet_distance_of_identical_sets_is_zero():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.config import ConfigError, DVAEConfig
+from dalle_ar.config import ConfigError
+from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
 from dvae.model import map_pixels
 from dvae.openai import UnsafePickleError, import_openai_dvae

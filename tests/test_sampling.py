@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dalle_ar.config import DalleConfig
 from dalle_ar.model import DalleTransformer
-from dalle_ar.sampling import (border_mask, box_mask, filter_logits, generate_codes, guide, log_likelihood, null_text,
+from dalle_ar.sampling import (border_mask, box_mask, filter_logits, generate_codes, guide, log_likelihood,
                                prime_mask, sample_token)
 
 SIDE = 8
@@ -75,7 +75,7 @@ def test_guided_logits_are_uncond_plus_scale_times_difference():
     _, guided = generate_codes(model, text, forced=codes, cond_scale=scale, return_logits=True)
     with torch.no_grad():
         _, cond = model(text, codes)
-        _, uncond = model(null_text(model, len(text)), codes)
+        _, uncond = model(model.null_text(len(text)), codes)
     assert torch.allclose(guided, uncond + scale * (cond - uncond), atol=1e-3)
     # and guidance changes what is sampled
     assert not torch.equal(sample(model, text, cond_scale=scale), sample(model, text))
@@ -90,7 +90,7 @@ def test_guided_priming_keeps_the_rows():
     assert torch.equal(codes[:, : 2 * SIDE], image[:, : 2 * SIDE])
     with torch.no_grad():
         _, cond = model(text, codes)
-        _, uncond = model(null_text(model, len(text)), codes)
+        _, uncond = model(model.null_text(len(text)), codes)
     assert torch.allclose(logits, guide(torch.cat([cond, uncond]), 2.0), atol=1e-3)
 
 

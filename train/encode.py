@@ -19,9 +19,10 @@ import torch
 
 from dalle_ar.checkpoint import WEIGHTS, load_pretrained
 from dalle_ar.cli import run_cli
-from dalle_ar.config import ConfigError, DVAEConfig, save_json
+from dalle_ar.config import ConfigError, save_json
 from dalle_ar.data.read import shard_urls
 from dalle_ar.data.write import TokenShards
+from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
 
 

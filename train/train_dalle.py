@@ -68,7 +68,8 @@ def main(argv=None):
 
     def loss_fn(engine, batch, step):
         text, codes = batch
-        return trainer.module.loss(text, codes, forward=engine)  # caption dropout lives in the model's loss
+        inputs, target = trainer.module.training_inputs(text, codes)  # caption dropout happens here
+        return trainer.module.loss_from_output(engine(*inputs), target)
 
     return trainer.fit(stream, loss_fn, skips=skips)
 

@@ -115,7 +115,8 @@ def main(argv=None):
 
     def loss_fn(engine, batch, step):
         images, zi, text = batch
-        return trainer.module.loss(images, zi, text, forward=engine)
+        inputs, target = trainer.module.training_inputs(images, zi, text)
+        return trainer.module.loss_from_output(engine(*inputs), target)
 
     return trainer.fit(stream, loss_fn, on_step=on_step)
 

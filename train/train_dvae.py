@@ -19,12 +19,13 @@ from dataclasses import asdict
 import torch
 
 from dalle_ar.cli import parse, run_cli
-from dalle_ar.config import DVAEConfig, DVAELossConfig, TrainConfig, save_json
+from dalle_ar.config import TrainConfig, save_json
 from dalle_ar.data import synthetic
 from dalle_ar.data.decode import SkipCounter
 from dalle_ar.data.read import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.report import save_grid
+from dvae.config import DVAEConfig, DVAELossConfig
 from dvae import DiscreteVAE
 from dvae.loss import codebook_usage, dvae_loss
 from dvae.metrics import psnr

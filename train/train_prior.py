@@ -89,7 +89,8 @@ def main(argv=None):
 
     def loss_fn(engine, batch, step):
         text, zt, zi = batch
-        return trainer.module.loss(text, zt, zi, forward=engine)
+        inputs, target = trainer.module.training_inputs(text, zt, zi)
+        return trainer.module.loss_from_output(engine(*inputs), target)
 
     export = trainer.fit(stream, loss_fn, on_step=on_step, show=("cos",))
     if trainer.is_main:

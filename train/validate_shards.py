@@ -27,10 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from dalle_ar.cli import run_cli
-from dalle_ar.config import ConfigError, DalleConfig, DVAEConfig, TrainConfig, load_json, save_json
+from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, load_json, save_json
 from dalle_ar.data.decode import (IMAGE_MEMBERS, MAX_PIXELS, MIN_IMAGE_SIZE, NOTES, SHARD_REASONS, SKIP_REASONS,
                                   SkipCounter, SkipSample, decode_sample, decode_token_sample, image_to_uint8)
 from dalle_ar.data.read import shard_samples, shard_urls
+from dvae.config import DVAEConfig
 
 FORMAT_EXTS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "BMP": ("bmp",), "GIF": ("gif",),
                "TIFF": ("tif", "tiff")}

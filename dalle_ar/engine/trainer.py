@@ -27,6 +27,8 @@ from dalle_ar.engine.optim import param_groups
 from dalle_ar.engine.rng import RNGStreams
 from dalle_ar.engine.schedules import PlateauHalving, lr_factor
 from dalle_ar.engine.signals import StopSignal, Stopped, fault_point
+from dalle_ar.model import DalleTransformer
+from dalle_ar.model.parallelize import apply_activation_checkpointing, apply_resblock_grad_scaling
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +105,16 @@ class Trainer:
         gradient scaler when on."""
         cfg = self.cfg
         if cfg.activation_checkpointing:  # recompute each block's activations in backward
-            if not hasattr(model, "set_grad_checkpointing"):
+            if not isinstance(model, DalleTransformer):
                 raise ConfigError(f"--activation_checkpointing: {type(model).__name__} does not support it; drop the flag")
-            model.set_grad_checkpointing(True)
+            apply_activation_checkpointing(model)
         grad_scaler = None
         if cfg.resblock_grad_scaling:  # fp16: a gradient scale per residual branch (paper appendix D)
-            if not hasattr(model, "enable_resblock_grad_scaling"):
+            if not isinstance(model, DalleTransformer):
                 raise ConfigError(f"--resblock_grad_scaling: {type(model).__name__} has no resblocks to scale; drop the flag")
             fp16 = ds_config["fp16"]  # the per-branch scales start and grow like DeepSpeed's global one
-            grad_scaler = model.enable_resblock_grad_scaling(init_scale=2.0 ** fp16["initial_scale_power"],
-                                                             window=fp16["loss_scale_window"])
+            grad_scaler = apply_resblock_grad_scaling(model, init_scale=2.0 ** fp16["initial_scale_power"],
+                                                      window=fp16["loss_scale_window"])
         if cfg.compile:  # in place: the module keeps its parameter names, so checkpoints don't change
             model.compile()
         return grad_scaler

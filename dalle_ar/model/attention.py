@@ -1,7 +1,8 @@
 """Self-attention with DALL-E's sparse masks (appendix B.1, figure 11), a KV cache and rotary embeddings.
 
 Slots are indexed as in transformer.py: slots 0 .. text_len hold [BOS, t_0 .. t_{L-1}] ("text keys"),
-slot text_len + 1 + m holds image token m (raster order over the w x w grid). A query at slot q may
+slot text_slots + m holds image token m (text_slots = text_len + 1, `DalleConfig.text_slots`; raster
+order over the w x w grid). A query at slot q may
 attend a key at slot k when k <= q (causal) and either k is a text key or, for two image slots at raster
 distance d = q - k >= 0:
 
@@ -22,7 +23,11 @@ FlexAttention BlockMask built from the same rule and skips fully masked 128x128 
 eager elsewhere); for column layers it attends over the image slots in column-major order, the paper's
 "transposed image states", which makes those layers block-sparse too. Masks are built once per (mask,
 layout, sequence length, device). Decoding with a KV cache always takes SDPA with the new queries' rows of
-the dense mask: one query row is all a step needs.
+the dense mask: one query row is all a step needs; the per-token decode step (`decode_step`) reads only the
+cached keys its mask allows (`KVCache.keys_for`).
+
+`AttentionConfig` is all a layer needs to know (width, heads, the slot layout its masks are written for), so
+other models (the unCLIP prior, the decoder's caption encoder) build these blocks without a DalleConfig.
 No "stable softmax" (CogView's PB-relax): the SDPA and flex kernels compute softmax in fp32 after
 subtracting the row max, so bf16 scores cannot overflow.
 """
@@ -31,13 +36,13 @@ from __future__ import annotations
 
 import functools
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from dalle_ar.config import DalleConfig
 from dalle_ar.model.kv_cache import KVCache
 
 CONV_KERNEL = 11  # paper: "our model uses a mask corresponding to an 11 x 11 kernel"
@@ -100,26 +105,51 @@ def _flex_kernel(device_type: str):
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
-def apply_rotary(x: torch.Tensor, start: int) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
     """Rotary position embedding (RoFormer, GPT-NeoX half-split layout) on (B, H, n, D) queries or keys at
-    slots start .. start+n-1. Angles are computed in fp32."""
+    slots start .. start+n-1. Angles are computed in fp32. `start` may be a 0-dim device tensor (the decode
+    step: static shapes, no host sync)."""
     n, dim = x.shape[-2], x.shape[-1]
     inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
-    angles = torch.arange(start, start + n, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    angles = (torch.arange(n, device=x.device) + start).float()[:, None] * inv_freq
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class AttentionConfig:
+    """What one transformer block needs. The slot layout (seq_len, text_slots, width) only matters for the
+    sparse masks and the KV cache; a plain causal ("full") block over any sequence can leave it at its defaults."""
+
+    dim: int
+    heads: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    backend: str = "sdpa"        # sdpa | flex (DalleConfig.attention_backend)
+    rotary: bool = False
+    sandwich_norm: bool = False
+    seq_len: int = 0
+    text_slots: int = 0
+    width: int = 1               # image grid side
+
+    @classmethod
+    def of(cls, cfg) -> "AttentionConfig":
+        """The blocks of a DalleTransformer (`cfg`: a DalleConfig)."""
+        return cls(dim=cfg.dim, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
+                   backend=cfg.attention_backend, rotary=cfg.rotary, sandwich_norm=cfg.sandwich_norm,
+                   seq_len=cfg.seq_len, text_slots=cfg.text_slots, width=cfg.image_fmap_size)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention under one mask of the layer schedule (`kind`)."""
 
-    def __init__(self, cfg: DalleConfig, kind: str = "full"):
+    def __init__(self, cfg: AttentionConfig, kind: str = "full"):
         super().__init__()
         assert cfg.dim % cfg.heads == 0, f"dim {cfg.dim} must be divisible by heads {cfg.heads}"
         self.kind, self.heads, self.dropout = kind, cfg.heads, cfg.dropout
-        self.backend, self.rotary = cfg.attention_backend, cfg.rotary
-        self.seq_len, self.text_slots, self.width = cfg.seq_len, cfg.text_len + 1, cfg.image_fmap_size
+        self.backend, self.rotary = cfg.backend, cfg.rotary
+        self.seq_len, self.text_slots, self.width = cfg.seq_len, cfg.text_slots, cfg.width
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
@@ -153,3 +183,19 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         mask = dense_mask(self.kind, max(end, self.seq_len), self.text_slots, self.width, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start:end, :end], dropout_p=dropout)
+
+    def decode_step(self, x: torch.Tensor, slot: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """One query at `slot` (0-dim device tensor) under this layer's mask (the same rule as `sdpa`).
+        Sparse masks allow a fixed set of raster distances, so only text keys + those image keys are gathered
+        (row: w + 1 of them, conv: 61) instead of the whole prefix: the step reads what the mask needs."""
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if self.rotary:
+            q, k = apply_rotary(q, slot), apply_rotary(k, slot)
+        cache.write(layer, slot, k, v)
+        keys, mask = cache.keys_for(self.kind, slot)
+        if keys is None:  # full: the whole buffer, later slots masked out
+            k, v = cache.k[layer], cache.v[layer]
+        else:
+            k, v = cache.k[layer].index_select(2, keys), cache.v[layer].index_select(2, keys)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -23,7 +23,8 @@ branch of each layer: 2 x depth "resblocks") back-propagates at its own scale s_
 
 All scales are powers of two and every rescale happens in fp32, so it is exact: an fp32 model's gradients
 are the same bit for bit at any scales (tests/test_grad_scale.py). No host sync is added (the flags and
-scales live on the device).
+scales live on the device). `model/parallelize.py` (`apply_resblock_grad_scaling`) puts the scaler on a
+DalleTransformer from outside, as forward hooks around each branch.
 """
 
 from __future__ import annotations

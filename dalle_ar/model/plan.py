@@ -1,6 +1,5 @@
-"""Size a DALL-E transformer without allocating it: parameters, FLOPs and a per-GPU memory plan.
-
-  python -m dalle_ar.model.plan --preset paper --world_size 64 --batch_size 1
+"""Size a DALL-E transformer without allocating it: parameters, FLOPs and a per-GPU memory plan
+(the command line is bench/memory_plan.py: `python -m bench.memory_plan --preset paper --world_size 64`).
 
 The model is built on the meta device (shapes only). Memory follows the ZeRO paper (Rajbhandari et al.
 2020) for bf16 mixed precision with AdamW: 2 bytes/param bf16 weights, 2 bytes/param bf16 gradients,
@@ -13,15 +12,11 @@ plus the logits (bf16 out of the heads, fp32 for the cross-entropy and its gradi
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from dalle_ar.cli import parse, run_cli
 from dalle_ar.config import DalleConfig
 from dalle_ar.model.attention import dense_mask
 from dalle_ar.model.transformer import DalleTransformer
-
 
 
 def gib(n_bytes: float) -> float:
@@ -58,7 +53,7 @@ def attention_density(cfg: DalleConfig) -> dict:
     causal = cfg.seq_len * (cfg.seq_len + 1) / 2
     kinds = cfg.layer_attention
     return {kind: {"layers": kinds.count(kind),
-                   "density": round(dense_mask(kind, cfg.seq_len, cfg.text_len + 1, cfg.image_fmap_size,
+                   "density": round(dense_mask(kind, cfg.seq_len, cfg.text_slots, cfg.image_fmap_size,
                                          torch.device("cpu")).sum().item() / causal, 3)}
             for kind in dict.fromkeys(kinds)}
 
@@ -83,16 +78,3 @@ def plan(cfg: DalleConfig, world_size: int = 8, batch_size: int = 1) -> dict:
         "memory": {"world_size": world_size, "micro_batch": batch_size, "precision": "bf16 + fp32 AdamW",
                    "activations": act, "per_gpu": memory},
     }
-
-
-def main(argv=None):
-    def extra(p):
-        p.add_argument("--world_size", type=int, default=8, help="data-parallel GPUs ZeRO shards over (default: 8)")
-        p.add_argument("--batch_size", type=int, default=1, help="micro-batch per GPU (default: 1)")
-
-    args, cfg = parse(__doc__, DalleConfig, extra=extra, argv=argv)
-    print(json.dumps(plan(cfg, args.world_size, args.batch_size), indent=2))
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -29,8 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from dalle_ar.config import DalleConfig, DiffusionConfig, UnetConfig
+from dalle_ar.config import DiffusionConfig, UnetConfig
+from dalle_ar.model.attention import AttentionConfig
 from dalle_ar.model.transformer import Block
+from dalle_ar.text import null_caption
+from dalle_ar.unclip import loop
 from dalle_ar.unclip.diffusion import GaussianDiffusion, guided, timestep_embedding
 
 
@@ -134,9 +137,7 @@ class UnetDecoder(nn.Module):
         if cfg.use_caption:
             self.token_embed = nn.Embedding(cfg.text_vocab_size + cfg.text_len, emb_dim)
             self.text_pos = nn.Parameter(torch.randn(cfg.text_len, emb_dim) * 0.02)
-            text_cfg = DalleConfig(text_vocab_size=cfg.text_vocab_size, text_len=cfg.text_len, dim=emb_dim, depth=1,
-                                   heads=max(1, emb_dim // 64))
-            self.text_blocks = nn.ModuleList([Block(text_cfg, "full")])
+            self.text_blocks = nn.ModuleList([Block(AttentionConfig(dim=emb_dim, heads=max(1, emb_dim // 64)), "full")])
             self.text_ln = nn.LayerNorm(emb_dim)
             self.text_pool_proj = nn.Linear(emb_dim, emb_dim)
 
@@ -173,7 +174,7 @@ class UnetDecoder(nn.Module):
 
     # -- conditioning ------------------------------------------------------------------------------
     def null_text(self, batch: int, device) -> torch.Tensor:
-        return torch.arange(self.config.text_len, device=device).add(self.config.text_vocab_size).expand(batch, -1)
+        return null_caption(self.config.text_vocab_size, self.config.text_len, batch, device)
 
     def _condition(self, emb: torch.Tensor, cond: dict, drop_image, drop_text):
         """Add the image embedding / caption to the timestep embedding; return (emb, context tokens)."""
@@ -235,10 +236,10 @@ class UnetDecoder(nn.Module):
             low = gaussian_blur(low, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
         return low * 2 - 1
 
-    def loss(self, images: torch.Tensor, image_embed: torch.Tensor | None = None, text: torch.Tensor | None = None,
-             forward=None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Diffusion loss on [0, 1] images (B, 3, S, S), with the paper's condition dropout."""
-        cfg, forward = self.config, forward or self
+    def training_inputs(self, images: torch.Tensor, image_embed: torch.Tensor | None = None,
+                        text: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[tuple, tuple]:
+        """(forward args, loss targets) for [0, 1] images (B, 3, S, S), with the paper's condition dropout."""
+        cfg = self.config
         b, device = images.shape[0], images.device
         gen_device = generator.device if generator is not None else device
         drop = {"image": (torch.rand(b, generator=generator, device=gen_device) < cfg.image_embed_drop).to(device),
@@ -250,9 +251,18 @@ class UnetDecoder(nn.Module):
             cond["text"] = text
         if cfg.low_res_size:
             cond["low_res"] = self.low_res_condition(images, generator)
-        loss, extra = self.diffusion.training_losses(lambda x, t: forward(x, t, cond, drop), images.float() * 2 - 1,
-                                                     generator)
-        return loss, {}
+        x0 = images.float() * 2 - 1
+        x_t, t, noise = self.diffusion.noised(x0, generator)
+        return (x_t, t, cond, drop), (x0, x_t, t, noise)
+
+    def loss_from_output(self, out: torch.Tensor, target) -> tuple[torch.Tensor, dict]:
+        return self.diffusion.training_loss(out, *target)[0], {}
+
+    def loss(self, images: torch.Tensor, image_embed: torch.Tensor | None = None, text: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Diffusion loss on [0, 1] images (B, 3, S, S), this module running the forward."""
+        args, target = self.training_inputs(images, image_embed, text, generator)
+        return self.loss_from_output(self(*args), target)
 
     # -- sampling ----------------------------------------------------------------------------------
     def condition(self, image_embed=None, text=None, low_res=None) -> dict:
@@ -279,8 +289,8 @@ class UnetDecoder(nn.Module):
         device = ref.device if ref is not None else next(self.parameters()).device
         s = self.config.image_size
         diffusion = self.diffusion.respace(steps)
-        x = diffusion.sample(guided(self, cond, guidance), (b, 3, s, s), sampler=sampler, eta=eta,
-                             generator=generator, device=device, noise=noise, progress=progress)
+        x = loop.sample(diffusion, guided(self, cond, guidance), (b, 3, s, s), sampler=sampler, eta=eta,
+                        generator=generator, device=device, noise=noise, progress=progress)
         return ((x + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -289,8 +299,8 @@ class UnetDecoder(nn.Module):
         """DDIM inversion: the noise x_T that the eta = 0 sampler maps back to (about) `images`."""
         cond = self.condition(image_embed, text)
         drop = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
-        return self.diffusion.respace(steps).ddim_invert(lambda x, t: self(x, t, cond, drop), images.float() * 2 - 1,
-                                                          progress=progress)
+        return loop.ddim_invert(self.diffusion.respace(steps), lambda x, t: self(x, t, cond, drop),
+                                images.float() * 2 - 1, progress=progress)
 
     def export_config(self, **extra) -> dict:
         return {"kind": "unclip_decoder", "unet": asdict(self.config), "diffusion": asdict(self.diffusion_config), **extra}

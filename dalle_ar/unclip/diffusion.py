@@ -11,6 +11,11 @@ Sampling runs on a respaced subset of the training timesteps (`respace(n)`, impr
 the respaced process has its own betas over the kept steps and passes the *original* timestep to the
 network through `timestep_map`. Every random draw takes an explicit `torch.Generator`.
 
+Like a diffusers scheduler, `GaussianDiffusion` is arithmetic on tensors and never calls the network:
+`noised` / `training_loss` bracket the training forward, and `ddpm_step` / `ddim_step` / `ddim_invert_step`
+turn one network output into the next sample (`model_timesteps` says which timestep the network sees).
+The loops, with their progress bar, live in unclip/loop.py.
+
 Guidance: a `model_fn(x, t, cond, drop)` runs the network with conditioning `cond` (a dict of batched
 tensors) where `drop` (B,) bool says which rows see the null condition; `guided(...)` runs the
 conditional and unconditional rows in one forward and mixes them as u + s (c - u).
@@ -28,7 +33,7 @@ SCHEDULES = ("cosine", "linear")
 TARGETS = ("eps", "x0", "v")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, dict, torch.Tensor], torch.Tensor]
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, original timesteps) -> output
 
 
 def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -68,7 +73,7 @@ def _randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
 
 
 class GaussianDiffusion:
-    """Schedule + losses + samplers; holds no parameters (the network is passed in)."""
+    """Schedule + loss + sampler steps; holds no parameters and never runs the network."""
 
     def __init__(self, alphas_cumprod: torch.Tensor, target: str = "eps", timestep_map: torch.Tensor | None = None,
                  clip_x0: float | None = None):
@@ -125,54 +130,56 @@ class GaussianDiffusion:
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
         return x0, (x_t - a * x0) / s
 
-    # -- training --------------------------------------------------------------------------------
+    # -- training: noised inputs -> (the caller's) network forward -> loss ------------------------------
     def sample_t(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         gen_device = generator.device if generator is not None else device
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device).to(device)
 
-    def training_losses(self, denoise: DenoiseFn, x0: torch.Tensor, generator: torch.Generator | None = None,
-                        t: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """MSE between the network output and its target at a uniform t. Returns (loss, extras) with
-        `x0_pred` (for metrics such as the prior's cosine to the true embedding)."""
-        x0 = x0.float()
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+               t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, noise) at a uniform t (unless given) for the float32 clean sample x0."""
         t = self.sample_t(x0.shape[0], x0.device, generator) if t is None else t
         noise = _randn(x0.shape, generator, x0.device)
-        x_t = self.q_sample(x0, t, noise)
-        out = denoise(x_t, t).float()
+        return self.q_sample(x0, t, noise), t, noise
+
+    def training_loss(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """MSE between the network output at (x_t, t) and its target. Returns (loss, extras) with `x0_pred`
+        (for metrics such as the prior's cosine to the true embedding)."""
+        out = out.float()
         loss = F.mse_loss(out, self.target_of(x0, noise, t))
         return loss, {"x0_pred": self.x0_eps(out.detach(), x_t, t)[0], "t": t}
 
-    # -- sampling --------------------------------------------------------------------------------
-    def p_mean_variance(self, denoise: DenoiseFn, x: torch.Tensor, i: torch.Tensor) -> dict:
-        """Mean and ("fixed small") variance of p(x_{t-1} | x_t) at respaced index i."""
-        out = denoise(x, self.timestep_map.to(x.device)[i]).float()
-        x0, eps = self.x0_eps(out, x, i)
+    # -- sampling steps: one network output -> the next sample (the loops are in unclip/loop.py) -------
+    def timesteps(self, reverse: bool = True) -> range:
+        """Respaced step indices in sampling order (reverse) or inversion order."""
+        return range(self.num_timesteps - 1, -1, -1) if reverse else range(self.num_timesteps)
+
+    def model_timesteps(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """(B,) original timesteps the network sees at respaced step `step`."""
+        i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        return self.timestep_map.to(x.device)[i]
+
+    def initial_noise(self, shape, generator: torch.Generator | None = None, device="cpu",
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T: `noise` if given, else a draw from `generator`."""
+        return _randn(shape, generator, device) if noise is None else noise.float().to(device)
+
+    def ddpm_step(self, out: torch.Tensor, step: int, x: torch.Tensor,
+                  generator: torch.Generator | None) -> torch.Tensor:
+        """Ancestral sampling: x_{t-1} = mean + sigma z with the posterior mean and ("fixed small")
+        variance of p(x_{t-1} | x_t) (no noise at the last step)."""
+        i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        x0, eps = self.x0_eps(out.float(), x, i)
         mean = _extract(self.posterior_coef_x0, i, x) * x0 + _extract(self.posterior_coef_xt, i, x) * x
-        return {"mean": mean, "variance": _extract(self.posterior_variance, i, x),
-                "log_variance": _extract(self.posterior_log_variance, i, x), "x0": x0, "eps": eps}
+        log_variance = _extract(self.posterior_log_variance, i, x)
+        z = _randn(x.shape, generator, x.device)  # drawn every step so DDPM and DDIM share a stream
+        return mean + (step > 0) * (0.5 * log_variance).exp() * z
 
-    def _indices(self, progress: bool, desc: str, reverse: bool = True):
-        from tqdm.auto import tqdm
-
-        order = range(self.num_timesteps - 1, -1, -1) if reverse else range(self.num_timesteps)
-        return tqdm(order, desc=desc, leave=False, disable=not progress)
-
-    @torch.no_grad()
-    def ddpm_sample(self, denoise: DenoiseFn, shape, generator: torch.Generator | None = None, device="cpu",
-                    noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-        """Ancestral sampling: x_{t-1} = mean + sigma z (no noise at the last step)."""
-        x = _randn(shape, generator, device) if noise is None else noise.float().to(device)
-        for step in self._indices(progress, "ddpm"):
-            i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            p = self.p_mean_variance(denoise, x, i)
-            z = _randn(x.shape, generator, x.device)  # drawn every step so DDPM and DDIM share a stream
-            x = p["mean"] + (step > 0) * (0.5 * p["log_variance"]).exp() * z
-        return x
-
-    def ddim_step(self, denoise: DenoiseFn, x: torch.Tensor, step: int, eta: float,
+    def ddim_step(self, out: torch.Tensor, step: int, x: torch.Tensor, eta: float,
                   generator: torch.Generator | None) -> torch.Tensor:
         i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        x0, eps = self.x0_eps(denoise(x, self.timestep_map.to(x.device)[i]).float(), x, i)
+        x0, eps = self.x0_eps(out.float(), x, i)
         a, a_prev = _extract(self.alphas_cumprod, i, x), _extract(self.alphas_cumprod_prev, i, x)
         # DDIM eq. 16: eta = 1 gives the DDPM posterior variance, eta = 0 a deterministic map
         sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
@@ -180,38 +187,21 @@ class GaussianDiffusion:
         x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         return x + (step > 0) * sigma * z
 
-    @torch.no_grad()
-    def ddim_sample(self, denoise: DenoiseFn, shape, eta: float = 0.0, generator: torch.Generator | None = None,
-                    device="cpu", noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-        x = _randn(shape, generator, device) if noise is None else noise.float().to(device)
-        for step in self._indices(progress, f"ddim(eta={eta:g})"):
-            x = self.ddim_step(denoise, x, step, eta, generator)
-        return x
+    def invert_model_timesteps(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """Inversion evaluates the network at the previous (less noisy) step: x is at that noise level."""
+        prev = torch.clamp(torch.full((x.shape[0],), step, device=x.device, dtype=torch.long) - 1, min=0)
+        return self.timestep_map.to(x.device)[prev]
 
-    @torch.no_grad()
-    def ddim_invert(self, denoise: DenoiseFn, x0: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """Run the eta = 0 DDIM map backwards, x_0 -> x_T (unCLIP section 3: the latent that reproduces
-        an image under its embedding, used for text diffs)."""
-        x = x0.float()
-        for step in self._indices(progress, "ddim-invert", reverse=False):
-            i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            a_prev = _extract(self.alphas_cumprod_prev, i, x)
-            # the network is evaluated at the previous (less noisy) step: x is at that noise level
-            prev = torch.clamp(i - 1, min=0)
-            eps_from = self.x0_eps(denoise(x, self.timestep_map.to(x.device)[prev]).float(), x, prev)[1]
-            x0_hat = (x - (1 - a_prev).sqrt() * eps_from) / a_prev.sqrt()
-            a = _extract(self.alphas_cumprod, i, x)
-            x = a.sqrt() * x0_hat + (1 - a).sqrt() * eps_from
-        return x
-
-    def sample(self, denoise: DenoiseFn, shape, *, sampler: str = "ddim", eta: float = 0.0,
-               generator: torch.Generator | None = None, device="cpu", noise: torch.Tensor | None = None,
-               progress: bool = False) -> torch.Tensor:
-        if sampler == "ddpm":
-            return self.ddpm_sample(denoise, shape, generator, device, noise, progress)
-        if sampler == "ddim":
-            return self.ddim_sample(denoise, shape, eta, generator, device, noise, progress)
-        raise ValueError(f"sampler={sampler!r}: use ddpm or ddim")
+    def ddim_invert_step(self, out: torch.Tensor, step: int, x: torch.Tensor) -> torch.Tensor:
+        """The eta = 0 DDIM map run backwards, x_{t-1} -> x_t (unCLIP section 3: the latent that reproduces
+        an image under its embedding, used for text diffs); `out` is the network at invert_model_timesteps."""
+        i = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        a_prev = _extract(self.alphas_cumprod_prev, i, x)
+        prev = torch.clamp(i - 1, min=0)
+        eps_from = self.x0_eps(out.float(), x, prev)[1]
+        x0_hat = (x - (1 - a_prev).sqrt() * eps_from) / a_prev.sqrt()
+        a = _extract(self.alphas_cumprod, i, x)
+        return a.sqrt() * x0_hat + (1 - a).sqrt() * eps_from
 
 
 def guided(model_fn: ModelFn, cond: dict, scale: float) -> DenoiseFn:

@@ -23,8 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle_ar.config import DalleConfig, DiffusionConfig, PriorConfig
+from dalle_ar.config import DiffusionConfig, PriorConfig
+from dalle_ar.model.attention import AttentionConfig
 from dalle_ar.model.transformer import Block
+from dalle_ar.text import null_caption
+from dalle_ar.unclip import loop
 from dalle_ar.unclip.diffusion import GaussianDiffusion, guided, timestep_embedding
 
 
@@ -42,9 +45,7 @@ class DiffusionPrior(nn.Module):
         self.query = nn.Parameter(torch.randn(d) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(cfg.text_len + 4, d) * 0.02)
         # the DALL-E transformer's pre-norm causal block (SDPA), at this width
-        block_cfg = DalleConfig(text_vocab_size=cfg.text_vocab_size, text_len=cfg.text_len, dim=d, depth=cfg.depth,
-                                heads=cfg.heads)
-        self.blocks = nn.ModuleList(Block(block_cfg, "full") for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(AttentionConfig(dim=d, heads=cfg.heads), "full") for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(d)
         self.out = nn.Linear(d, cfg.embed_dim)
 
@@ -53,8 +54,8 @@ class DiffusionPrior(nn.Module):
         return self.config.scale
 
     def null_text(self, batch: int, device) -> torch.Tensor:
-        """The all-pad caption (pad id of slot i = vocab + i)."""
-        return torch.arange(self.config.text_len, device=device).add(self.config.text_vocab_size).expand(batch, -1)
+        """The all-pad caption (text.null_caption)."""
+        return null_caption(self.config.text_vocab_size, self.config.text_len, batch, device)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, drop: torch.Tensor | None = None) -> torch.Tensor:
         """x_t: noised scaled image embedding (B, D); cond: `text` (B, text_len) ids and `text_embed`
@@ -77,18 +78,29 @@ class DiffusionPrior(nn.Module):
             h = block(h)
         return self.out(self.ln_f(h[:, -1])).float()
 
-    def loss(self, text: torch.Tensor, text_embed: torch.Tensor, image_embed: torch.Tensor, forward=None,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Diffusion loss on the scaled image embedding (MSE on the target, x0 by default). `forward` is
-        the DeepSpeed engine when training (it owns the bf16 module), else the module itself."""
-        forward = forward or self
+    # -- training loss: inputs -> (anyone's) forward -> loss, so a training engine runs the forward itself
+    def training_inputs(self, text: torch.Tensor, text_embed: torch.Tensor, image_embed: torch.Tensor,
+                        generator: torch.Generator | None = None) -> tuple[tuple, tuple]:
+        """(forward args, loss targets): the scaled image embedding noised at a uniform t, the caption and
+        text embedding dropped together `text_drop_prob` of the time."""
         x0 = F.normalize(image_embed.float(), dim=-1) * self.scale
         gen_device = generator.device if generator is not None else x0.device
         drop = (torch.rand(x0.shape[0], generator=generator, device=gen_device) < self.config.text_drop_prob).to(x0.device)
         cond = {"text": text, "text_embed": text_embed}
-        loss, extra = self.diffusion.training_losses(lambda x, t: forward(x, t, cond, drop), x0, generator)
+        x_t, t, noise = self.diffusion.noised(x0, generator)
+        return (x_t, t, cond, drop), (x0, x_t, t, noise)
+
+    def loss_from_output(self, out: torch.Tensor, target) -> tuple[torch.Tensor, dict]:
+        """Diffusion loss on the scaled image embedding (MSE on the target, x0 by default)."""
+        x0 = target[0]
+        loss, extra = self.diffusion.training_loss(out, *target)
         cos = F.cosine_similarity(extra["x0_pred"], x0, dim=-1).mean()
         return loss, {"cos": cos.item()}
+
+    def loss(self, text: torch.Tensor, text_embed: torch.Tensor, image_embed: torch.Tensor,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        args, target = self.training_inputs(text, text_embed, image_embed, generator)
+        return self.loss_from_output(self(*args), target)
 
     @torch.no_grad()
     def sample(self, text: torch.Tensor, text_embed: torch.Tensor, *, steps: int = 64, guidance: float = 1.0,
@@ -100,8 +112,8 @@ class DiffusionPrior(nn.Module):
         text_embed = F.normalize(text_embed.float(), dim=-1)
         cond = {"text": text.repeat_interleave(candidates, 0), "text_embed": text_embed.repeat_interleave(candidates, 0)}
         diffusion = self.diffusion.respace(steps)
-        x = diffusion.sample(guided(self, cond, guidance), (b * candidates, d), sampler=sampler, eta=eta,
-                             generator=generator, device=text.device, progress=progress)
+        x = loop.sample(diffusion, guided(self, cond, guidance), (b * candidates, d), sampler=sampler, eta=eta,
+                        generator=generator, device=text.device, progress=progress)
         z = F.normalize(x, dim=-1).view(b, candidates, d)
         best = (z * text_embed[:, None]).sum(-1).argmax(1)
         return z[torch.arange(b, device=z.device), best]

@@ -1,0 +1,84 @@
+"""dVAE configs: the architecture (`DVAEConfig`) and the training objective (`DVAELossConfig`).
+
+They live in the dvae package so that it stands on its own (no import of dalle_ar); dalle_ar.config
+imports them for its presets and CLI. `ConfigError` lives here for the same reason: dVAE configs raise
+it, and dalle_ar uses the same class for all of its config errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the file/field and the fix."""
+
+
+@dataclass
+class DVAEConfig:
+    """Gumbel-softmax dVAE (DALL-E section 2.1). Layout follows OpenAI's released dVAE."""
+
+    image_size: int = 64
+    num_tokens: int = 512          # codebook size K (paper: 8192)
+    group_count: int = 4           # resolution halves between groups: grid = image_size / 2**(group_count-1)
+    n_hid: int = 32                # width of the first group; group g has n_hid * 2**(g-1) channels (paper: 256)
+    n_blk_per_group: int = 1       # paper: 2
+    n_init: int = 128              # decoder width after the 1x1 conv from the K one-hot channels
+    straight_through: bool = False  # hard one-hot forward, soft gradients (ablation; paper uses soft)
+
+    def __post_init__(self):
+        if self.group_count < 1 or self.num_tokens < 2:
+            raise ConfigError(f"dvae: group_count {self.group_count} must be >= 1 and num_tokens {self.num_tokens} >= 2")
+        if self.image_size % self.downsample:
+            lo = self.image_size // self.downsample * self.downsample
+            raise ConfigError(f"image_size {self.image_size} is not divisible by the downsampling factor "
+                              f"{self.downsample} (the dVAE's 2**(group_count-1), group_count {self.group_count}); use --image_size "
+                              f"{lo or self.downsample} or {lo + self.downsample}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.group_count - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+
+@dataclass
+class DVAELossConfig:
+    """dVAE objective and schedules (paper appendix A.2). Defaults are the paper's; every anneal length
+    is for a `reference_steps`-update run and is scaled by steps / reference_steps (0 = no scaling)."""
+
+    reconstruction: str = "logit_laplace"  # logit_laplace (paper) | mse | l1 (for comparison)
+    # Lower bound on the logit-Laplace scale b (b = exp(ln b) + min_scale; 0 = none, the paper). An
+    # experiment knob: on flat synthetic images b -> 0 and the codebook collapses (README, "The dVAE").
+    min_scale: float = 0.0
+    kl_weight: float = 6.6           # beta; the loss is divided by H*W*3, so KL summed over the grid weighs beta/192 (8x downsampling)
+    kl_anneal_steps: int = 5000      # beta: cosine 0 -> kl_weight over these updates
+    temperature_start: float = 1.0
+    temperature_end: float = 1 / 16
+    temperature_anneal_steps: int = 150_000  # tau: cosine start -> end over these updates
+    lr_anneal_steps: int = 1_200_000  # learning rate: cosine lr -> lr * min_lr_ratio, then constant
+    reference_steps: int = 3_000_000  # the paper's run length the anneal lengths are written for
+    # Codebook entropy penalty (MAGVIT-v2, Yu et al. 2023, sec. 3.1; not in the paper, off by default):
+    # adds entropy_weight * (entropy_cell_weight * mean H(q(z|x)) - H(batch-mean q)): confident per-cell
+    # codes but many codes used per batch. Small models on short runs otherwise use few codes.
+    entropy_weight: float = 0.0
+    entropy_cell_weight: float = 1.0
+
+    RECONSTRUCTIONS: ClassVar[tuple[str, ...]] = ("logit_laplace", "mse", "l1")
+
+    def __post_init__(self):
+        if self.reconstruction not in self.RECONSTRUCTIONS:
+            raise ConfigError(f"--reconstruction {self.reconstruction}: use one of {', '.join(self.RECONSTRUCTIONS)}")
+
+    def scaled(self, steps: int) -> "DVAELossConfig":
+        """Anneal lengths for a run of `steps` updates (at least 1 step each)."""
+        if not self.reference_steps:
+            return self
+        f = steps / self.reference_steps
+        return dataclasses.replace(self, kl_anneal_steps=max(1, round(self.kl_anneal_steps * f)),
+                                   temperature_anneal_steps=max(1, round(self.temperature_anneal_steps * f)),
+                                   lr_anneal_steps=max(1, round(self.lr_anneal_steps * f)), reference_steps=0)
