@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from bench.common import emit
-from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.config import DVAEConfig, run_cli
+from dalle_ar import models
+from dalle_ar.config import run_cli
 from dalle_ar.data import synthetic
 from dalle_ar.data.shards import batches, image_text_dataset
 from dalle_ar.report import device_name, save_grid
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="also write the JSON here (e.g. bench/results/dvae_quality_tiny.json)")
     args = p.parse_args(argv)
 
-    model, _ = load_pretrained(args.dvae, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])), args.device)
+    model, _ = models.load(args.dvae, args.device, kind="dvae")
     size = model.config.image_size
     if args.data:
         loader, split = batches(image_text_dataset(args.data, size), args.batch_size), args.data

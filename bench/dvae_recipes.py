@@ -19,10 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
 from bench.common import emit  # noqa: E402
 from bench.dvae_quality import evaluate, synthetic_batches  # noqa: E402
-from dalle_ar.checkpoint import load_pretrained  # noqa: E402
-from dalle_ar.config import DVAEConfig  # noqa: E402
+from dalle_ar import models  # noqa: E402
 from dalle_ar.report import device_name  # noqa: E402
-from dvae import DiscreteVAE  # noqa: E402
 
 RECIPES = {
     "logit_laplace_paper": ["--reconstruction", "logit_laplace", "--kl_weight", "6.6", "--entropy_weight", "0"],
@@ -53,7 +51,7 @@ def main(argv=None) -> dict:
         export = train_dvae.main(["--data", args.data, "--out", str(out), "--steps", str(args.steps), "--batch_size", "32",
                                   "--lr", str(args.lr), "--warmup_steps", "50", "--ema_decay", "0.99", "--save_every", "0",
                                   "--wandb", "disabled", "--progress", "false", *RECIPES[name]])
-        model, _ = load_pretrained(export, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
+        model, _ = models.load(export, kind="dvae")
         with torch.no_grad():
             results[name] = {"flags": " ".join(RECIPES[name]),
                              **evaluate(model, synthetic_batches(args.heldout, 12345, model.config.image_size, 128), "cpu")}

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dalle_ar import models
+
 
 def _array(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -172,61 +174,6 @@ def run_info(export_dir: str | Path) -> dict:
             "source": source}
 
 
-def train_step_fn(model: nn.Module, export_config: dict, batch_size: int,
-                  device: str | torch.device = "cpu") -> Callable[[], object]:
-    """One training step's forward + backward for a model loaded from an export, dispatched on the export's
-    `kind`, with inputs of the shapes its trainer feeds (the values do not change the FLOP count).
-    Kinds: dalle (train_dalle.py), dvae (train_dvae.py), unclip_prior (train_prior.py), unclip_decoder
-    (train_decoder.py), clip (train_clip.py)."""
-    from dalle_ar.config import DVAELossConfig
-
-    g = torch.Generator().manual_seed(0)
-    kind, b = export_config.get("kind"), batch_size
-    model = model.to(device).train()
-
-    def on(*xs):
-        return [x.to(device) for x in xs]
-
-    if kind == "dalle":
-        c = model.config
-        text, codes = on(torch.randint(0, c.num_text_tokens, (b, c.text_len), generator=g),
-                         torch.randint(0, c.num_image_tokens, (b, c.image_seq_len), generator=g))
-        loss = lambda: model.loss(text, codes)[0]  # noqa: E731
-    elif kind == "dvae":
-        from dvae.loss import dvae_loss
-
-        loss_cfg = DVAELossConfig(**export_config.get("loss", {})).scaled(1000)
-        (images,) = on(torch.rand(b, 3, model.config.image_size, model.config.image_size, generator=g))
-        loss = lambda: dvae_loss(model, images, 0, loss_cfg)[0]  # noqa: E731
-    elif kind == "unclip_prior":
-        c = model.config
-        text, zt, zi = on(torch.randint(0, c.text_vocab_size, (b, c.text_len), generator=g),
-                          torch.randn(b, c.embed_dim, generator=g), torch.randn(b, c.embed_dim, generator=g))
-        loss = lambda: model.loss(text, zt, zi)[0]  # noqa: E731
-    elif kind == "unclip_decoder":
-        c = model.config
-        images, zi, text = on(torch.rand(b, 3, c.image_size, c.image_size, generator=g),
-                              torch.randn(b, max(c.embed_dim, 1), generator=g),
-                              torch.randint(0, c.text_vocab_size, (b, c.text_len), generator=g))
-        loss = lambda: model.loss(images, zi if c.embed_dim else None, text if c.use_caption else None)[0]  # noqa: E731
-    elif kind == "clip":
-        from dalle_ar.clip import clip_tokenizer, contrastive_loss, normalize_images
-        from dalle_ar.config import ClipConfig
-
-        cfg = ClipConfig(**export_config["clip"])
-        images, = on(torch.rand(b, 3, cfg.image_size, cfg.image_size, generator=g))
-        tokens = clip_tokenizer(cfg)(["a small red circle"] * b).to(device)
-        loss = lambda: contrastive_loss(model, normalize_images(model, images), tokens)[0]  # noqa: E731
-    else:
-        raise ValueError(f"train_step_fn: unknown export kind {kind!r} (config.json 'kind')")
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        loss().backward()
-
-    return step
-
-
 def stage_training_flops(model: nn.Module, export_dir: str | Path, export_config: dict,
                          device: str | torch.device = "cpu") -> dict:
     """Training FLOPs of the run that produced `export_dir`: FlopCounterMode over one micro-batch step of
@@ -235,7 +182,7 @@ def stage_training_flops(model: nn.Module, export_dir: str | Path, export_config
     info = run_info(export_dir)
     if not info["steps"] or not info["batch_size"]:
         return {**info, "flops_per_step": None, "flops": None}
-    per_micro = count_flops(train_step_fn(model, export_config, info["batch_size"], device))
+    per_micro = count_flops(models.train_step(model, export_config, info["batch_size"], device))
     model.zero_grad(set_to_none=True)
     model.eval()
     per_step = per_micro * (info["grad_accum"] or 1)
@@ -246,7 +193,7 @@ def plan_steps(budget: float, flops_per_step: dict[str, int], shares: dict[str, 
                spent: dict[str, int] | None = None) -> dict:
     """Optimizer steps per stage so that a backend's training FLOPs come to `budget` (sample/compare.py
     --train-budget-flops). `flops_per_step` lists the stages to train, in order, with the FLOPs of one of
-    their optimizer steps (`count_flops(train_step_fn(...))` x gradient accumulation); `spent` the FLOPs of
+    their optimizer steps (`count_flops(models.train_step(...))` x gradient accumulation); `spent` the FLOPs of
     stages trained before (AR's dVAE), which count first. Every stage but the last gets
     floor(share x budget / flops_per_step) steps; the last gets floor(what is left / its flops_per_step).
     Steps are whole, so 0 <= budget - planned < the last stage's flops_per_step.

@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar import models
+from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.config import ConfigError, DVAEConfig
 from dalle_ar.data import shards, synthetic
 from dvae import DiscreteVAE
@@ -50,7 +51,7 @@ def test_each_image_shard_becomes_a_token_shard_of_the_dvae_codes(setup):
     meta = json.loads((out / "meta.json").read_text())
     assert {k: meta[k] for k in ("num_samples", "num_tokens", "grid_size", "skipped")} == \
         {"num_samples": 25, "num_tokens": 64, "grid_size": 8, "skipped": {}}
-    model, _ = load_pretrained(d / "dvae", lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
+    model, _ = models.load(d / "dvae")
     for name, size in zip(NAMES, (10, 10, 5)):
         images, texts, keys = zip(*shards.image_text_dataset(str(d / "images" / name), 64))
         codes, captions, got_keys = zip(*shards.token_dataset(str(out / name)))

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.checkpoint import WEIGHTS, load_pretrained
+from dalle_ar import models
+from dalle_ar.checkpoint import WEIGHTS
 from dalle_ar.config import ConfigError, DVAEConfig, run_cli, save_json
 from dalle_ar.data.shards import TokenShards, shard_urls
-from dvae import DiscreteVAE
 
 
 def main(argv=None) -> Path:
@@ -40,7 +40,7 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
 
     urls = shard_urls(args.data)
-    model, config = load_pretrained(args.dvae, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])), args.device)
+    model, config = models.load(args.dvae, args.device, kind="dvae")
     dcfg = DVAEConfig(**config["dvae"])
     if dcfg.num_tokens > 2 ** 16:
         raise ConfigError(f"{Path(args.dvae) / 'config.json'}: num_tokens {dcfg.num_tokens} does not fit the uint16 "

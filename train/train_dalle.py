@@ -10,11 +10,12 @@ Writes <out>/export (config.json + model.safetensors + tokenizer.json), checkpoi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from dalle_ar import models
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, given, parse, run_cli
 from dalle_ar.data.shards import SkipCounter, batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank
@@ -59,8 +60,8 @@ def main(argv=None):
     meta = check_tokens(cfg.data, model_cfg)
     tok_file = args.tokenizer if args.tokenizer.endswith(".json") else str(Path(args.tokenizer) / "tokenizer.json")
     torch.manual_seed(cfg.seed)  # reproducible initialisation
-    trainer = Trainer(DalleTransformer(model_cfg), cfg, name="dalle",
-                      export_config={"kind": "dalle", "model": asdict(model_cfg), "dvae": meta.get("dvae")},
+    model = DalleTransformer(model_cfg)
+    trainer = Trainer(model, cfg, name="dalle", export_config=models.export_config("dalle", model, dvae=meta.get("dvae")),
                       extra_files={"tokenizer.json": tok_file})
     stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg, skips, model_cfg))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_ar import models
 from dalle_ar.config import ConfigError, DiffusionConfig, TrainConfig, UnetConfig, parse, run_cli
 from dalle_ar.data.embeddings import image_embedding_dataset, read_meta
 from dalle_ar.data.shards import batches, image_text_dataset, infinite
@@ -73,7 +74,8 @@ def main(argv=None):
     extra = {"tokenizer.json": str(Path(args.tokenizer) / "tokenizer.json") if not args.tokenizer.endswith(".json")
              else args.tokenizer} if tok else {}
     trainer = Trainer(model, cfg, name=f"decoder-{args.stage}" if not base else "decoder", extra_files=extra,
-                      export_config=model.export_config(stage=args.stage, clip=meta["clip"] if meta else None))
+                      export_config=models.export_config("unclip_decoder", model, stage=args.stage,
+                                                       clip=meta["clip"] if meta else None))
     size = unet_cfg.image_size
     if base:
         data = image_embedding_dataset(cfg.data, args.embeddings, size, shuffle=1000, seed=cfg.seed + rank())

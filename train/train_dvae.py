@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import torch
 
+from dalle_ar import models
 from dalle_ar.config import ConfigError, DVAEConfig, DVAELossConfig, TrainConfig, parse, run_cli, save_json
 from dalle_ar.data import synthetic
 from dalle_ar.data.shards import SkipCounter, batches, image_text_dataset, infinite
@@ -41,7 +42,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = DiscreteVAE(model_cfg)
     trainer = Trainer(model, cfg, name="dvae", lr_decay_steps=schedule.lr_anneal_steps,
-                      export_config={"kind": "dvae", "dvae": asdict(model_cfg), "loss": asdict(loss_cfg)})
+                      export_config=models.export_config("dvae", model, loss=asdict(loss_cfg)))
     skips = SkipCounter(source=cfg.data)
     data = image_text_dataset(cfg.data, model_cfg.image_size, resampled=True, shuffle=1000, seed=cfg.seed + rank(),
                               skips=skips)
@@ -78,9 +79,7 @@ def reconstruction_grid(model: DiscreteVAE, images: torch.Tensor, path):
 @torch.no_grad()
 def report(export, cfg: TrainConfig, model_cfg: DVAEConfig) -> dict:
     """Reconstruct held-in images with hard codes from the exported (EMA) weights."""
-    from dalle_ar.checkpoint import load_pretrained
-
-    model, _ = load_pretrained(export, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
+    model, _ = models.load(export, kind="dvae")
     images, texts, _ = next(iter(batches(image_text_dataset(cfg.data, model_cfg.image_size), 256)))
     codes = model.encode(images)
     recon = model.decode(codes)

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dalle_ar.checkpoint import load_pretrained
+from dalle_ar import models
 from dalle_ar.config import DiffusionConfig, PriorConfig, TrainConfig, parse, run_cli, save_json
 from dalle_ar.data.embeddings import embedding_dataset, read_meta
 from dalle_ar.data.shards import batches, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.text import TextTokenizer
-from dalle_ar.unclip.prior import DiffusionPrior, build_prior
+from dalle_ar.unclip.prior import DiffusionPrior
 
 
 def extra_args(p):
@@ -57,7 +57,8 @@ def main(argv=None):
     tok_file = args.tokenizer if args.tokenizer.endswith(".json") else str(Path(args.tokenizer) / "tokenizer.json")
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = DiffusionPrior(prior_cfg, diffusion_cfg)
-    trainer = Trainer(model, cfg, name="prior", export_config=model.export_config(clip=meta["clip"], embeddings=cfg.data),
+    trainer = Trainer(model, cfg, name="prior",
+                      export_config=models.export_config("unclip_prior", model, clip=meta["clip"], embeddings=cfg.data),
                       extra_files={"tokenizer.json": tok_file})
     data = embedding_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank())
     stream = ((tok.encode(list(captions)), zt, zi) for zi, zt, captions, _ in
@@ -92,7 +93,7 @@ def main(argv=None):
 
     export = trainer.fit(stream, loss_fn, on_step=on_step, show=("cos",))
     if trainer.is_main:
-        exported, _ = load_pretrained(export, build_prior, str(trainer.device))
+        exported, _ = models.load(export, trainer.device)
         final = prior_cosine(exported, fixed, args.eval_steps, trainer.device)
         save_json(Path(cfg.out) / "eval.json", {"history": history, "export_cosine": final,
                                                 "text_embedding_cosine": baseline, "eval_samples": len(fixed[0]),
