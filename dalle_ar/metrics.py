@@ -1,6 +1,7 @@
 """Numbers for comparing generators: feature-distance metrics (Frechet distance, KID), sample diversity,
-bootstrap confidence intervals, and compute accounting (parameters by stage, training FLOPs counted by
-torch over one real step).
+bootstrap confidence intervals, compute accounting (parameters by stage, training FLOPs counted by
+torch over one real step of the registry's example batch, `models.train_step`), and the check that the
+evaluator CLIP is not the one being evaluated.
 
 Features are whatever the caller passes, (N, D) arrays or tensors: sample/compare.py passes the image
 embeddings of an *evaluator* CLIP (never the one used for reranking or conditioning), so no pretrained
@@ -9,6 +10,7 @@ Inception network (and no download) is involved. CLIP score itself is `dalle_ar.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -230,3 +232,32 @@ def plan_steps(budget: float, flops_per_step: dict[str, int], shares: dict[str, 
         stages[name] = {"steps": steps, "flops_per_step": fps, "flops": steps * fps}
         used += steps * fps
     return {"budget": budget, "spent": spent, "stages": stages, "flops": used, "left": budget - used}
+
+
+# ------------------------------------------------------------------------------------------------
+# the evaluator
+# ------------------------------------------------------------------------------------------------
+
+def _weights_digest(spec: str) -> str | None:
+    path = Path(spec)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [Path(spec.partition(":")[2])]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def check_evaluator(eval_spec: str, rerank_specs: list[str]) -> None:
+    """The evaluator CLIP must be another model than the one used for reranking / conditioning (same path or
+    same weights): a model scored by the CLIP it was reranked or conditioned with would grade its own homework."""
+    from dalle_ar.config import ConfigError
+
+    for spec in rerank_specs:
+        same_path = Path(eval_spec).resolve() == Path(spec).resolve()
+        digest = _weights_digest(eval_spec)
+        if same_path or (digest is not None and digest == _weights_digest(spec)):
+            raise ConfigError(f"--eval-clip {eval_spec} is the CLIP used for reranking/conditioning ({spec}); train a "
+                              f"separate evaluator: train/train_clip.py --seed 1 --embed_dim 64 --out runs/eval_clip")

@@ -187,9 +187,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", kind: str | None 
     """Any export directory -> (model in eval mode on `device`, its config.json). With `kind`, an export of
     another kind is refused (e.g. a dVAE passed where a transformer is expected)."""
     config_path = Path(path) / "config.json"
-    config = load_json(config_path) if config_path.exists() else {}
-    if kind is not None and config and config.get("kind", kind) != kind:
+    if not config_path.exists():  # load_pretrained names what is missing (the weights or config.json) before building
+        return load_pretrained(path, KINDS[kind or "dalle"].build, str(device), allow_pickle=allow_pickle)
+    config = load_json(config_path)
+    if kind is not None and config.get("kind", kind) != kind:
         raise ConfigError(f"{config_path}: a {config.get('kind')} export, expected {kind}; pass a {kind} export directory")
+    # exports written before kinds existed (and tests' hand-made ones) carry none: the caller's `kind` decides
     entry = KINDS[kind] if kind is not None and "kind" not in config else kind_of(config, str(config_path))
     return load_pretrained(path, entry.build, str(device), allow_pickle=allow_pickle)
 
@@ -207,3 +210,15 @@ def train_step(model: nn.Module, config: dict, batch_size: int,
         entry.loss(model, config, batch).backward()
 
     return step
+
+
+def write_dry_run(path: str | Path, config: dict, batch_size: int, grad_accum: int) -> None:
+    """A trainer's --dry_run: the export config it would train, with the micro-batch and accumulation of one
+    optimizer step, so a planner can build the model here and count one step (train/train_matched.py)."""
+    from dalle_ar.config import save_json
+
+    save_json(path, {"export_config": config, "batch_size": batch_size, "grad_accum": grad_accum})
+
+
+DRY_RUN_HELP = ("write the export config this command would train, with its batch size and gradient accumulation, "
+                "to PATH (JSON) and exit without training")

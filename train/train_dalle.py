@@ -25,6 +25,7 @@ from dalle_ar.text import TextTokenizer, check_vocab
 
 def extra_args(p):
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (or its directory) from train/train_tokenizer.py")
+    p.add_argument("--dry_run", default=None, metavar="PATH", help=models.DRY_RUN_HELP)
 
 
 def check_tokens(data: str, cfg: DalleConfig) -> dict:
@@ -61,8 +62,10 @@ def main(argv=None):
     tok_file = args.tokenizer if args.tokenizer.endswith(".json") else str(Path(args.tokenizer) / "tokenizer.json")
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = DalleTransformer(model_cfg)
-    trainer = Trainer(model, cfg, name="dalle", export_config=models.export_config("dalle", model, dvae=meta.get("dvae")),
-                      extra_files={"tokenizer.json": tok_file})
+    export_config = models.export_config("dalle", model, dvae=meta.get("dvae"))
+    if args.dry_run:
+        return models.write_dry_run(args.dry_run, export_config, cfg.batch_size, cfg.grad_accum)
+    trainer = Trainer(model, cfg, name="dalle", export_config=export_config, extra_files={"tokenizer.json": tok_file})
     stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg, skips, model_cfg))
 
     def loss_fn(engine, batch, step):
