@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Which dVAE objective works on your data? Train short runs of several recipes through the real trainer
-(train/train_dvae.py, DeepSpeed engine) and score each on a held-out split (bench/dvae_quality.py).
+(train/train_dvae.py, DeepSpeed engine) and score each on a held-out split (bench/dvae_quality.py's measure).
 
   python -m bench.dvae_recipes --data data/shapes --steps 300 --out bench/results/dvae_recipes_tiny_cpu.json
 Recipes differ only in the loss flags below; everything else is the `tiny` preset at --lr.
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import emit
-from bench.dvae_quality import evaluate, synthetic_batches
+from bench.common import dvae_quality, emit, synthetic_batches
 from dalle_ar import models
 from dalle_ar.report import device_name
 
@@ -59,7 +58,7 @@ def main(argv=None) -> dict:
         model, _ = models.load(export, kind="dvae")
         with torch.no_grad():
             results[name] = {"flags": " ".join(RECIPES[name]),
-                             **evaluate(model, synthetic_batches(args.heldout, 12345, model.config.image_size, 128), "cpu")}
+                             **dvae_quality(model, synthetic_batches(args.heldout, 12345, model.config.image_size, 128), "cpu")}
         print(name, results[name], flush=True)
     return emit({"bench": "dvae_recipes", "device": device_name("cpu"), "steps": args.steps, "lr": args.lr,
                  "data": args.data, "recipes": results}, args.out)
