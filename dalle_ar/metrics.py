@@ -193,7 +193,7 @@ def stage_training_flops(model: nn.Module, export_dir: str | Path, export_config
 
 def plan_steps(budget: float, flops_per_step: dict[str, int], shares: dict[str, float] | None = None,
                spent: dict[str, int] | None = None) -> dict:
-    """Optimizer steps per stage so that a backend's training FLOPs come to `budget` (sample/compare.py
+    """Optimizer steps per stage so that a backend's training FLOPs come to `budget` (train/train_matched.py
     --train-budget-flops). `flops_per_step` lists the stages to train, in order, with the FLOPs of one of
     their optimizer steps (`count_flops(models.train_step(...))` x gradient accumulation); `spent` the FLOPs of
     stages trained before (AR's dVAE), which count first. Every stage but the last gets

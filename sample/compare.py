@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train-budget", "--train_budget", dest="train_budget", default=None,
       help="budget.json of train/train_matched.py, which trained the exports: adds the plan per stage next to the "
            "FLOPs counted here")
+    a("--check-flags", "--check_flags", dest="check_flags", action="store_true",
+      help="check the flags and prompts, then exit (train/train_matched.py does so before it trains)")
     return p
 
 
@@ -263,6 +265,8 @@ def main(argv=None) -> dict:
         p.error("--samples-per-prompt must be >= 2 (diversity compares a prompt's samples with each other)")
     device = args.device
     prompts, reals = read_prompts(args)
+    if args.check_flags:
+        return {}
     check_exports(args)
     plan = load_json(args.train_budget) if args.train_budget else None
     prior_cfg = load_json(Path(args.unclip_prior) / "config.json")

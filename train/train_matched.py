@@ -265,18 +265,16 @@ def train_matched(args) -> dict:
 
 def main(argv=None) -> dict:
     args, compare_argv = parse(argv)
-    if "--prompts" in compare_argv:  # a missing prompts file fails before any training
-        prompts = Path(compare_argv[compare_argv.index("--prompts") + 1])
-        if not prompts.is_file():
-            raise FileNotFoundError(f"{prompts}: prompts file not found; pass a text file with one prompt per line")
+    shared = ["--clip", args.clip, "--eval-clip", args.eval_clip]
+    if run_script("sample/compare.py", [*compare_argv, *shared, "--check-flags"]) != 0:  # bad inputs fail before training
+        raise SystemExit("error: sample/compare.py refused the evaluation flags (its message is above)")
     metrics.check_evaluator(args.eval_clip, [args.clip])
     budget = train_matched(args)
     budget_file = Path(args.out) / "runs" / "budget.json"
     budget_file.write_text(json.dumps(budget, indent=2))
-    evaluate = [*compare_argv, "--ar", args.ar, "--dvae", args.dvae, "--unclip-prior", args.unclip_prior,
-                "--unclip-decoder", args.unclip_decoder, "--clip", args.clip, "--eval-clip", args.eval_clip,
-                "--out", args.out, "--device", args.device, "--train-budget", str(budget_file),
-                *(["--no-progress"] if args.no_progress else [])]
+    evaluate = [*compare_argv, *shared, "--ar", args.ar, "--dvae", args.dvae, "--unclip-prior", args.unclip_prior,
+                "--unclip-decoder", args.unclip_decoder, "--out", args.out, "--device", args.device,
+                "--train-budget", str(budget_file), *(["--no-progress"] if args.no_progress else [])]
     print(f"evaluating: python sample/compare.py {shlex.join(evaluate)}", flush=True)
     if run_script("sample/compare.py", evaluate) != 0:
         raise SystemExit("error: sample/compare.py failed on the trained exports; see its output above (the runs are "
