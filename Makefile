@@ -68,20 +68,21 @@ compare: compare-models
 		--ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 --unclip-steps 16,64 --real-images 256 --out $(COMPARE)/report
 	@echo "compare finished in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s: see $(COMPARE)/report/report.md"
 
-# `make compare-matched [BUDGET=5e13]`: the same comparison at a matched training budget. sample/compare.py
-# --train-budget-flops trains the AR transformer and the unCLIP prior + decoder itself, on the demo's 8,000 shapes
+# `make compare-matched [BUDGET=5e13]`: the same comparison at a matched training budget. train/train_matched.py
+# --train-budget-flops trains the AR transformer and the unCLIP prior + decoder, on the demo's 8,000 shapes
 # (images, and their tokens for AR), for the steps that bring each backend's training FLOPs to $(BUDGET): the
-# demo's dVAE counts in AR's, the prior gets 2% of unCLIP's (make compare's split). Same model recipes and evaluation
-# as `make compare`; reuses the demo's dVAE, tokenizer and CLIP and compare-models' evaluator CLIP (trained here
-# when missing). The default budget is about the demo's AR (dVAE + 800 transformer steps). Rerunning skips finished
-# runs. 2-core CPU, quiet: ~15 min after the demo (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5).
+# demo's dVAE counts in AR's, the prior gets 2% of unCLIP's (make compare's split). Same model recipes as `make
+# compare`, and the same evaluation (it then runs sample/compare.py on the exports); reuses the demo's dVAE, tokenizer
+# and CLIP and compare-models' evaluator CLIP (trained here when missing). The default budget is about the demo's AR
+# (dVAE + 800 transformer steps). Rerunning skips finished runs. 2-core CPU, quiet: ~15 min after the demo
+# (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5).
 compare-matched: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(MATCHED) && date +%s > $(MATCHED)/.start
 	@test -d $(COMPARE)/runs/eval_clip/export || $(PY) train/train_clip.py --data $(DEMO)/data/shapes \
 		--out $(COMPARE)/runs/eval_clip --seed 1 --embed_dim 64 --vision_layers 2 --vision_width 96 --text_layers 1 \
 		--text_width 64 --steps 150 --batch_size 64 --lr 2e-3 --warmup_steps 10 --save_every 0
-	$(PY) sample/compare.py --train-budget-flops $(BUDGET) --train-images $(DEMO)/data/shapes \
+	$(PY) train/train_matched.py --train-budget-flops $(BUDGET) --train-images $(DEMO)/data/shapes \
 		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
 		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 16 \
 		--samples-per-prompt 4 --seed 0 --ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 \

@@ -13,58 +13,15 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from bench.common import emit
-from dalle_ar.checkpoint import load_pretrained
+from bench.common import dvae_quality, emit, synthetic_batches
+from dalle_ar import models
 from dalle_ar.cli import run_cli
-from dalle_ar.data import synthetic
 from dalle_ar.data.read import batches, image_text_dataset
-from dalle_ar.report import device_name, save_grid
-from dvae.config import DVAEConfig
-from dvae import DiscreteVAE
-from dvae.loss import codebook_usage
-from dvae.metrics import psnr, ssim
+from dalle_ar.report import device_name
 
 TARGETS = {"psnr_db": 30.0, "codebook_usage": 0.9}
-
-
-def synthetic_batches(num: int, seed: int, image_size: int, batch_size: int):
-    for start in range(0, num, batch_size):
-        pairs = [synthetic.make_example(i, seed=seed, image_size=image_size) for i in range(start, min(num, start + batch_size))]
-        images = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im, _ in pairs]).float() / 255
-        yield images, [t for _, t in pairs]
-
-
-@torch.no_grad()
-def evaluate(model: DiscreteVAE, loader, device: str, grid_path: str | None = None) -> dict:
-    cfg = model.config
-    psnrs, ssims, codes_all, correct, checked = [], [], [], 0, 0
-    first = None
-    for images, texts, *_ in tqdm(loader, desc="dvae quality", unit="batch"):
-        x = images.to(device)
-        codes = model.encode(x)
-        recon = model.decode(codes).clamp(0, 1)
-        psnrs.append(psnr(recon, x).cpu())
-        ssims.append(ssim(recon, x).cpu())
-        codes_all.append(codes.cpu())
-        if all(synthetic.is_caption(t) for t in texts):
-            correct += sum(synthetic.check_batch(recon.cpu(), list(texts)))
-            checked += len(texts)
-        if first is None:
-            first = torch.stack([images[:16].float(), recon[:16].cpu()], dim=1).flatten(0, 1)
-    p, s = torch.cat(psnrs), torch.cat(ssims)
-    used, perplexity = codebook_usage(torch.cat(codes_all), cfg.num_tokens)
-    result = {"images": len(p), "psnr_db": round(p.mean().item(), 3), "psnr_db_median": round(p.median().item(), 3),
-              "ssim": round(s.mean().item(), 4), "codebook_usage": round(used, 4), "codes_used": round(used * cfg.num_tokens),
-              "perplexity": round(perplexity, 1), "num_tokens": cfg.num_tokens, "image_size": cfg.image_size}
-    if checked:
-        result["recon_caption_accuracy"] = round(correct / checked, 4)
-    if grid_path and first is not None:
-        save_grid(first, grid_path, nrow=8)
-    return result
 
 
 def main(argv=None) -> dict:
@@ -79,14 +36,14 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="also write the JSON here (e.g. bench/results/dvae_quality_tiny.json)")
     args = p.parse_args(argv)
 
-    model, _ = load_pretrained(args.dvae, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])), args.device)
+    model, _ = models.load(args.dvae, args.device, kind="dvae")
     size = model.config.image_size
     if args.data:
         loader, split = batches(image_text_dataset(args.data, size), args.batch_size), args.data
     else:
         loader, split = synthetic_batches(args.synthetic, args.seed, size, args.batch_size), f"synthetic seed {args.seed}"
     result = {"bench": "dvae_quality", "device": device_name(args.device), "dvae": args.dvae, "split": split,
-              **evaluate(model, loader, args.device, args.grid)}
+              **dvae_quality(model, loader, args.device, args.grid)}
     result["targets"] = TARGETS
     result["meets_targets"] = all(result[k] >= v for k, v in TARGETS.items())
     return emit(result, args.out)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Which dVAE objective works on your data? Train short runs of several recipes through the real trainer
-(train/train_dvae.py, DeepSpeed engine) and score each on a held-out split (bench/dvae_quality.py).
+(train/train_dvae.py, DeepSpeed engine) and score each on a held-out split (bench/dvae_quality.py's measure).
 
   python -m bench.dvae_recipes --data data/shapes --steps 300 --out bench/results/dvae_recipes_tiny_cpu.json
 Recipes differ only in the loss flags below; everything else is the `tiny` preset at --lr.
@@ -9,20 +9,19 @@ Recipes differ only in the loss flags below; everything else is the `tiny` prese
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from bench.common import dvae_quality, emit, synthetic_batches
+from dalle_ar import models
+from dalle_ar.report import device_name
 
-from bench.common import emit  # noqa: E402
-from bench.dvae_quality import evaluate, synthetic_batches  # noqa: E402
-from dalle_ar.checkpoint import load_pretrained  # noqa: E402
-from dalle_ar.report import device_name  # noqa: E402
-from dvae.config import DVAEConfig  # noqa: E402
-from dvae import DiscreteVAE  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPES = {
     "logit_laplace_paper": ["--reconstruction", "logit_laplace", "--kl_weight", "6.6", "--entropy_weight", "0"],
@@ -44,19 +43,22 @@ def main(argv=None) -> dict:
     p.add_argument("--work", default="runs/dvae_recipes")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    import train_dvae
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     results = {}
     for name in args.recipes.split(","):
         out = Path(args.work) / name.split(" ")[0]
         shutil.rmtree(out, ignore_errors=True)
-        export = train_dvae.main(["--data", args.data, "--out", str(out), "--steps", str(args.steps), "--batch_size", "32",
-                                  "--lr", str(args.lr), "--warmup_steps", "50", "--ema_decay", "0.99", "--save_every", "0",
-                                  "--wandb", "disabled", "--progress", "false", *RECIPES[name]])
-        model, _ = load_pretrained(export, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
+        # the real trainer, as its own process (a script is run, never imported)
+        subprocess.run([sys.executable, str(ROOT / "train" / "train_dvae.py"), "--data", args.data, "--out", str(out),
+                        "--steps", str(args.steps), "--batch_size", "32", "--lr", str(args.lr), "--warmup_steps", "50",
+                        "--ema_decay", "0.99", "--save_every", "0", "--wandb", "disabled", "--progress", "false",
+                        *RECIPES[name]], env=env, check=True)
+        export = out / "export"
+        model, _ = models.load(export, kind="dvae")
         with torch.no_grad():
             results[name] = {"flags": " ".join(RECIPES[name]),
-                             **evaluate(model, synthetic_batches(args.heldout, 12345, model.config.image_size, 128), "cpu")}
+                             **dvae_quality(model, synthetic_batches(args.heldout, 12345, model.config.image_size, 128), "cpu")}
         print(name, results[name], flush=True)
     return emit({"bench": "dvae_recipes", "device": device_name("cpu"), "steps": args.steps, "lr": args.lr,
                  "data": args.data, "recipes": results}, args.out)

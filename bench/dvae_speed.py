@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from bench.common import emit
 from dalle_ar.config import preset
 from dalle_ar.report import device_name
-from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
+from dvae.config import DVAEConfig
 
 
 def build(args, variant: str) -> tuple[DiscreteVAE, torch.dtype, torch.memory_format]:

@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from bench.common import emit
 from dalle_ar.clip import ClipScorer
 from dalle_ar.data import synthetic
+from dalle_ar.pipeline import DallePipeline
 from dalle_ar.report import device_name
-from dalle_ar.sampling import generate_codes, log_likelihood
-from sample.generate import load_dalle, load_dvae
 
 
 def main(argv=None) -> dict:
@@ -48,23 +46,19 @@ def main(argv=None) -> dict:
     if max(pools) > args.candidates:
         p.error(f"--top-of {args.top_of}: pools larger than --candidates {args.candidates}")
 
-    model, tok, dalle_cfg = load_dalle(args.dalle, args.device)
-    dvae = load_dvae(args.dvae or dalle_cfg["dvae"], args.device)
+    pipe = DallePipeline.load(args.dalle, dvae=args.dvae, device=args.device)
     scorer = ClipScorer.load(args.clip, args.device)
     prompts = [synthetic.make_example(i, seed=args.synthetic_seed)[1] for i in range(args.prompts)]
     N = args.candidates
     results, start = {}, time.perf_counter()
     for scale in (float(s) for s in args.cond_scales.split(",")):
-        text = tok.encode(prompts).to(args.device).repeat_interleave(N, dim=0)
+        text = pipe.encode(prompts, N)
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
-        codes = []
         rows = args.batch_size // (2 if scale != 1 else 1)
-        for chunk in tqdm(text.split(rows), desc=f"cond_scale {scale:g}"):
-            codes.append(generate_codes(model, chunk, temperature=args.temperature, top_k=args.top_k, generator=gen,
-                                        cond_scale=scale))
-        codes = torch.cat(codes)
-        images = torch.cat([dvae.decode(c).float().cpu() for c in codes.split(args.batch_size)])
-        ll = log_likelihood(model, text, codes, args.batch_size).cpu().view(len(prompts), N)
+        chunks = pipe.sample_chunks(text, rows, gen, temperature=args.temperature, top_k=args.top_k, cond_scale=scale)
+        codes = torch.cat(list(tqdm(chunks, total=len(text.split(rows)), desc=f"cond_scale {scale:g}")))
+        images = pipe.decode(codes, args.batch_size)
+        ll = pipe.likelihood(text, codes, args.batch_size).cpu().view(len(prompts), N)
         images = images.view(len(prompts), N, *images.shape[1:])
         passed, cos = [], []
         for prompt, cands in zip(prompts, images):
@@ -83,7 +77,7 @@ def main(argv=None) -> dict:
     table += [f"| {k.replace('=', ' ')} | " + " | ".join(f"{100 * v[c]:.1f}%" for c in columns) + " |"
               for k, v in results.items()]
     result = {"bench": "rerank_accuracy", "device": device_name(args.device), "dalle": args.dalle, "clip": args.clip,
-              "null_cond_prob": model.config.null_cond_prob, "prompts": len(prompts), "candidates": N,
+              "null_cond_prob": pipe.transformer.config.null_cond_prob, "prompts": len(prompts), "candidates": N,
               "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "results": results,
               "seconds": round(time.perf_counter() - start, 1), "table": "\n".join(table)}
     print("\n".join(table))

@@ -7,7 +7,6 @@ the fix, wherever the config comes from). Turning the dataclasses into command-l
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import typing

@@ -1,6 +1,7 @@
 """Numbers for comparing generators: feature-distance metrics (Frechet distance, KID), sample diversity,
-bootstrap confidence intervals, and compute accounting (parameters by stage, training FLOPs counted by
-torch over one real step).
+bootstrap confidence intervals, compute accounting (parameters by stage, training FLOPs counted by
+torch over one real step of the registry's example batch, `models.train_step`), and the check that the
+evaluator CLIP is not the one being evaluated.
 
 Features are whatever the caller passes, (N, D) arrays or tensors: sample/compare.py passes the image
 embeddings of an *evaluator* CLIP (never the one used for reranking or conditioning), so no pretrained
@@ -9,6 +10,7 @@ Inception network (and no download) is involved. CLIP score itself is `dalle_ar.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,6 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+
+from dalle_ar import models
 
 
 def _array(x) -> np.ndarray:
@@ -172,61 +176,6 @@ def run_info(export_dir: str | Path) -> dict:
             "source": source}
 
 
-def train_step_fn(model: nn.Module, export_config: dict, batch_size: int,
-                  device: str | torch.device = "cpu") -> Callable[[], object]:
-    """One training step's forward + backward for a model loaded from an export, dispatched on the export's
-    `kind`, with inputs of the shapes its trainer feeds (the values do not change the FLOP count).
-    Kinds: dalle (train_dalle.py), dvae (train_dvae.py), unclip_prior (train_prior.py), unclip_decoder
-    (train_decoder.py), clip (train_clip.py)."""
-    from dvae.config import DVAELossConfig
-
-    g = torch.Generator().manual_seed(0)
-    kind, b = export_config.get("kind"), batch_size
-    model = model.to(device).train()
-
-    def on(*xs):
-        return [x.to(device) for x in xs]
-
-    if kind == "dalle":
-        c = model.config
-        text, codes = on(torch.randint(0, c.num_text_tokens, (b, c.text_len), generator=g),
-                         torch.randint(0, c.num_image_tokens, (b, c.image_seq_len), generator=g))
-        loss = lambda: model.loss(text, codes)[0]  # noqa: E731
-    elif kind == "dvae":
-        from dvae.loss import dvae_loss
-
-        loss_cfg = DVAELossConfig(**export_config.get("loss", {})).scaled(1000)
-        (images,) = on(torch.rand(b, 3, model.config.image_size, model.config.image_size, generator=g))
-        loss = lambda: dvae_loss(model, images, 0, loss_cfg)[0]  # noqa: E731
-    elif kind == "unclip_prior":
-        c = model.config
-        text, zt, zi = on(torch.randint(0, c.text_vocab_size, (b, c.text_len), generator=g),
-                          torch.randn(b, c.embed_dim, generator=g), torch.randn(b, c.embed_dim, generator=g))
-        loss = lambda: model.loss(text, zt, zi)[0]  # noqa: E731
-    elif kind == "unclip_decoder":
-        c = model.config
-        images, zi, text = on(torch.rand(b, 3, c.image_size, c.image_size, generator=g),
-                              torch.randn(b, max(c.embed_dim, 1), generator=g),
-                              torch.randint(0, c.text_vocab_size, (b, c.text_len), generator=g))
-        loss = lambda: model.loss(images, zi if c.embed_dim else None, text if c.use_caption else None)[0]  # noqa: E731
-    elif kind == "clip":
-        from dalle_ar.clip import clip_tokenizer, contrastive_loss, normalize_images
-        from dalle_ar.config import ClipConfig
-
-        cfg = ClipConfig(**export_config["clip"])
-        images, = on(torch.rand(b, 3, cfg.image_size, cfg.image_size, generator=g))
-        tokens = clip_tokenizer(cfg)(["a small red circle"] * b).to(device)
-        loss = lambda: contrastive_loss(model, normalize_images(model, images), tokens)[0]  # noqa: E731
-    else:
-        raise ValueError(f"train_step_fn: unknown export kind {kind!r} (config.json 'kind')")
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        loss().backward()
-
-    return step
-
-
 def stage_training_flops(model: nn.Module, export_dir: str | Path, export_config: dict,
                          device: str | torch.device = "cpu") -> dict:
     """Training FLOPs of the run that produced `export_dir`: FlopCounterMode over one micro-batch step of
@@ -235,7 +184,7 @@ def stage_training_flops(model: nn.Module, export_dir: str | Path, export_config
     info = run_info(export_dir)
     if not info["steps"] or not info["batch_size"]:
         return {**info, "flops_per_step": None, "flops": None}
-    per_micro = count_flops(train_step_fn(model, export_config, info["batch_size"], device))
+    per_micro = count_flops(models.train_step(model, export_config, info["batch_size"], device))
     model.zero_grad(set_to_none=True)
     model.eval()
     per_step = per_micro * (info["grad_accum"] or 1)
@@ -244,9 +193,9 @@ def stage_training_flops(model: nn.Module, export_dir: str | Path, export_config
 
 def plan_steps(budget: float, flops_per_step: dict[str, int], shares: dict[str, float] | None = None,
                spent: dict[str, int] | None = None) -> dict:
-    """Optimizer steps per stage so that a backend's training FLOPs come to `budget` (sample/compare.py
+    """Optimizer steps per stage so that a backend's training FLOPs come to `budget` (train/train_matched.py
     --train-budget-flops). `flops_per_step` lists the stages to train, in order, with the FLOPs of one of
-    their optimizer steps (`count_flops(train_step_fn(...))` x gradient accumulation); `spent` the FLOPs of
+    their optimizer steps (`count_flops(models.train_step(...))` x gradient accumulation); `spent` the FLOPs of
     stages trained before (AR's dVAE), which count first. Every stage but the last gets
     floor(share x budget / flops_per_step) steps; the last gets floor(what is left / its flops_per_step).
     Steps are whole, so 0 <= budget - planned < the last stage's flops_per_step.
@@ -283,3 +232,32 @@ def plan_steps(budget: float, flops_per_step: dict[str, int], shares: dict[str, 
         stages[name] = {"steps": steps, "flops_per_step": fps, "flops": steps * fps}
         used += steps * fps
     return {"budget": budget, "spent": spent, "stages": stages, "flops": used, "left": budget - used}
+
+
+# ------------------------------------------------------------------------------------------------
+# the evaluator
+# ------------------------------------------------------------------------------------------------
+
+def _weights_digest(spec: str) -> str | None:
+    path = Path(spec)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [Path(spec.partition(":")[2])]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def check_evaluator(eval_spec: str, rerank_specs: list[str]) -> None:
+    """The evaluator CLIP must be another model than the one used for reranking / conditioning (same path or
+    same weights): a model scored by the CLIP it was reranked or conditioned with would grade its own homework."""
+    from dalle_ar.config import ConfigError
+
+    for spec in rerank_specs:
+        same_path = Path(eval_spec).resolve() == Path(spec).resolve()
+        digest = _weights_digest(eval_spec)
+        if same_path or (digest is not None and digest == _weights_digest(spec)):
+            raise ConfigError(f"--eval-clip {eval_spec} is the CLIP used for reranking/conditioning ({spec}); train a "
+                              f"separate evaluator: train/train_clip.py --seed 1 --embed_dim 64 --out runs/eval_clip")

@@ -30,45 +30,23 @@ fits: the largest batch tried); network evaluations per kept image: `nfe_calls` 
 (AR: N x image_seq_len decode steps, guidance rows in the same call; unCLIP: prior steps + decoder steps
 [+ upsampler steps]) and `nfe_rows` batch rows (AR: x2 with guidance; unCLIP: prior steps x 2 candidates x 2
 guidance rows + decoder steps x 2 guidance rows). Same device for both; on CUDA the AR transformer runs in
-bf16 (sample/generate.py) and unCLIP under bf16 autocast; fp32 on CPU.
+bf16 (dalle_ar/pipeline.py) and unCLIP under bf16 autocast; fp32 on CPU.
 
 Outputs in --out: report.md (tables, plots), report.json, quality_vs_training_flops.png,
 quality_vs_seconds.png (Pareto front), clip_score_vs_diversity.png, side_by_side.png (per prompt an AR row
 and an unCLIP row: each backend's best setting by clip_score), samples/<setting>.png.
 
-Matched training budget: instead of the three exports, --train-budget-flops F trains both backends here on the
-same data, so that each one's training FLOPs (counted as above) come to F, then evaluates them as above:
-
-  python sample/compare.py --train-budget-flops 5e13 --train-images data/shapes --train-tokens data/tokens \\
-      --tokenizer runs/tokenizer --dvae runs/dvae/export --clip runs/clip/export --eval-clip runs/eval_clip/export \\
-      --synthetic-prompts 16 ... --out outputs/compare_matched
-
-  AR      the dVAE is given (--dvae, default: the one --train-tokens was encoded with) and its run counts first;
-          the transformer (train/train_dalle.py on --train-tokens) gets the rest of F.
-  unCLIP  CLIP embeddings of --train-images under --clip (train/precompute_clip.py; the shared CLIP is in neither
-          backend's budget); the prior (train/train_prior.py) gets --budget-prior-share of F (default 0.02, the
-          split of `make compare`), the decoder (train/train_decoder.py on --train-images) the rest.
-Steps per stage = floor(FLOPs for the stage / FLOPs of one of its steps) (metrics.plan_steps), one step counted
-with FlopCounterMode on the model as its trainer builds it; so each backend ends below F by less than one step
-of its last stage, and the report's "Matched training budget" table shows the plan next to the counted FLOPs.
-Each stage trains with make compare's recipe (RECIPES below: the demo's transformer, compare-models' prior and
-decoder) followed by --transformer-args / --prior-args / --decoder-args, flags of that trainer (later flags win),
-e.g. --decoder-args "--channels 64 --batch_size 64". The trainers run in this process under <out>/runs/<stage>
-(+ <out>/runs/clip_embeddings, <out>/runs/plan.json); the same command again skips finished runs and resumes
-unfinished ones from their checkpoints; a run made under another plan is refused, not mixed.
+Matched training budget: train/train_matched.py trains both backends to the same training FLOPs, then runs this
+script on its exports with --train-budget <its budget.json>, which adds the plan next to the counted FLOPs.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import itertools
 import json
-import shlex
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,50 +54,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dalle_ar import metrics
-from dalle_ar.checkpoint import WEIGHTS, load_pretrained
+from dalle_ar import comparison, metrics, models
+from dalle_ar.cli import run_cli
 from dalle_ar.clip import ClipScorer, clip_score, load_clip
-from dalle_ar.cli import parse, run_cli
-from dalle_ar.config import (ConfigError, DalleConfig, DiffusionConfig, PriorConfig, SampleConfig, TrainConfig,
-                             UnetConfig, load_json, save_json)
+from dalle_ar.config import ConfigError, SampleConfig, load_json
 from dalle_ar.data import synthetic
-from dalle_ar.data.embeddings import read_meta
-from dalle_ar.engine import Stopped
-from dalle_ar.model import DalleTransformer
-from dalle_ar.report import device_name, markdown_table, save_grid, scatter_plot
-from dalle_ar.text import TextTokenizer
-from dalle_ar.unclip.decoder import UnetDecoder, build_decoder
+from dalle_ar.pipeline import DallePipeline
+from dalle_ar.report import device_name, save_grid
 from dalle_ar.unclip.pipeline import UnclipPipeline
-from dalle_ar.unclip.prior import DiffusionPrior, build_prior
-from dvae.config import DVAEConfig
-from dvae import DiscreteVAE
-
-
-def load_script(path: Path):
-    """A repo script as a module (its main(argv), its helpers): one implementation, not a copy."""
-    spec = importlib.util.spec_from_file_location(f"dalle_ar_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ROOT = Path(__file__).resolve().parents[1]
-generate_script = load_script(ROOT / "sample" / "generate.py")  # the AR sampler of sample/generate.py
-
-# --train-budget-flops: the trainer of each stage and its recipe, `make compare`'s (Makefile targets demo for the
-# transformer, compare-models for the prior and decoder); --<stage>-args come after it, so they override it.
-TRAINERS = {"transformer": "train_dalle", "prior": "train_prior", "decoder": "train_decoder"}
-RECIPES = {
-    "transformer": "--dim 256 --depth 4 --heads 4 --batch_size 32 --lr 1e-3 --warmup_steps 50",
-    "prior": "--dim 128 --depth 2 --batch_size 64 --lr 1e-3 --warmup_steps 20 --ema_decay 0.99 --save_every 0 "
-             "--eval_samples 32 --eval_steps 8",
-    "decoder": "--image_size 32 --channels 32 --channel_mult 1,2,2 --num_res_blocks 1 --attention_resolutions 8 "
-               "--head_channels 32 --batch_size 32 --lr 1e-3 --warmup_steps 50 --ema_decay 0.995 --save_every 0 "
-               "--sample_steps 32 --sample_every 500",
-}
-PLANNED_FLAGS = ("--steps", "--out", "--data", "--tokenizer", "--embeddings", "--stage", "--resume")
-
-PRIOR_CANDIDATES = 2  # UnclipPipeline.generate's default: best of 2 prior samples per image (paper section 2.1)
 
 
 def floats(text: str) -> list[float]:
@@ -133,14 +75,12 @@ def ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--ar", default=None, help="DALL-E transformer export (train/train_dalle.py <out>/export); required unless "
-                                 "--train-budget-flops trains it")
-    a("--dvae", default=None, help="dVAE export (default: the one named in the transformer's config.json; with "
-                                   "--train-budget-flops the one named in --train-tokens/meta.json)")
+    a("--ar", default=None, help="DALL-E transformer export (train/train_dalle.py <out>/export); required")
+    a("--dvae", default=None, help="dVAE export (default: the one named in the transformer's config.json)")
     a("--unclip-prior", "--unclip_prior", dest="unclip_prior", default=None,
-      help="prior export (train/train_prior.py); required unless --train-budget-flops trains it")
+      help="prior export (train/train_prior.py); required")
     a("--unclip-decoder", "--unclip_decoder", dest="unclip_decoder", default=None,
-      help="decoder export (train/train_decoder.py); required unless --train-budget-flops trains it")
+      help="decoder export (train/train_decoder.py); required")
     a("--unclip-upsampler", "--unclip_upsampler", dest="unclip_upsampler", default=None, help="optional upsampler export")
     a("--clip", required=True, help="the CLIP used for AR reranking and unCLIP conditioning (export dir or ARCH:/weights)")
     a("--eval-clip", "--eval_clip", dest="eval_clip", required=True,
@@ -174,21 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default="outputs/compare/report", help="output directory (default: outputs/compare/report)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--no-progress", "--no_progress", dest="no_progress", action="store_true")
-    t = p.add_argument_group("matched-budget training (--train-budget-flops)").add_argument
-    t("--train-budget-flops", "--train_budget_flops", dest="train_budget_flops", type=float, default=None,
-      help="train both backends here (under <out>/runs) so each one's training FLOPs come to this budget, e.g. 5e13; "
-           "instead of --ar/--unclip-prior/--unclip-decoder")
-    t("--train-images", "--train_images", dest="train_images", default=None,
-      help="image shards both backends train on (the unCLIP decoder and the CLIP embeddings read them)")
-    t("--train-tokens", "--train_tokens", dest="train_tokens", default=None,
-      help="token shards of the same images from train/encode.py with --dvae (the AR transformer reads them)")
-    t("--tokenizer", default=None, help="tokenizer.json or its directory (train/train_tokenizer.py)")
-    t("--budget-prior-share", "--budget_prior_share", dest="budget_prior_share", type=float, default=0.02,
-      help="fraction of unCLIP's budget for the prior; the decoder gets the rest (default: 0.02, the split of "
-           "`make compare`: prior 500 steps, decoder 1500)")
-    for stage in TRAINERS:
-        t(f"--{stage}-args", f"--{stage}_args", dest=f"{stage}_args", default="",
-          help=f"flags for train/{TRAINERS[stage]}.py after the recipe `{RECIPES[stage]}` (later flags win)")
+    a("--train-budget", "--train_budget", dest="train_budget", default=None,
+      help="budget.json of train/train_matched.py, which trained the exports: adds the plan per stage next to the "
+           "FLOPs counted here")
+    a("--check-flags", "--check_flags", dest="check_flags", action="store_true",
+      help="check the flags and prompts, then exit (train/train_matched.py does so before it trains)")
     return p
 
 
@@ -196,26 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 # inputs
 # ------------------------------------------------------------------------------------------------
 
-def _weights_digest(spec: str) -> str | None:
-    path = Path(spec)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [Path(spec.partition(":")[2])]
-    files = [f for f in files if f.is_file()]
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def check_eval_clip(eval_spec: str, rerank_specs: list[str]) -> None:
-    """The evaluator CLIP must be another model than the one used for reranking / conditioning."""
-    for spec in rerank_specs:
-        same_path = Path(eval_spec).resolve() == Path(spec).resolve()
-        digest = _weights_digest(eval_spec)
-        if same_path or (digest is not None and digest == _weights_digest(spec)):
-            raise ConfigError(f"--eval-clip {eval_spec} is the CLIP used for reranking/conditioning ({spec}); train a "
-                              f"separate evaluator: train/train_clip.py --seed 1 --embed_dim 64 --out runs/eval_clip")
+def check_exports(args) -> None:
+    """The three exports are there."""
+    exports = {"--ar": args.ar, "--unclip-prior": args.unclip_prior, "--unclip-decoder": args.unclip_decoder}
+    missing = [flag for flag, value in exports.items() if not value]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} missing: pass the trained exports, or train both backends to one "
+                          f"budget with train/train_matched.py --train-budget-flops F")
 
 
 def read_prompts(args) -> tuple[list[str], list[torch.Tensor | None]]:
@@ -231,36 +148,23 @@ def read_prompts(args) -> tuple[list[str], list[torch.Tensor | None]]:
     for i in range(args.synthetic_prompts):
         image, caption = synthetic.make_example(i, seed=args.synthetic_seed)
         prompts.append(caption)
-        reals.append(to_tensor(image))
+        reals.append(comparison.to_tensor(image))
     if not prompts:
         raise ConfigError("no prompts: pass --synthetic-prompts N and/or --prompts FILE")
     return prompts, reals
-
-
-def to_tensor(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
-
-
-def real_set(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    examples = [synthetic.make_example(i, seed=seed) for i in range(n)]
-    return torch.stack([to_tensor(im) for im, _ in examples]), [c for _, c in examples]
 
 
 # ------------------------------------------------------------------------------------------------
 # the two backends: K kept images per prompt for one setting
 # ------------------------------------------------------------------------------------------------
 
-def ar_args(args) -> argparse.Namespace:
-    """The namespace sample/generate.py's generate_ar reads."""
-    return argparse.Namespace(dalle=args.ar, dvae=args.dvae, device=args.device, no_progress=True, prime_image=None)
-
-
-def generate_ar(args, setting: dict, prompts: list[str], k: int, rerank: ClipScorer, batch_size: int) -> tuple:
+def generate_ar(args, setting: dict, prompts: list[str], k: int, pipe: DallePipeline, rerank: ClipScorer,
+                batch_size: int) -> tuple:
     """(P, K, 3, H, W) kept images: K groups of N candidates per prompt, the rerank CLIP's best of each group."""
     n = setting["rerank"]
     cfg = SampleConfig(num_candidates=k * n, top_k_rerank=k, temperature=setting["temperature"], top_k=setting["top_k"],
                        cond_scale=setting["cond_scale"], batch_size=batch_size, seed=args.seed)
-    out = generate_script.generate_ar(ar_args(args), cfg, prompts)
+    out = pipe(prompts, cfg)
     images = out["images"]  # (P, K*N, 3, H, W)
     kept = []
     for prompt, cands in zip(prompts, images):
@@ -279,7 +183,7 @@ def generate_unclip(args, setting: dict, prompts: list[str], k: int, pipe: Uncli
     with autocast:
         images = pipe.generate(prompts, k, seed=args.seed, prior_steps=setting["steps"], decoder_steps=setting["steps"],
                                prior_guidance=args.unclip_prior_guidance, decoder_guidance=setting["guidance"],
-                               batch_size=batch_size, prior_candidates=PRIOR_CANDIDATES)
+                               batch_size=batch_size, prior_candidates=comparison.PRIOR_CANDIDATES)
     sync(args.device)
     return images.float(), time.perf_counter() - start
 
@@ -312,73 +216,23 @@ def settings(args) -> list[dict]:
     return out
 
 
-def nfe(setting: dict, image_seq_len: int, has_upsampler: bool) -> dict:
-    """Network evaluations per kept image (module docstring)."""
-    if setting["backend"] == "ar":
-        calls = setting["rerank"] * image_seq_len
-        return {"nfe_calls": calls, "nfe_rows": calls * (2 if setting["cond_scale"] != 1 else 1),
-                "nfe_note": f"{setting['rerank']} candidates x {image_seq_len} decode steps (+ {setting['rerank']} dVAE decodes)"}
-    s = setting["steps"]
-    calls = s + s + (s if has_upsampler else 0)
-    rows = s * PRIOR_CANDIDATES * 2 + s * 2 + (s if has_upsampler else 0)  # guided(): 2 rows at any scale
-    return {"nfe_calls": calls, "nfe_rows": rows,
-            "nfe_note": f"prior {s} + decoder {s}" + (f" + upsampler {s}" if has_upsampler else "") + " steps"}
-
-
 # ------------------------------------------------------------------------------------------------
 # metrics and cost
 # ------------------------------------------------------------------------------------------------
-
-def interval(values, stat, args, seed: int):
-    if not args.bootstrap or len(values) < 2:
-        return None
-    lo, hi = metrics.bootstrap_ci(values, stat, n=args.bootstrap, generator=seed)
-    return [round(lo, 4), round(hi, 4)]
-
-
-def score(args, images: torch.Tensor, prompts: list[str], evaluator: ClipScorer, text_feats: torch.Tensor,
-          real_feats: np.ndarray, checkable: list[bool]) -> dict:
-    """Metrics of (P, K, 3, H, W) images for their prompts under the evaluator CLIP."""
-    p, k = images.shape[:2]
-    feats = evaluator.encode_images(images.flatten(0, 1)).cpu()  # (P*K, D), unit norm
-    cos = (feats.view(p, k, -1) * text_feats[:, None]).sum(-1)
-    cs = clip_score(cos).numpy()  # (P, K)
-    f = feats.double().numpy()
-    n_boot = max(1, args.bootstrap // 5)  # set-level statistics cost more per resample
-    kid_size = min(len(f), len(real_feats), 1000)
-    out = {"clip_score": round(float(cs.mean()), 3), "clip_score_ci": interval(cs.mean(1), np.mean, args, 1),
-           "fd": round(metrics.frechet_distance(f, real_feats), 5),
-           "fd_ci": None if not args.bootstrap else [round(v, 5) for v in metrics.bootstrap_ci(
-               f, lambda x: metrics.frechet_distance(x, real_feats), n=n_boot, generator=2)]}
-    kid_mean, kid_std = metrics.kid(f, real_feats, subsets=50, subset_size=kid_size, generator=3)
-    out.update(kid=round(kid_mean, 6), kid_std=round(kid_std, 6))
-    if k >= 2:
-        per_prompt = np.array([metrics.pairwise_distance_mean(x) for x in f.reshape(p, k, -1)])
-        out.update(diversity=round(float(per_prompt.mean()), 5), diversity_ci=interval(per_prompt, np.mean, args, 4))
-    rows = [i for i, c in enumerate(checkable) if c]
-    if rows:
-        passed = np.array([synthetic.check_batch(images[i], [prompts[i]] * k) for i in rows], dtype=float)  # (P', K)
-        out.update(caption_accuracy=round(float(passed.mean()), 4),
-                   caption_accuracy_ci=interval(passed.mean(1), np.mean, args, 5))
-    return out
-
 
 def backend_cost(args, device: str) -> dict:
     """Parameters by stage and training FLOPs per backend (CLIP listed apart: both backends use the same one)."""
     dalle_cfg = load_json(Path(args.ar) / "config.json")
     dvae_dir = args.dvae or dalle_cfg.get("dvae")
-    stages = {
-        "ar": {"transformer": (args.ar, lambda c: DalleTransformer(DalleConfig(**c["model"]))),
-               "dvae": (dvae_dir, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))},
-        "unclip": {"prior": (args.unclip_prior, build_prior), "decoder": (args.unclip_decoder, build_decoder)},
-    }
+    stages = {"ar": {"transformer": args.ar, "dvae": dvae_dir},
+              "unclip": {"prior": args.unclip_prior, "decoder": args.unclip_decoder}}
     if args.unclip_upsampler:
-        stages["unclip"]["upsampler"] = (args.unclip_upsampler, build_decoder)
+        stages["unclip"]["upsampler"] = args.unclip_upsampler
     out = {}
     for backend, parts in stages.items():
         params, flops = {}, {}
-        for stage, (path, build) in parts.items():
-            model, cfg = load_pretrained(path, build, device)  # fp32 copy: counted, never sampled from
+        for stage, path in parts.items():
+            model, cfg = models.load(path, device)  # fp32 copy: counted, never sampled from
             params[stage] = metrics.count_params({stage: model})[stage]
             flops[stage] = metrics.stage_training_flops(model, path, cfg, device)
             del model
@@ -393,364 +247,15 @@ def backend_cost(args, device: str) -> dict:
     return out
 
 
-def time_batch1(args, setting, prompts, k, rerank, pipe) -> float:
+def time_batch1(args, setting, prompts, k, rerank, ar: DallePipeline, unclip: UnclipPipeline) -> float:
     """Seconds per kept image with batch 1 (AR: the N candidates of one kept image one after another)."""
     n_images = max(1, args.timing_images)
     prompt = prompts[:1]
     if setting["backend"] == "ar":
-        _, seconds = generate_ar(args, setting, prompt, n_images, rerank, batch_size=1)
+        _, seconds = generate_ar(args, setting, prompt, n_images, ar, rerank, batch_size=1)
     else:
-        _, seconds = generate_unclip(args, setting, prompt, n_images, pipe, batch_size=1)
+        _, seconds = generate_unclip(args, setting, prompt, n_images, unclip, batch_size=1)
     return seconds / n_images
-
-
-# ------------------------------------------------------------------------------------------------
-# matched-budget training (--train-budget-flops)
-# ------------------------------------------------------------------------------------------------
-
-def check_training_inputs(args) -> None:
-    """Budget mode needs the training inputs and no exports; export mode needs all three exports."""
-    exports = {"--ar": args.ar, "--unclip-prior": args.unclip_prior, "--unclip-decoder": args.unclip_decoder}
-    if args.train_budget_flops is None:
-        missing = [flag for flag, value in exports.items() if not value]
-        if missing:
-            raise ConfigError(f"{', '.join(missing)} missing: pass the trained exports, or --train-budget-flops F with "
-                              f"--train-images, --train-tokens, --tokenizer to train both backends here")
-        return
-    given = [flag for flag, value in exports.items() if value] + (["--unclip-upsampler"] if args.unclip_upsampler else [])
-    if given:
-        raise ConfigError(f"--train-budget-flops trains the models itself; drop {', '.join(given)} (or drop "
-                          f"--train-budget-flops to compare those exports)")
-    missing = [f"--{name.replace('_', '-')}" for name in ("train_images", "train_tokens", "tokenizer")
-               if not getattr(args, name)]
-    if missing:
-        raise ConfigError(f"--train-budget-flops needs {', '.join(missing)}: image shards, their token shards from "
-                          f"train/encode.py, and the tokenizer.json of train/train_tokenizer.py")
-    if args.train_budget_flops <= 0:
-        raise ConfigError(f"--train-budget-flops {args.train_budget_flops:g}: must be > 0, e.g. 5e13")
-    if not 0 < args.budget_prior_share < 1:
-        raise ConfigError(f"--budget-prior-share {args.budget_prior_share:g}: must be in (0, 1), e.g. 0.02")
-    meta = Path(args.train_tokens) / "meta.json"
-    if not meta.exists():
-        raise FileNotFoundError(f"{meta}: --train-tokens is not a token shard directory; make one with "
-                                f"`python train/encode.py --dvae <dvae export> --data {args.train_images} --out DIR`")
-    encoded_with = load_json(meta).get("dvae")
-    if args.dvae is None:
-        args.dvae = encoded_with
-    elif encoded_with and Path(encoded_with).resolve() != Path(args.dvae).resolve():
-        raise ConfigError(f"{meta}: the tokens were encoded with {encoded_with}, not --dvae {args.dvae}; pass that dVAE or "
-                          f"re-encode: python train/encode.py --dvae {args.dvae} --data {args.train_images} --out DIR")
-    if not args.dvae:
-        raise ConfigError(f"{meta} names no dVAE; pass --dvae (the export the tokens were encoded with)")
-
-
-def stage_argv(args, stage: str, runs: Path, embeddings: Path) -> list[str]:
-    """The trainer's command line for one stage, without --steps: data and output paths, the recipe, then
-    --<stage>-args."""
-    user = shlex.split(getattr(args, f"{stage}_args"))
-    for flag in user:
-        if flag.split("=")[0].replace("-", "_") in [f.replace("-", "_") for f in PLANNED_FLAGS]:
-            raise ConfigError(f"--{stage}-args: {flag.split('=')[0]} is set by compare.py (--train-budget-flops plans "
-                              f"steps, paths and data); drop it")
-    if stage == "transformer":
-        meta = load_json(Path(args.train_tokens) / "meta.json")
-        data = ["--data", args.train_tokens, "--num_image_tokens", str(meta["num_tokens"]),
-                "--image_fmap_size", str(meta["grid_size"])]
-    elif stage == "prior":
-        data = ["--data", str(embeddings)]
-    else:
-        data = ["--data", args.train_images, "--embeddings", str(embeddings)]
-    quiet = ["--progress", "false"] if args.no_progress else []
-    return [*data, "--tokenizer", args.tokenizer, "--out", str(runs / stage), *shlex.split(RECIPES[stage]), *user, *quiet]
-
-
-def stage_model(stage: str, argv: list[str]) -> tuple[torch.nn.Module, dict, TrainConfig]:
-    """The model the stage's trainer builds from `argv` (its own config resolution, then the same adjustments its
-    main() makes), the export kind train_step_fn dispatches on, and the resolved training config."""
-    script = load_script(ROOT / "train" / f"{TRAINERS[stage]}.py")
-    if stage == "transformer":
-        a, (model_cfg, cfg) = parse(script.__doc__, DalleConfig, TrainConfig, extra=script.extra_args, argv=argv)
-        tok = TextTokenizer.load(a.tokenizer, model_cfg.text_len)
-        model_cfg = replace(model_cfg, text_vocab_size=tok.vocab_size)
-        script.check_tokens(cfg.data, model_cfg)
-        return DalleTransformer(model_cfg), {"kind": "dalle"}, cfg
-    if stage == "prior":
-        a, (prior_cfg, diffusion_cfg, cfg) = parse(script.__doc__, PriorConfig, DiffusionConfig, TrainConfig,
-                                                   extra=script.extra_args, argv=argv)
-        tok = TextTokenizer.load(a.tokenizer, prior_cfg.text_len)
-        prior_cfg = replace(prior_cfg, embed_dim=read_meta(cfg.data)["embed_dim"], text_vocab_size=tok.vocab_size)
-        model = DiffusionPrior(prior_cfg, diffusion_cfg)
-        return model, model.export_config(), cfg
-    a, (unet_cfg, diffusion_cfg, cfg) = parse(script.__doc__, UnetConfig, DiffusionConfig, TrainConfig,
-                                              extra=script.extra_args, argv=argv, defaults=script.DEFAULTS)
-    tok = TextTokenizer.load(a.tokenizer, unet_cfg.text_len) if unet_cfg.use_caption else None
-    model = UnetDecoder(script.stage_config(a, unet_cfg, read_meta(a.embeddings), tok), diffusion_cfg)
-    return model, model.export_config(stage="base"), cfg
-
-
-def step_flops(stage: str, argv: list[str], device: str) -> int:
-    """FLOPs of one optimizer step of the stage as `argv` trains it: FlopCounterMode over one micro-batch
-    (metrics.train_step_fn, what the report counts on the export afterwards) x gradient accumulation."""
-    model, kind, cfg = stage_model(stage, argv)
-    flops = metrics.count_flops(metrics.train_step_fn(model, kind, cfg.batch_size, device))
-    return flops * cfg.grad_accum
-
-
-def train_stage(stage: str, argv: list[str], steps: int) -> tuple[Path, bool]:
-    """Run the stage's trainer in this process for `steps`, or skip it when <run> already finished that plan
-    (the trainer itself resumes an unfinished one from its checkpoints). Returns (export, trained now)."""
-    full = [*argv, "--steps", str(steps)]
-    run = Path(full[full.index("--out") + 1])
-    record = run / "compare_argv.json"  # the plan this run trains, so a rerun never mixes two plans
-    if run.exists() and any(run.iterdir()):
-        if not record.exists():
-            raise ConfigError(f"{run}: a run compare.py did not start; delete it or pass another --out")
-        if load_json(record) != full:
-            raise ConfigError(f"{run}: trained under another plan or other flags ({record}); delete {run} to retrain, "
-                              f"or pass another --out")
-        export = run / "export"
-        if (export / WEIGHTS).exists() and metrics.run_info(export)["steps"] == steps:
-            print(f"{stage}: {export} already trained for {steps} steps; skipped", flush=True)
-            return export, False
-    run.mkdir(parents=True, exist_ok=True)
-    save_json(record, full)
-    print(f"{stage}: python train/{TRAINERS[stage]}.py {shlex.join(full)}", flush=True)
-    try:
-        return Path(load_script(ROOT / "train" / f"{TRAINERS[stage]}.py").main(full)), True
-    except Stopped:  # the trainer saved a checkpoint; no report without all three models, so not exit status 0
-        raise SystemExit(f"error: {stage} stopped by a signal before step {steps} (checkpoint saved in {run}); run the "
-                         f"same command again to resume") from None
-
-
-def train_matched(args) -> dict:
-    """Train AR's transformer and unCLIP's prior + decoder on the same data so that each backend's training FLOPs
-    come to --train-budget-flops (the dVAE's counted run is part of AR's; the shared CLIP is in neither), then
-    point args.ar / args.unclip_prior / args.unclip_decoder at the exports. Returns the plans."""
-    check_training_inputs(args)
-    budget, device = args.train_budget_flops, args.device
-    runs = Path(args.out) / "runs"
-    embeddings = runs / "clip_embeddings"
-    flag = f"--train-budget-flops {budget:.3g}"
-
-    dvae, dvae_cfg = load_pretrained(args.dvae, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])), device)
-    dvae_run = metrics.stage_training_flops(dvae, args.dvae, dvae_cfg, device)
-    del dvae
-    if dvae_run["flops"] is None:
-        raise ConfigError(f"--dvae {args.dvae}: no training record beside the export ({dvae_run['run']}/"
-                          f"train_config.json); its FLOPs count toward AR's budget, so use a dVAE from train/train_dvae.py")
-    argv = {"transformer": stage_argv(args, "transformer", runs, embeddings)}
-    try:  # AR first: a budget the dVAE alone exhausts stops here, before any CLIP embedding is computed
-        ar = metrics.plan_steps(budget, {"transformer": step_flops("transformer", argv["transformer"], device)},
-                                spent={"dvae": dvae_run["flops"]})
-    except ValueError as e:
-        raise ConfigError(f"{flag} (AR: dVAE {args.dvae} + transformer): {e}") from None
-
-    load_script(ROOT / "train" / "precompute_clip.py").main(
-        ["--clip", args.clip, "--data", args.train_images, "--out", str(embeddings), "--num_workers", "0",
-         "--device", device])
-    tokens, images = load_json(Path(args.train_tokens) / "meta.json"), read_meta(embeddings)
-    if tokens["num_samples"] != images["num_samples"]:
-        raise ConfigError(f"--train-tokens {args.train_tokens} holds {tokens['num_samples']} samples, --train-images "
-                          f"{args.train_images} {images['num_samples']}: both backends must train on the same data; "
-                          f"encode those shards: python train/encode.py --dvae {args.dvae} --data {args.train_images}")
-    for stage in ("prior", "decoder"):
-        argv[stage] = stage_argv(args, stage, runs, embeddings)
-    try:
-        unclip = metrics.plan_steps(budget, {s: step_flops(s, argv[s], device) for s in ("prior", "decoder")},
-                                    shares={"prior": args.budget_prior_share})
-    except ValueError as e:
-        raise ConfigError(f"{flag} --budget-prior-share {args.budget_prior_share:g} (unCLIP): {e}") from None
-
-    plans = {"ar": ar, "unclip": unclip}
-    (runs / "plan.json").write_text(json.dumps({"budget_flops": budget, **plans}, indent=2))
-    for backend, plan in plans.items():
-        print(f"{backend}: budget {budget:.4g} FLOPs = " + " + ".join(
-            [f"{name} {f:.4g} (trained)" for name, f in plan["spent"].items()]
-            + [f"{name} {p['steps']} steps x {p['flops_per_step']:.4g}" for name, p in plan["stages"].items()])
-              + f" + {plan['left']:.3g} left", flush=True)
-    exports = {}
-    for backend, plan in plans.items():
-        for stage, p in plan["stages"].items():
-            exports[stage], p["trained_now"] = train_stage(stage, argv[stage], p["steps"])
-            p["run"], p["argv"] = str(exports[stage].parent), argv[stage]
-    args.ar, args.unclip_prior, args.unclip_decoder = (str(exports[s]) for s in ("transformer", "prior", "decoder"))
-    return {"budget_flops": budget, "prior_share": args.budget_prior_share, "embeddings": str(embeddings),
-            "images": args.train_images, "tokens": args.train_tokens, **plans}
-
-
-def budget_summary(plan: dict, cost: dict) -> dict:
-    """The plan next to what the report counts on the exports: per backend, planned and counted FLOPs."""
-    out = {k: v for k, v in plan.items() if k not in ("ar", "unclip")}
-    for backend in ("ar", "unclip"):
-        counted = cost[backend]["training_flops"]
-        out[backend] = {**plan[backend], "counted_flops": counted,
-                        "counted_minus_budget": None if counted is None else counted - plan["budget_flops"]}
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# report
-# ------------------------------------------------------------------------------------------------
-
-def fmt_ci(value, ci, digits=2) -> str:
-    if value is None:
-        return "-"
-    s = f"{value:.{digits}f}"
-    return s + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
-
-
-def sci(x) -> str:
-    return "-" if x is None else f"{x:.3g}"
-
-
-def budget_section(report: dict) -> str:
-    """Markdown: the --train-budget-flops plan per backend and stage next to the FLOPs counted on the exports."""
-    b = report.get("train_budget")
-    if not b:
-        return ("## Training budget\n\nNot matched: the two backends were trained by their own trainers with the step "
-                "counts above, so their training FLOPs differ and the plots show it. `--train-budget-flops F` trains "
-                "both here to the same budget.")
-    cost, rows, lines = report["cost"], [], []
-    for backend in ("ar", "unclip"):
-        plan, counted = b[backend], cost[backend]["training"]
-        for stage in [*plan["spent"], *plan["stages"]]:
-            p, c = plan["stages"].get(stage), counted[stage]
-            rows.append({"backend": backend, "stage": stage,
-                         "planned": f"{p['steps']:,}" if p else "trained before", "counted": f"{c['steps']:,}",
-                         "planned_flops": f"{p['flops']:.4g}" if p else f"{plan['spent'][stage]:.4g}",
-                         "fps": f"{c['flops_per_step']:.4g}", "flops": f"{c['flops']:.4g}",
-                         "how": ("skipped (finished before)" if not p["trained_now"] else "trained now") if p else
-                                "given (--dvae)"})
-        last = list(plan["stages"])[-1]
-        total = cost[backend]["training_flops"]
-        rows.append({"backend": f"**{backend} total**", "stage": "", "planned": "", "counted": "", "fps": "",
-                     "planned_flops": f"**{plan['flops']:.4g}**", "flops": f"**{total:.4g}**", "how": ""})
-        lines.append(f"- {'AR' if backend == 'ar' else 'unCLIP'}: budget {b['budget_flops']:.4g}, counted {total:.4g}, "
-                     f"budget - counted = {b['budget_flops'] - total:.3g} (one {last} step: "
-                     f"{plan['stages'][last]['flops_per_step']:.3g})")
-    table = markdown_table(rows, [("backend", "backend"), ("stage", "stage"), ("planned steps", "planned"),
-                                  ("planned FLOPs", "planned_flops"), ("counted steps", "counted"),
-                                  ("counted FLOPs / step", "fps"), ("counted FLOPs", "flops"), ("run", "how")])
-    return f"""## Matched training budget
-
-`--train-budget-flops {b['budget_flops']:.4g}`: each backend was trained here, on the same data
-(`{b['images']}`; AR reads its tokens `{b['tokens']}`), for the steps that bring its training FLOPs to the budget.
-AR: the dVAE's run counts first, the transformer gets the rest; unCLIP: the prior gets
-{b['prior_share']:g} of the budget, the decoder the rest (the shared CLIP is in neither). Steps are whole, so each
-backend ends below its budget by less than one step of its last stage. Planned: FlopCounterMode over one step of
-each model as its trainer builds it, before training; counted: the same on the exports afterwards, as in the table
-above. Runs in `{Path(b['embeddings']).parent}`.
-
-{table}
-
-{chr(10).join(lines)}"""
-
-
-def write_report(out: Path, report: dict) -> None:
-    rows = report["settings"]
-    cost = report["cost"]
-    for r in rows:
-        r["flops"] = cost[r["backend"]]["training_flops"]
-    plots = {
-        "quality_vs_training_flops.png": dict(x="flops", y="clip_score", yerr="clip_score_ci", logx=True,
-                                              xlabel="training FLOPs (FlopCounterMode x steps, all stages)",
-                                              ylabel="evaluator CLIP score", title="quality vs training compute"),
-        "quality_vs_seconds.png": dict(x="seconds_per_image", y="clip_score", yerr="clip_score_ci", logx=True,
-                                       pareto=True, xlabel=f"seconds per kept image at batch {report['batch_size']} "
-                                                          f"({report['device']})",
-                                       ylabel="evaluator CLIP score", title="quality vs sampling time (Pareto front)"),
-        "clip_score_vs_diversity.png": dict(x="diversity", y="clip_score", xlabel="diversity (mean pairwise cosine "
-                                            "distance within a prompt)", ylabel="evaluator CLIP score",
-                                            title="fidelity vs diversity"),
-    }
-    for name, kw in plots.items():
-        scatter_plot(rows, path=out / name, **kw)
-    if any(r.get("caption_accuracy") is not None for r in rows):
-        scatter_plot(rows, x="seconds_per_image", y="caption_accuracy", yerr="caption_accuracy_ci", logx=True, pareto=True,
-                     path=out / "accuracy_vs_seconds.png", xlabel="seconds per kept image",
-                     ylabel="caption accuracy (synthetic.check)", title="caption accuracy vs sampling time")
-
-    table = [{
-        "setting": r["setting"], "clip": fmt_ci(r["clip_score"], r["clip_score_ci"]),
-        "acc": fmt_ci(r.get("caption_accuracy"), r.get("caption_accuracy_ci"), 3),
-        "fd": fmt_ci(r["fd"], r["fd_ci"], 4), "kid": f"{r['kid']:.4f} ± {r['kid_std']:.4f}",
-        "div": fmt_ci(r.get("diversity"), r.get("diversity_ci"), 3),
-        "s1": f"{r['seconds_per_image_batch1']:.4f}", "sb": f"{r['seconds_per_image']:.4f}",
-        "nfe": f"{r['nfe_calls']} / {r['nfe_rows']}"} for r in rows]
-    real = report["real"]
-    table.append({"setting": "real (held-out renders)", "clip": fmt_ci(real["clip_score"], real["clip_score_ci"]),
-                  "acc": fmt_ci(real.get("caption_accuracy"), real.get("caption_accuracy_ci"), 3),
-                  "fd": f"{real['fd_floor']:.4f} (2nd real set)", "kid": f"{real['kid_floor']:.4f}", "div": "-",
-                  "s1": "-", "sb": "-", "nfe": "-"})
-    quality = markdown_table(table, [
-        ("setting", "setting"), ("CLIP score [95% CI]", "clip"), ("caption accuracy", "acc"), ("FD", "fd"),
-        ("KID", "kid"), ("diversity", "div"), ("s/img batch 1", "s1"), (f"s/img batch {report['batch_size']}", "sb"),
-        ("NFE calls / rows", "nfe")])
-
-    cost_rows = []
-    for backend in ("ar", "unclip"):
-        c = cost[backend]
-        for stage, n in c["params"].items():
-            if stage == "total":
-                continue
-            t = c["training"][stage]
-            cost_rows.append({"backend": backend, "stage": stage, "params": f"{n:,}", "steps": t["steps"] or "-",
-                              "batch": t["batch_size"] or "-", "fps": sci(t["flops_per_step"]), "flops": sci(t["flops"])})
-        cost_rows.append({"backend": f"**{backend} total**", "stage": "", "params": f"**{c['params']['total']:,}**",
-                          "steps": "", "batch": "", "fps": "", "flops": f"**{sci(c['training_flops'])}**"})
-    clip_t = cost["clip"]["training"] or {}
-    cost_rows.append({"backend": "shared CLIP", "stage": "rerank / condition", "params": f"{cost['clip']['params']:,}",
-                      "steps": clip_t.get("steps") or "-", "batch": clip_t.get("batch_size") or "-",
-                      "fps": sci(clip_t.get("flops_per_step")), "flops": sci(clip_t.get("flops"))})
-    cost_table = markdown_table(cost_rows, [("backend", "backend"), ("stage", "stage"), ("parameters", "params"),
-                                            ("steps", "steps"), ("batch", "batch"), ("FLOPs / step", "fps"),
-                                            ("training FLOPs", "flops")])
-    best = report["best"]
-    md = f"""# AR versus diffusion: {report['title']}
-
-Command: `{report['command']}`
-
-Device: {report['device']}, precision {report['precision']}. {report['num_prompts']} prompts x {report['samples_per_prompt']}
-kept images per setting, sampling seed {report['seed']} for every setting. Evaluator CLIP: `{report['eval_clip']}`
-(rerank / conditioning CLIP: `{report['clip']}`). FD / KID against {report['num_real']} held-out real renders.
-{report['timing_note']}
-
-## Quality and sampling cost per setting
-
-{quality}
-
-CLIP score: 100 x max(cos, 0) under the evaluator CLIP, 95% bootstrap interval over prompts. Caption accuracy:
-fraction of kept images whose pixels match the caption (`synthetic.check`). FD / KID: evaluator-CLIP image
-features vs held-out real renders (lower is better; FD interval over generated images). Diversity: mean pairwise
-cosine distance of a prompt's kept images. NFE calls = sequential network forwards per kept image, rows = batch
-rows (AR rerank N costs N candidates per kept image).
-
-## Training cost
-
-{cost_table}
-
-Training FLOPs: torch `FlopCounterMode` over one real training step (forward + backward at the run's
-micro-batch; optimizer and elementwise work not counted) x gradient accumulation x the steps the run logged, one
-rank.
-
-{budget_section(report)}
-
-## Plots
-
-![quality vs training FLOPs](quality_vs_training_flops.png)
-![quality vs seconds per image](quality_vs_seconds.png)
-![CLIP score vs diversity](clip_score_vs_diversity.png)
-{"![caption accuracy vs seconds per image](accuracy_vs_seconds.png)" if (out / "accuracy_vs_seconds.png").exists() else ""}
-
-## Side by side
-
-Each prompt: the AR row ({best['ar']}) then the unCLIP row ({best['unclip']}), each backend's best setting by
-evaluator CLIP score, same prompts and seed.
-
-![side by side](side_by_side.png)
-"""
-    (out / "report.md").write_text(md)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def main(argv=None) -> dict:
@@ -760,16 +265,14 @@ def main(argv=None) -> dict:
     if k < 2:
         p.error("--samples-per-prompt must be >= 2 (diversity compares a prompt's samples with each other)")
     device = args.device
-    prompts, reals = read_prompts(args)  # bad inputs fail before any training
-    if args.train_budget_flops is None:
-        check_training_inputs(args)  # the three exports are there
-        plan = None
-    else:
-        check_eval_clip(args.eval_clip, [args.clip])
-        plan = train_matched(args)  # trains them, then they are evaluated like given exports
+    prompts, reals = read_prompts(args)
+    if args.check_flags:
+        return {}
+    check_exports(args)
+    plan = load_json(args.train_budget) if args.train_budget else None
     prior_cfg = load_json(Path(args.unclip_prior) / "config.json")
     cond_clip = prior_cfg.get("clip")
-    check_eval_clip(args.eval_clip, [args.clip] + ([cond_clip] if cond_clip else []))
+    metrics.check_evaluator(args.eval_clip, [args.clip] + ([cond_clip] if cond_clip else []))
     if cond_clip and Path(cond_clip).resolve() != Path(args.clip).resolve():
         print(f"warning: the prior was trained on embeddings of {cond_clip}, not --clip {args.clip}")
     torch.manual_seed(args.seed)
@@ -777,11 +280,11 @@ def main(argv=None) -> dict:
     checkable = [synthetic.is_caption(x) for x in prompts]
     rerank = ClipScorer.load(args.clip, device)
     evaluator = ClipScorer.load(args.eval_clip, device)
+    ar = DallePipeline.load(args.ar, dvae=args.dvae, device=device)
     pipe = UnclipPipeline.load(args.unclip_prior, args.unclip_decoder, args.clip, device, args.unclip_upsampler)
-    dalle_model_cfg = DalleConfig(**load_json(Path(args.ar) / "config.json")["model"])
 
     text_feats = evaluator.encode_texts(prompts).cpu()
-    real_images, _ = real_set(args.real_images, args.synthetic_seed + 1)
+    real_images, _ = comparison.real_set(args.real_images, args.synthetic_seed + 1)
     real_feats = evaluator.encode_images(real_images).cpu().double().numpy()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -791,15 +294,15 @@ def main(argv=None) -> dict:
     for setting in tqdm(sweep, desc="settings", unit="setting", disable=args.no_progress):
         if setting["backend"] == "ar":
             (images, seconds), used = with_fitting_batch(
-                lambda b: generate_ar(args, setting, prompts, k, rerank, b), args.batch_size, device)
+                lambda b: generate_ar(args, setting, prompts, k, ar, rerank, b), args.batch_size, device)
         else:
             (images, seconds), used = with_fitting_batch(
                 lambda b: generate_unclip(args, setting, prompts, k, pipe, b), args.batch_size, device)
         kept[setting["setting"]] = images
         row = {**setting, "batch_size": used, "seconds_per_image": seconds / (len(prompts) * k),
-               "seconds_per_image_batch1": time_batch1(args, setting, prompts, k, rerank, pipe),
-               **nfe(setting, dalle_model_cfg.image_seq_len, args.unclip_upsampler is not None),
-               **score(args, images, prompts, evaluator, text_feats, real_feats, checkable)}
+               "seconds_per_image_batch1": time_batch1(args, setting, prompts, k, rerank, ar, pipe),
+               **comparison.nfe(setting, ar.transformer.config.image_seq_len, args.unclip_upsampler is not None),
+               **comparison.score(images, prompts, evaluator, text_feats, real_feats, checkable, args.bootstrap)}
         rows.append(row)
         save_grid(images.flatten(0, 1), out / "samples" / f"{slug(setting['setting'])}.png", nrow=k,
                   row_labels=prompts)
@@ -814,11 +317,11 @@ def main(argv=None) -> dict:
         rfeat = evaluator.encode_images(rimg).cpu()
         rcs = clip_score((rfeat * text_feats[real_rows]).sum(-1)).numpy()
         acc = np.array(synthetic.check_batch(rimg, [prompts[i] for i in real_rows]), dtype=float)
-        real.update(clip_score=round(float(rcs.mean()), 3), clip_score_ci=interval(rcs, np.mean, args, 6),
-                    caption_accuracy=round(float(acc.mean()), 4), caption_accuracy_ci=interval(acc, np.mean, args, 7))
+        real.update(clip_score=round(float(rcs.mean()), 3), clip_score_ci=comparison.interval(rcs, np.mean, args.bootstrap, 6),
+                    caption_accuracy=round(float(acc.mean()), 4), caption_accuracy_ci=comparison.interval(acc, np.mean, args.bootstrap, 7))
     else:
         real.update(clip_score=None, clip_score_ci=None)
-    floor_images, _ = real_set(len(prompts) * k, args.synthetic_seed + 2)
+    floor_images, _ = comparison.real_set(len(prompts) * k, args.synthetic_seed + 2)
     floor_feats = evaluator.encode_images(floor_images).cpu().double().numpy()
     real["fd_floor"] = round(metrics.frechet_distance(floor_feats, real_feats), 5)
     real["kid_floor"] = round(metrics.kid(floor_feats, real_feats, 50, min(len(floor_feats), len(real_feats), 1000), 3)[0], 6)
@@ -849,9 +352,9 @@ def main(argv=None) -> dict:
                    "unclip_prior": args.unclip_prior, "unclip_decoder": args.unclip_decoder,
                    "unclip_upsampler": args.unclip_upsampler},
         "cost": cost, "settings": rows, "real": real, "best": best, "prompts": prompts,
-        "train_budget": budget_summary(plan, cost) if plan else None,
+        "train_budget": comparison.budget_summary(plan, cost) if plan else None,
     }
-    write_report(out, report)
+    comparison.write_report(out, report)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, plots and {out / 'side_by_side.png'}")
     return report
 

@@ -46,34 +46,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.clip import ClipScorer, best_first, clip_score
 from dalle_ar.cli import add_config_args, resolve, run_cli
-from dalle_ar.config import ConfigError, DalleConfig, SampleConfig
+from dalle_ar.clip import ClipScorer, best_first, clip_score
+from dalle_ar.config import ConfigError, SampleConfig
 from dalle_ar.data import synthetic
-from dalle_ar.model import DalleTransformer
+from dalle_ar.pipeline import DallePipeline
 from dalle_ar.report import device_name, save_grid
-from dalle_ar.sampling import border_mask, box_mask, generate_codes, log_likelihood, prime_mask
-from dalle_ar.text import TextTokenizer, check_vocab
-from dvae.config import DVAEConfig
-from dvae import DiscreteVAE
 
 BACKENDS = ["ar", "unclip"]
-
-
-def load_dalle(path: str, device: str):
-    model, cfg = load_pretrained(path, lambda c: DalleTransformer(DalleConfig(**c["model"])), device)
-    if str(device).startswith("cuda"):
-        model = model.to(torch.bfloat16)  # sampling is memory-bound: half the bytes per step
-    tok = TextTokenizer.load(Path(path) / "tokenizer.json", model.config.text_len)
-    check_vocab(tok, model.config, str(Path(path) / "tokenizer.json"))
-    return model, tok, cfg
-
-
-def load_dvae(path: str, device: str) -> DiscreteVAE:
-    return load_pretrained(path, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])), device)[0]
 
 
 def read_prompts(args) -> list[str]:
@@ -91,85 +72,13 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def load_image(path: str, size: int) -> torch.Tensor:
-    """An image file -> (1, 3, size, size) in [0, 1] (centre-cropped to a square, resized)."""
-    from PIL import Image, ImageOps
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: prime/inpaint image not found; pass --prime-image with an existing PNG/JPEG")
-    image = ImageOps.fit(Image.open(p).convert("RGB"), (size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
-
-
-def known_region(args, cfg: SampleConfig, dvae: DiscreteVAE, side: int, device: str):
-    """(codes (1, side, side), known mask (side, side)) from --prime-image and --prime-rows / --inpaint-*,
-    or (None, None)."""
-    modes = [m for m, on in (("--prime-rows", cfg.prime_rows), ("--inpaint-box", cfg.inpaint_box),
-                             ("--inpaint-border", cfg.inpaint_border)) if on]
-    if len(modes) > 1:
-        raise ConfigError(f"{' and '.join(modes)}: pick one of priming, a box or a border")
-    if not args.prime_image:
-        if modes:
-            raise ConfigError(f"{modes[0]} needs an input image: pass --prime-image x.png")
-        return None, None
-    if not modes:
-        raise ConfigError("--prime-image needs --prime-rows R, --inpaint-box x0,y0,x1,y1 or --inpaint-border N")
-    try:
-        if cfg.prime_rows:
-            known = prime_mask(side, cfg.prime_rows)
-        elif cfg.inpaint_box:
-            known = box_mask(side, tuple(float(v) if "." in v else int(v) for v in cfg.inpaint_box.split(",")))
-        else:
-            known = border_mask(side, cfg.inpaint_border)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    codes = dvae.encode(load_image(args.prime_image, dvae.config.image_size).to(device))
-    if codes.shape[-1] != side:
-        raise ConfigError(f"{args.prime_image}: the dVAE gives a {codes.shape[-1]}-wide grid, the transformer expects "
-                          f"{side}; pass the --dvae the transformer was trained with")
-    return codes, known
-
-
 @torch.no_grad()
-def generate_ar(args, cfg: SampleConfig, prompts: list[str]) -> dict:
-    """The DALL-E backend: images (P, N, 3, H, W) in [0, 1], sampling seconds, and (with --rank-by
-    likelihood) each candidate's log-likelihood (P, N)."""
-    device = args.device
-    model, tok, dalle_cfg = load_dalle(args.dalle, device)
-    dvae_path = args.dvae or dalle_cfg.get("dvae")
-    if not dvae_path:
-        raise ConfigError(f"{args.dalle}/config.json names no dVAE; pass --dvae <dvae export directory>")
-    dvae = load_dvae(dvae_path, device)
-    side = model.config.image_fmap_size
-    known_codes, known_mask = known_region(args, cfg, dvae, side, device)
-    if cfg.cond_scale != 1.0 and model.config.null_cond_prob == 0:
-        print(f"warning: {args.dalle} was trained without caption dropout (null_cond_prob 0): its unconditional "
-              f"branch is untrained and --cond-scale {cfg.cond_scale} may hurt; retrain with --null_cond_prob 0.1")
-
-    N = cfg.num_candidates
-    text = tok.encode(prompts).to(device).repeat_interleave(N, dim=0)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    rows = max(1, cfg.batch_size // (2 if cfg.cond_scale != 1.0 else 1))
-    codes, images = [], []
-    bar = tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=args.no_progress)
-    start, done = time.perf_counter(), 0
-    for chunk in text.split(rows):
-        c = generate_codes(model, chunk, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
-                           cond_scale=cfg.cond_scale, compile=cfg.compile,
-                           known_codes=None if known_codes is None else known_codes.expand(len(chunk), -1, -1),
-                           known_mask=known_mask)
-        codes.append(c)
-        images.append(dvae.decode(c).float().cpu())
-        done += len(chunk)
-        bar.update(done // N - bar.n)
-    bar.close()
-    seconds = time.perf_counter() - start
-    codes, images = torch.cat(codes), torch.cat(images)
-    out = {"images": images.view(len(prompts), N, *images.shape[1:]), "seconds": seconds, "likelihood": None}
-    if cfg.rank_by == "likelihood":
-        out["likelihood"] = log_likelihood(model, text, codes, cfg.batch_size).float().cpu().view(len(prompts), N)
-    return out
+def generate_ar(args, cfg: SampleConfig, prompts: list[str], scorer: ClipScorer | None) -> dict:
+    """The DALL-E backend (dalle_ar.pipeline.DallePipeline): images (P, N, 3, H, W) in [0, 1], sampling seconds,
+    each candidate's CLIP cosine (with a CLIP) and, with --rank-by likelihood, log-likelihood (P, N)."""
+    pipe = DallePipeline.load(args.dalle, dvae=args.dvae, clip=scorer, device=args.device)
+    known_codes, known_mask = pipe.known_region(cfg, args.prime_image)
+    return pipe(prompts, cfg, known_codes, known_mask, progress=not args.no_progress)
 
 
 @torch.no_grad()
@@ -187,15 +96,15 @@ def generate_unclip(args, cfg: SampleConfig, prompts: list[str]) -> dict:
                            decoder_steps=cfg.decoder_steps, prior_guidance=cfg.prior_guidance,
                            decoder_guidance=cfg.decoder_guidance, batch_size=cfg.batch_size,
                            progress=not args.no_progress)
-    return {"images": images.float(), "seconds": time.perf_counter() - start, "likelihood": None}
+    return {"images": images.float(), "seconds": time.perf_counter() - start, "likelihood": None, "clip_cosine": None}
 
 
-def generate(args, cfg: SampleConfig, prompts: list[str]) -> dict:
+def generate(args, cfg: SampleConfig, prompts: list[str], scorer: ClipScorer | None) -> dict:
     """Dispatch to the sampling backend named by --backend."""
     if args.backend == "ar":
         if not args.dalle:
             raise ConfigError("--backend ar needs --dalle <transformer export directory> (from train/train_dalle.py)")
-        return generate_ar(args, cfg, prompts)
+        return generate_ar(args, cfg, prompts, scorer)
     if args.backend == "unclip":
         return generate_unclip(args, cfg, prompts)
     raise ConfigError(f"--backend {args.backend}: not available; choose one of {BACKENDS}")
@@ -263,13 +172,15 @@ def main(argv=None) -> dict:
     spec = clip_spec(args)
     scorer = ClipScorer.load(spec, args.device) if spec else None  # fail on a bad CLIP before sampling
 
-    result = generate(args, cfg, prompts)
-    images, likelihood = result["images"], result["likelihood"]
+    result = generate(args, cfg, prompts, scorer)
+    images, likelihood, cosine = result["images"], result["likelihood"], result["clip_cosine"]
     N, k = cfg.num_candidates, cfg.top_k_rerank
     out = Path(args.out)
     rows, best, best_labels = [], [], []
     for i, (prompt, cands) in enumerate(zip(prompts, images)):
-        cos = scorer.scores(cands, [prompt])[:, 0].cpu() if scorer is not None else None
+        cos = cosine[i] if cosine is not None else None  # the AR pipeline scores its candidates itself
+        if cos is None and scorer is not None:
+            cos = scorer.scores(cands, [prompt])[:, 0].cpu()
         ll = likelihood[i] if likelihood is not None else None
         rank_scores = ll if cfg.rank_by == "likelihood" else cos
         order = best_first(rank_scores) if rank_scores is not None else torch.arange(N)

@@ -10,13 +10,14 @@ import sys
 import tarfile
 from dataclasses import asdict
 
+import corpus
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_script, script_env
 
-import corpus
-from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar import models
+from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.cli import parse
 from dalle_ar.config import ConfigError, DalleConfig, DataError, TrainConfig, from_dict
 from dalle_ar.data import decode
@@ -324,21 +325,20 @@ def test_weights_from_another_config_name_the_values_that_differ(tmp_path):
     (tmp_path / "m/config.json").write_text(json.dumps({"model": asdict(big)}))  # e.g. copied from another run
     with pytest.raises(ConfigError, match=r"weights are from a different config than .*config.json \(model.dim 32 vs 64: "
                                           r"weights vs config.json\); e.g. .* is \[.*32.*\] in the weights"):
-        load_pretrained(tmp_path / "m", lambda c: DalleTransformer(DalleConfig(**c["model"])))
+        models.load(tmp_path / "m", kind="dalle")
 
 
 def test_pickled_weights_need_allow_pickle_and_never_run_code(tmp_path):
     from dvae import DiscreteVAE
 
     cfg = DVAEConfig(n_hid=8, num_tokens=64)
-    build = lambda c: DiscreteVAE(DVAEConfig(**c["dvae"]))  # noqa: E731
     model = DiscreteVAE(cfg)
     (tmp_path / "ok").mkdir()
     (tmp_path / "ok/config.json").write_text(json.dumps({"dvae": asdict(cfg)}))
     torch.save(model.state_dict(), tmp_path / "ok/pytorch_model.bin")
     with pytest.raises(ConfigError, match="pytorch_model.bin: a pickle, and unpickling can run code; .* --allow-pickle"):
-        load_pretrained(tmp_path / "ok", build)
-    loaded, _ = load_pretrained(tmp_path / "ok", build, allow_pickle=True)
+        models.load(tmp_path / "ok", kind="dvae")
+    loaded, _ = models.load(tmp_path / "ok", kind="dvae", allow_pickle=True)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
     marker = tmp_path / "pwned"
@@ -351,5 +351,5 @@ def test_pickled_weights_need_allow_pickle_and_never_run_code(tmp_path):
     (tmp_path / "evil/config.json").write_text(json.dumps({"dvae": asdict(cfg)}))
     torch.save({"encoder.w": torch.zeros(1), "payload": Exploit()}, tmp_path / "evil/model.pt")
     with pytest.raises(ConfigError, match="model.pt: refused, it holds more than tensors"):
-        load_pretrained(tmp_path / "evil", build, allow_pickle=True)
+        models.load(tmp_path / "evil", kind="dvae", allow_pickle=True)
     assert not marker.exists()

@@ -1,7 +1,8 @@
 """sample/compare.py builds its report end to end from tiny (untrained) models made here: a DALL-E + dVAE
 export, a prior + decoder export, and two different CLIPs; and it refuses an evaluator equal to the rerank CLIP.
-With --train-budget-flops it trains tiny models itself on tiny shards so that each backend's counted training
-FLOPs come to the budget (the planner, metrics.plan_steps, is checked against hand-computed values)."""
+train/train_matched.py --train-budget-flops trains tiny models on tiny shards so that each backend's counted training
+FLOPs come to the budget, then reports on them with compare.py (the planner, metrics.plan_steps, is checked against
+hand-computed values)."""
 
 import json
 import runpy
@@ -10,20 +11,22 @@ import pytest
 import torch
 from conftest import ROOT
 
+from dalle_ar import metrics
 from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.clip import build_clip, clip_export_config, export_files
-from dalle_ar import metrics
 from dalle_ar.config import ClipConfig, ConfigError, DalleConfig, DiffusionConfig, PriorConfig, UnetConfig
 from dalle_ar.data import synthetic, write
 from dalle_ar.model import DalleTransformer
 from dalle_ar.text import TextTokenizer, train_bpe
 from dalle_ar.unclip.decoder import UnetDecoder
 from dalle_ar.unclip.prior import DiffusionPrior
-from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
+from dvae.config import DVAEConfig
 
 script = runpy.run_path(str(ROOT / "sample/compare.py"))
 compare = script["main"]
+matched = runpy.run_path(str(ROOT / "train/train_matched.py"))
+train_matched = matched["main"]
 
 
 def export(model, run_dir, config, extra=None, steps=5, batch_size=2):
@@ -170,7 +173,7 @@ def budget_args(m, data, out, *extra):
 
 def test_matched_budget_trains_both_backends_to_the_budget(models, training_data, tmp_path):
     out = tmp_path / "report"
-    report = compare(budget_args(models, training_data, out))
+    report = train_matched(budget_args(models, training_data, out))
     saved = json.loads((out / "report.json").read_text())
     budget, cost = saved["train_budget"], saved["cost"]
     assert budget["budget_flops"] == BUDGET
@@ -191,14 +194,14 @@ def test_matched_budget_trains_both_backends_to_the_budget(models, training_data
     assert "## Matched training budget" in md and "`--train-budget-flops 2e+09`" in md
 
     # the same command again: every run is finished, so nothing is retrained (only planned and checked)
-    args = script["build_parser"]().parse_args(budget_args(models, training_data, out))
-    plan = script["train_matched"](args)
+    args = matched["parse"](budget_args(models, training_data, out))[0]
+    plan = matched["train_matched"](args)
     assert not any(p["trained_now"] for backend in ("ar", "unclip") for p in plan[backend]["stages"].values())
     # another budget over the same runs is refused rather than mixed into them
-    args = script["build_parser"]().parse_args(budget_args(models, training_data, out))
+    args = matched["parse"](budget_args(models, training_data, out))[0]
     args.train_budget_flops = 2 * BUDGET
     with pytest.raises(ConfigError, match="trained under another plan"):
-        script["train_matched"](args)
+        matched["train_matched"](args)
 
 
 def test_budget_below_the_dvae_run_is_a_one_line_error(models, training_data, tmp_path):
@@ -206,17 +209,17 @@ def test_budget_below_the_dvae_run_is_a_one_line_error(models, training_data, tm
     argv[argv.index("--train-budget-flops") + 1] = "1e8"  # the fixture's dVAE run alone took 1.28e8
     with pytest.raises(ConfigError, match=r"--train-budget-flops 1e\+08 \(AR: dVAE .*\): budget 1e\+08 FLOPs does not "
                                           r"cover dvae 1.28e\+08 \(already trained\)") as e:
-        compare(argv)
+        train_matched(argv)
     assert "\n" not in str(e.value) and not (tmp_path / "r" / "runs" / "transformer").exists()
 
 
 def test_budget_mode_refuses_exports_and_missing_inputs(models, training_data, tmp_path):
     with pytest.raises(ConfigError, match="drop --ar"):
-        compare(budget_args(models, training_data, tmp_path / "r", "--ar", str(models["dalle"])))
+        train_matched(budget_args(models, training_data, tmp_path / "r", "--ar", str(models["dalle"])))
     argv = budget_args(models, training_data, tmp_path / "r")
     argv[argv.index("--transformer-args") + 1] += " --steps 5"
-    with pytest.raises(ConfigError, match="--transformer-args: --steps is set by compare.py"):
-        compare(argv)
+    with pytest.raises(ConfigError, match="--transformer-args: --steps is set by train_matched.py"):
+        train_matched(argv)
     only_ar = args(models, tmp_path / "r")
     for flag in ("--unclip-prior", "--unclip-decoder"):
         i = only_ar.index(flag)

@@ -6,8 +6,8 @@ import torch
 
 from dalle_ar.config import preset
 from dalle_ar.data import synthetic
-from dvae.config import DVAEConfig, DVAELossConfig
 from dvae import DiscreteVAE
+from dvae.config import DVAEConfig, DVAELossConfig
 from dvae.loss import codebook_usage, dvae_loss, kl_to_uniform, kl_weight, logit_laplace_nll, temperature
 from dvae.metrics import psnr, ssim
 from dvae.model import map_pixels, unmap_pixels

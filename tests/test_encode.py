@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import ROOT
 
-from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar import models
+from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.config import ConfigError
 from dalle_ar.data import read, synthetic, write
-from dvae.config import DVAEConfig
 from dvae import DiscreteVAE
+from dvae.config import DVAEConfig
 
 encode = runpy.run_path(str(ROOT / "train/encode.py"))["main"]
 NAMES = ["000000.tar", "000001.tar", "000002.tar"]
@@ -51,7 +52,7 @@ def test_each_image_shard_becomes_a_token_shard_of_the_dvae_codes(setup):
     meta = json.loads((out / "meta.json").read_text())
     assert {k: meta[k] for k in ("num_samples", "num_tokens", "grid_size", "skipped")} == \
         {"num_samples": 25, "num_tokens": 64, "grid_size": 8, "skipped": {}}
-    model, _ = load_pretrained(d / "dvae", lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
+    model, _ = models.load(d / "dvae")
     for name, size in zip(NAMES, (10, 10, 5)):
         images, texts, keys = zip(*read.image_text_dataset(str(d / "images" / name), 64))
         codes, captions, got_keys = zip(*read.token_dataset(str(out / name)))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dalle_ar.checkpoint import load_pretrained
+from dalle_ar import models
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, preset
 from dalle_ar.engine import Trainer, build_ds_config, fp16_supported, param_groups
 from dalle_ar.model.parallelize import activation_checkpointed, apply_activation_checkpointing
@@ -48,7 +48,7 @@ def train(out, steps, stage, save_every=0, on_step=None, **kw):
 
 
 def weights(export):
-    return load_pretrained(export, lambda c: DalleTransformer(DalleConfig(**c["model"])))[0].state_dict()
+    return models.load(export, kind="dalle")[0].state_dict()
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

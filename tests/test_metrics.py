@@ -7,9 +7,20 @@ import pytest
 import torch
 
 from dalle_ar.config import DalleConfig, DiffusionConfig, PriorConfig, UnetConfig
-from dalle_ar.metrics import (bootstrap_ci, count_flops, count_params, diversity, frechet_distance, kid,
-                              mmd2_unbiased, pairwise_distance_mean, run_info, stage_training_flops, train_step_fn)
+from dalle_ar.metrics import (
+    bootstrap_ci,
+    count_flops,
+    count_params,
+    diversity,
+    frechet_distance,
+    kid,
+    mmd2_unbiased,
+    pairwise_distance_mean,
+    run_info,
+    stage_training_flops,
+)
 from dalle_ar.model import DalleTransformer
+from dalle_ar.models import train_step
 from dvae.config import DVAEConfig
 
 
@@ -101,7 +112,7 @@ def test_train_step_flops_of_each_stage(kind):
     if kind == "dalle":
         cfg = DalleConfig(text_vocab_size=50, text_len=8, num_image_tokens=64, image_fmap_size=4, dim=32, depth=2, heads=2)
         model, export = DalleTransformer(cfg), {"kind": "dalle"}
-        step = count_flops(train_step_fn(model, export, 4))
+        step = count_flops(train_step(model, export, 4))
         # the 6N + 12 L d seq estimate per token (PaLM appendix B), which bench/train_throughput.py also checks
         assert step == pytest.approx(model.flops_per_token() * 4 * cfg.seq_len, rel=0.25)
         return
@@ -120,7 +131,7 @@ def test_train_step_flops_of_each_stage(kind):
                                        attention_resolutions="8", head_channels=8, embed_dim=16), DiffusionConfig())
         export = {"kind": "unclip_decoder"}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    f2, f4 = (count_flops(train_step_fn(model, export, b)) for b in (2, 4))
+    f2, f4 = (count_flops(train_step(model, export, b)) for b in (2, 4))
     assert f2 > 0 and f4 == pytest.approx(2 * f2, rel=0.05)  # linear in the batch
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no optimizer step
 
@@ -134,7 +145,7 @@ def test_stage_training_flops_reads_steps_from_the_run(tmp_path):
     (tmp_path / "run" / "train_config.json").write_text(json.dumps({"steps": 100, "batch_size": 4, "grad_accum": 2}))
     out = stage_training_flops(model, export, {"kind": "dalle"})
     assert out["steps"] == 100 and out["source"] == "train_config.json"
-    assert out["flops"] == 100 * out["flops_per_step"] == 100 * 2 * count_flops(train_step_fn(model, {"kind": "dalle"}, 4))
+    assert out["flops"] == 100 * out["flops_per_step"] == 100 * 2 * count_flops(train_step(model, {"kind": "dalle"}, 4))
     # a run stopped early: the last logged step counts
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 10, "loss": 3.0}\n{"step": 40, "loss": 2.0}\n')
     assert stage_training_flops(model, export, {"kind": "dalle"})["steps"] == 40

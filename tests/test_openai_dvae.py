@@ -2,7 +2,6 @@
 with the same class paths (tests/fixtures/dall_e) saved whole with torch.save, then loaded without that package."""
 
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle_ar.checkpoint import load_pretrained
+from dalle_ar import models
 from dalle_ar.config import ConfigError
-from dvae.config import DVAEConfig
-from dvae import DiscreteVAE
 from dvae.model import map_pixels
 from dvae.openai import UnsafePickleError, import_openai_dvae
 
@@ -84,7 +81,7 @@ def test_convert_cli_writes_safetensors_that_load_without_pickles(openai_files, 
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "restricted unpickler" in r.stderr
-    model, config = load_pretrained(out, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
+    model, config = models.load(out)
     assert config["source"]["format"] == "openai-dall_e"
     with torch.no_grad():
         torch.testing.assert_close(model.logits(x), logits, rtol=1e-5, atol=1e-5)

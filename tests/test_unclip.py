@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
-from dalle_ar.checkpoint import load_pretrained, save_pretrained
+from dalle_ar import models
+from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.clip import ClipScorer, build_clip, clip_export_config, export_files
 from dalle_ar.config import ClipConfig, DiffusionConfig, PriorConfig, UnetConfig
 from dalle_ar.data import read
@@ -277,8 +278,7 @@ def test_prior_script_moves_sampled_embeddings_towards_the_true_ones(prior_run):
 
 def test_export_holds_the_ema_weights(prior_run):
     """Sampling loads <out>/export: the EMA average from the checkpoint, not the last raw weights."""
-    exported, _ = load_pretrained(prior_run / "export", lambda c: DiffusionPrior(PriorConfig(**c["prior"]),
-                                                                                 DiffusionConfig(**c["diffusion"])))
+    exported, _ = models.load(prior_run / "export")
     tag = (prior_run / "checkpoints" / "latest").read_text().strip()
     state = torch.load(prior_run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
     raw, ema = state["module"], state["ema"]

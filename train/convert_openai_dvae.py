@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
-
 import torch
 
+from dalle_ar import models
 from dalle_ar.checkpoint import save_pretrained
 from dalle_ar.cli import run_cli
 from dvae.openai import import_openai_dvae
@@ -34,7 +33,7 @@ def main(argv=None):
     with torch.no_grad():  # a quick self-check: decode(encode(x)) runs and has the right shape
         x = torch.rand(1, 3, args.image_size, args.image_size)
         assert model.decode(model.encode(x)).shape == x.shape
-    config = {"kind": "dvae", "dvae": asdict(model.config), "source": {"format": "openai-dall_e", **provenance}}
+    config = models.export_config("dvae", model, source={"format": "openai-dall_e", **provenance})
     out = save_pretrained(model, args.out, config)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted OpenAI dVAE ({n / 1e6:.1f}M parameters, {model.config.num_tokens} codes, "

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.checkpoint import WEIGHTS, load_pretrained
+from dalle_ar import models
+from dalle_ar.checkpoint import WEIGHTS
 from dalle_ar.cli import run_cli
 from dalle_ar.config import ConfigError, save_json
 from dalle_ar.data.read import shard_urls
 from dalle_ar.data.write import TokenShards
 from dvae.config import DVAEConfig
-from dvae import DiscreteVAE
 
 
 def main(argv=None) -> Path:
@@ -43,7 +43,7 @@ def main(argv=None) -> Path:
     args = p.parse_args(argv)
 
     urls = shard_urls(args.data)
-    model, config = load_pretrained(args.dvae, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])), args.device)
+    model, config = models.load(args.dvae, args.device, kind="dvae")
     dcfg = DVAEConfig(**config["dvae"])
     if dcfg.num_tokens > 2 ** 16:
         raise ConfigError(f"{Path(args.dvae) / 'config.json'}: num_tokens {dcfg.num_tokens} does not fit the uint16 "

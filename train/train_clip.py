@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from dalle_ar.clip import build_clip, clip_export_config, clip_tokenizer, contrastive_loss, export_files, normalize_images
+from dalle_ar import models
 from dalle_ar.cli import parse, run_cli
+from dalle_ar.clip import build_clip, clip_tokenizer, contrastive_loss, export_files, normalize_images
 from dalle_ar.config import ClipConfig, TrainConfig
 from dalle_ar.data.decode import SkipCounter
 from dalle_ar.data.read import batches, image_text_dataset, infinite
@@ -24,7 +25,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = build_clip(clip_cfg)
     tokenizer = clip_tokenizer(clip_cfg)
-    trainer = Trainer(model, cfg, name="clip", export_config=clip_export_config(clip_cfg),
+    trainer = Trainer(model, cfg, name="clip", export_config=models.export_config("clip", clip_cfg),
                       extra_files=export_files(clip_cfg, Path(cfg.out) / "open_clip"))
     skips = SkipCounter(source=cfg.data)
     data = image_text_dataset(cfg.data, clip_cfg.image_size, resampled=True, shuffle=2000, seed=cfg.seed + rank(),

@@ -10,11 +10,12 @@ Writes <out>/export (config.json + model.safetensors + tokenizer.json), checkpoi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from dalle_ar import models
 from dalle_ar.cli import given, parse, run_cli
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig
 from dalle_ar.data.decode import SkipCounter
@@ -26,6 +27,7 @@ from dalle_ar.text import TextTokenizer, check_vocab
 
 def extra_args(p):
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (or its directory) from train/train_tokenizer.py")
+    p.add_argument("--dry_run", default=None, metavar="PATH", help=models.DRY_RUN_HELP)
 
 
 def check_tokens(data: str, cfg: DalleConfig) -> dict:
@@ -61,9 +63,11 @@ def main(argv=None):
     meta = check_tokens(cfg.data, model_cfg)
     tok_file = args.tokenizer if args.tokenizer.endswith(".json") else str(Path(args.tokenizer) / "tokenizer.json")
     torch.manual_seed(cfg.seed)  # reproducible initialisation
-    trainer = Trainer(DalleTransformer(model_cfg), cfg, name="dalle",
-                      export_config={"kind": "dalle", "model": asdict(model_cfg), "dvae": meta.get("dvae")},
-                      extra_files={"tokenizer.json": tok_file})
+    model = DalleTransformer(model_cfg)
+    export_config = models.export_config("dalle", model, dvae=meta.get("dvae"))
+    if args.dry_run:
+        return models.write_dry_run(args.dry_run, export_config, cfg.batch_size, cfg.grad_accum)
+    trainer = Trainer(model, cfg, name="dalle", export_config=export_config, extra_files={"tokenizer.json": tok_file})
     stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg, skips, model_cfg))
 
     def loss_fn(engine, batch, step):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_ar import models
 from dalle_ar.cli import parse, run_cli
 from dalle_ar.config import ConfigError, DiffusionConfig, TrainConfig, UnetConfig
 from dalle_ar.data.embeddings import image_embedding_dataset, read_meta
@@ -38,6 +39,7 @@ def extra_args(p):
     p.add_argument("--sample_steps", type=int, default=32, help="DDIM steps for the sample grids (default: 32)")
     p.add_argument("--sample_guidance", type=float, default=3.0, help="guidance scale for the grids (default: 3)")
     p.add_argument("--num_samples", type=int, default=8, help="images in each sample grid (default: 8)")
+    p.add_argument("--dry_run", default=None, metavar="PATH", help=models.DRY_RUN_HELP)
 
 
 def stage_config(args, unet: UnetConfig, meta: dict | None, tok: TextTokenizer | None) -> UnetConfig:
@@ -73,8 +75,11 @@ def main(argv=None):
     model = UnetDecoder(unet_cfg, diffusion_cfg)
     extra = {"tokenizer.json": str(Path(args.tokenizer) / "tokenizer.json") if not args.tokenizer.endswith(".json")
              else args.tokenizer} if tok else {}
+    export_config = models.export_config("unclip_decoder", model, stage=args.stage, clip=meta["clip"] if meta else None)
+    if args.dry_run:
+        return models.write_dry_run(args.dry_run, export_config, cfg.batch_size, cfg.grad_accum)
     trainer = Trainer(model, cfg, name=f"decoder-{args.stage}" if not base else "decoder", extra_files=extra,
-                      export_config=model.export_config(stage=args.stage, clip=meta["clip"] if meta else None))
+                      export_config=export_config)
     size = unet_cfg.image_size
     if base:
         data = image_embedding_dataset(cfg.data, args.embeddings, size, shuffle=1000, seed=cfg.seed + rank())

@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import torch
 
+from dalle_ar import models
 from dalle_ar.cli import parse, run_cli
 from dalle_ar.config import TrainConfig, save_json
 from dalle_ar.data import synthetic
@@ -25,8 +26,8 @@ from dalle_ar.data.decode import SkipCounter
 from dalle_ar.data.read import batches, image_text_dataset, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.report import save_grid
-from dvae.config import DVAEConfig, DVAELossConfig
 from dvae import DiscreteVAE
+from dvae.config import DVAEConfig, DVAELossConfig
 from dvae.loss import codebook_usage, dvae_loss
 from dvae.metrics import psnr
 
@@ -42,7 +43,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = DiscreteVAE(model_cfg)
     trainer = Trainer(model, cfg, name="dvae", lr_decay_steps=schedule.lr_anneal_steps,
-                      export_config={"kind": "dvae", "dvae": asdict(model_cfg), "loss": asdict(loss_cfg)})
+                      export_config=models.export_config("dvae", model, loss=asdict(loss_cfg)))
     skips = SkipCounter(source=cfg.data)
     data = image_text_dataset(cfg.data, model_cfg.image_size, resampled=True, shuffle=1000, seed=cfg.seed + rank(),
                               skips=skips)
@@ -79,9 +80,7 @@ def reconstruction_grid(model: DiscreteVAE, images: torch.Tensor, path):
 @torch.no_grad()
 def report(export, cfg: TrainConfig, model_cfg: DVAEConfig) -> dict:
     """Reconstruct held-in images with hard codes from the exported (EMA) weights."""
-    from dalle_ar.checkpoint import load_pretrained
-
-    model, _ = load_pretrained(export, lambda c: DiscreteVAE(DVAEConfig(**c["dvae"])))
+    model, _ = models.load(export, kind="dvae")
     images, texts, _ = next(iter(batches(image_text_dataset(cfg.data, model_cfg.image_size), 256)))
     codes = model.encode(images)
     recon = model.decode(codes)

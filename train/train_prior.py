@@ -17,20 +17,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dalle_ar.checkpoint import load_pretrained
+from dalle_ar import models
 from dalle_ar.cli import parse, run_cli
 from dalle_ar.config import DiffusionConfig, PriorConfig, TrainConfig, save_json
 from dalle_ar.data.embeddings import embedding_dataset, read_meta
 from dalle_ar.data.read import batches, infinite
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.text import TextTokenizer
-from dalle_ar.unclip.prior import DiffusionPrior, build_prior
+from dalle_ar.unclip.prior import DiffusionPrior
 
 
 def extra_args(p):
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (or its directory) from train/train_tokenizer.py")
     p.add_argument("--eval_samples", type=int, default=64, help="captions in the fixed eval batch (default: 64)")
     p.add_argument("--eval_steps", type=int, default=16, help="DDIM steps when sampling the eval batch (default: 16)")
+    p.add_argument("--dry_run", default=None, metavar="PATH", help=models.DRY_RUN_HELP)
 
 
 def eval_batch(data: str, tok: TextTokenizer, n: int):
@@ -58,8 +59,10 @@ def main(argv=None):
     tok_file = args.tokenizer if args.tokenizer.endswith(".json") else str(Path(args.tokenizer) / "tokenizer.json")
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = DiffusionPrior(prior_cfg, diffusion_cfg)
-    trainer = Trainer(model, cfg, name="prior", export_config=model.export_config(clip=meta["clip"], embeddings=cfg.data),
-                      extra_files={"tokenizer.json": tok_file})
+    export_config = models.export_config("unclip_prior", model, clip=meta["clip"], embeddings=cfg.data)
+    if args.dry_run:
+        return models.write_dry_run(args.dry_run, export_config, cfg.batch_size, cfg.grad_accum)
+    trainer = Trainer(model, cfg, name="prior", export_config=export_config, extra_files={"tokenizer.json": tok_file})
     data = embedding_dataset(cfg.data, resampled=True, shuffle=2000, seed=cfg.seed + rank())
     stream = ((tok.encode(list(captions)), zt, zi) for zi, zt, captions, _ in
               infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False)))
@@ -94,7 +97,7 @@ def main(argv=None):
 
     export = trainer.fit(stream, loss_fn, on_step=on_step, show=("cos",))
     if trainer.is_main:
-        exported, _ = load_pretrained(export, build_prior, str(trainer.device))
+        exported, _ = models.load(export, trainer.device)
         final = prior_cosine(exported, fixed, args.eval_steps, trainer.device)
         save_json(Path(cfg.out) / "eval.json", {"history": history, "export_cosine": final,
                                                 "text_embedding_cosine": baseline, "eval_samples": len(fixed[0]),
