@@ -345,3 +345,43 @@ def test_check_raises_on_non_caption():
     im, _ = S.make_example(0)
     with pytest.raises(ValueError):
         S.check(im, "a photo of a cat")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-attribute verdicts (the failure names in evaluation reports)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_attributes_of_true_captions_all_pass_and_agree_with_check():
+    for im, sc in zip(images(64)[:100], scenes()[:100]):
+        text = S.caption(sc)
+        verdict = S.attributes(im, text)
+        assert set(verdict) == {"colour", "shape", "size", "count", "position" if len(sc.shapes) == 1 else "relation"}
+        assert all(verdict.values()) == S.check(im, text)
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "size", "relation", "position"])
+def test_attributes_name_the_corrupted_word(kind):
+    # A caption wrong about one thing: the attribute for that thing fails; the others mostly still pass.
+    name = {"color": "colour"}.get(kind, kind)
+    rng = np.random.default_rng(0)
+    named, others_pass = [], []
+    for im, sc in zip(images(64), scenes()):
+        bad = corrupt(sc.spec, kind, rng)
+        if bad is None or not S.check(im, S.caption(sc)):
+            continue
+        verdict = S.attributes(im, S.caption(bad))
+        named.append(not verdict[name])
+        if kind in ("shape", "size", "relation", "position"):  # a wrong colour also fails that object's other words
+            others_pass.append(all(v for a, v in verdict.items() if a != name))
+    assert len(named) >= 100 and np.mean(named) >= 0.95, f"{kind}: {np.mean(named):.1%} named"
+    if others_pass:
+        assert np.mean(others_pass) >= 0.9
+
+
+def test_attributes_agree_with_check_on_wrong_captions():
+    rng = np.random.default_rng(1)
+    for im, sc in zip(images(64, "degrade"), scenes()):
+        bad = corrupt(sc.spec, ["color", "shape", "size", "relation", "position"][int(rng.integers(5))], rng)
+        text = S.caption(bad if bad is not None else sc.spec)
+        assert all(S.attributes(im, text).values()) == S.check(im, text)
