@@ -385,3 +385,27 @@ def test_attributes_agree_with_check_on_wrong_captions():
         bad = corrupt(sc.spec, ["color", "shape", "size", "relation", "position"][int(rng.integers(5))], rng)
         text = S.caption(bad if bad is not None else sc.spec)
         assert all(S.attributes(im, text).values()) == S.check(im, text)
+
+
+@pytest.mark.parametrize("attribute", ["colour", "shape", "size", "position", "relation"])
+def test_perturb_changes_exactly_one_attribute(attribute):
+    rng = np.random.default_rng(3)
+    scenes_ = [sc for sc in scenes() if attribute in S.perturbable(sc)][:120]
+    assert len(scenes_) >= 100
+    own, wrong = [], []
+    for sc in scenes_:
+        bad = S.perturb(sc, attribute, rng)
+        assert S.perturb(sc.spec, attribute, np.random.default_rng(0)) != sc.spec
+        assert sum(a != b for a, b in zip(S.caption(sc).split(), S.caption(bad).split())) <= 4  # one phrase changed
+        im = S.render(bad)
+        own.append(S.check(im, S.caption(bad)))  # the perturbed render shows its own caption ...
+        verdict = S.attributes(im, S.caption(sc))  # ... and is wrong about the original in that attribute (only: a
+        others = attribute == "colour" or all(v for a, v in verdict.items() if a != attribute)  # missing colour is more)
+        wrong.append(not verdict[attribute] and others)
+    assert np.mean(own) >= 0.95 and np.mean(wrong) >= 0.9, (np.mean(own), np.mean(wrong))
+
+
+def test_perturb_refuses_an_attribute_the_scene_lacks():
+    one = next(sc for sc in scenes() if len(sc.shapes) == 1)
+    with pytest.raises(ValueError, match="relation"):
+        S.perturb(one, "relation", np.random.default_rng(0))

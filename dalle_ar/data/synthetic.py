@@ -34,6 +34,7 @@ Depends on numpy and Pillow only; torch tensors are accepted duck-typed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -207,6 +208,48 @@ def sample_scene(rng: np.random.Generator, max_shapes: int = 2, p_two: float = 0
     if max_shapes == 2 and rng.random() < p_two:
         return _sample_two(rng)
     return _sample_one(rng)
+
+
+# Each position and relation phrase and its mirror image along its axis.
+_MIRRORED = (("on the left", "on the right"), ("at the top", "at the bottom"), ("to the left of", "to the right of"),
+             ("above", "below"))
+OPPOSITE: dict[str, str] = {a: b for pair in _MIRRORED for a, b in (pair, pair[::-1])}
+
+
+def perturbable(scene: Scene | SceneSpec) -> tuple[str, ...]:
+    """The attributes ``perturb`` can change in this scene: colour, shape, size, and position (one shape) or
+    relation (two shapes) when the caption names one."""
+    spatial = () if scene.relation is None else ("position",) if len(scene.shapes) == 1 else ("relation",)
+    return ("colour", "shape", "size", *spatial)
+
+
+def perturb(scene: Scene | SceneSpec, attribute: str, rng: np.random.Generator) -> Scene | SceneSpec:
+    """The scene with exactly one ``attribute`` changed: one shape's colour (to a colour not in the scene), kind or
+    size, or the position/relation (the scene mirrored along the named axis). Works on a ``SceneSpec`` (its caption is
+    a one-word-wrong caption: a hard negative for CLIP) and on a ``Scene`` (a render of it is a one-word-wrong image:
+    the evaluator CLIP's discrimination test)."""
+    if attribute not in perturbable(scene):
+        raise ValueError(f"cannot change {attribute!r} of {caption(scene)!r}; use one of {perturbable(scene)}")
+    if attribute in ("position", "relation"):
+        if isinstance(scene, SceneSpec):
+            return SceneSpec(scene.shapes, OPPOSITE[scene.relation])
+        axis = (POSITIONS if len(scene.shapes) == 1 else RELATIONS)[scene.relation][0]
+        mirrored = tuple(dataclasses.replace(s, **({"x": 1 - s.x} if axis == 0 else {"y": 1 - s.y})) for s in scene.shapes)
+        return Scene(mirrored, OPPOSITE[scene.relation])
+    k = int(rng.integers(len(scene.shapes)))
+    target = scene.shapes[k]
+    if attribute == "colour":
+        unused = [c for c in COLORS if c not in {s.color for s in scene.shapes}]
+        change = {"color": _pick(rng, unused)}
+    elif attribute == "shape":
+        change = {"shape": _pick(rng, [s for s in SHAPES if s != target.shape])}
+    else:
+        change = {"size": "large" if target.size == "small" else "small"}
+        if isinstance(target, Shape):  # keep the resized shape inside the margins
+            lo, hi = _centre_range(change["size"])
+            change.update(x=float(np.clip(target.x, lo, hi)), y=float(np.clip(target.y, lo, hi)))
+    shapes = tuple(dataclasses.replace(s, **change) if i == k else s for i, s in enumerate(scene.shapes))
+    return type(scene)(shapes, scene.relation)
 
 
 # ---------------------------------------------------------------------------------------------
