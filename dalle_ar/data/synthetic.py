@@ -252,6 +252,17 @@ def perturb(scene: Scene | SceneSpec, attribute: str, rng: np.random.Generator) 
     return type(scene)(shapes, scene.relation)
 
 
+def wrong_captions(text: str, k: int, rng: np.random.Generator) -> list[str]:
+    """Up to ``k`` captions that are each wrong about one attribute of ``text`` (distinct attributes, chosen at
+    random): hard negatives for contrastive training. Empty for text that is not a shapes-world caption."""
+    if k <= 0 or not is_caption(text):
+        return []
+    spec = parse_caption(text)
+    names = perturbable(spec)
+    chosen = rng.permutation(len(names))[:k]
+    return [caption(perturb(spec, names[int(i)], rng)) for i in chosen]
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
