@@ -62,3 +62,24 @@ def test_clip_discrimination_tells_a_perfect_scorer_from_a_blind_one():
     assert perfect["pairwise_accuracy"] >= 0.95 and perfect["pairs"] == 40 * 4
     assert set(perfect["per_attribute"]) == {"colour", "shape", "size", "position", "relation"}
     assert clip_discrimination(BlindScorer(), num_scenes=40)["pairwise_accuracy"] == 0.0
+
+
+def test_demo_spread_reports_mean_and_spread_over_runs(tmp_path):
+    import json
+
+    from bench.demo_spread import main
+
+    for seed, (top1, psnr) in enumerate([(0.5, 24.0), (0.7, 26.0), (0.6, 25.0)]):
+        run = tmp_path / f"demo_seed{seed}"
+        (run / "eval").mkdir(parents=True)
+        caption = {"per_candidate": top1 - 0.2, "oracle": 0.9, "top1": {"clip": top1}, "attributes": {"shape": 0.8}}
+        (run / "eval" / "scores.json").write_text(json.dumps({"summary": {"device": "cpu", "caption": caption}}))
+        (run / "dvae_quality.json").write_text(json.dumps({"psnr_db": psnr, "codebook_usage": 0.9,
+                                                             "recon_caption_accuracy": 0.5}))
+        (run / ".seconds").write_text("700")
+    result = main([str(tmp_path / f"demo_seed{s}") for s in range(3)] + ["--out", str(tmp_path / "spread.json")])
+    top1 = result["spread"]["caption.top1.clip"]
+    assert top1["mean"] == pytest.approx(0.6) and top1["std"] == pytest.approx(0.1)
+    assert (top1["min"], top1["max"]) == (0.5, 0.7)
+    assert result["spread"]["dvae.psnr_db"]["mean"] == pytest.approx(25.0) and result["runs"] == 3
+    assert json.loads((tmp_path / "spread.json").read_text())["spread"]["job_seconds"]["std"] == 0.0
