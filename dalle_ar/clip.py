@@ -96,17 +96,31 @@ def normalize_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def contrastive_loss(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Symmetric InfoNCE (open_clip's ClipLoss) over the batch; images already normalised."""
+def contrastive_loss(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
+                     negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Symmetric InfoNCE (open_clip's ClipLoss) over the batch; images already normalised. `negatives`: token rows of
+    extra captions that match no image (hard negatives, e.g. `synthetic.wrong_captions`): each image's softmax runs over
+    the batch's captions and all of these, so a caption wrong in one word must score below the right one."""
     import open_clip
 
-    out = model(images, tokens)
+    texts = tokens if negatives is None else torch.cat([tokens, negatives])
+    out = model(images, texts)
     if isinstance(out, dict):
         img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
     else:
         img, txt, scale = out[:3]
-    loss = open_clip.ClipLoss()(img.float(), txt.float(), scale.float())
-    return loss, {"logit_scale": float(scale.detach().float().reshape(-1)[0])}
+    metrics = {"logit_scale": float(scale.detach().float().reshape(-1)[0])}
+    if negatives is None:
+        return open_clip.ClipLoss()(img.float(), txt.float(), scale.float()), metrics
+    img, txt, scale = img.float(), txt.float(), scale.float()
+    labels = torch.arange(len(img), device=img.device)
+    per_image = scale * img @ txt.T                  # (B, B + M): the batch's captions, then the negatives
+    per_text = scale * txt[: len(img)] @ img.T       # (B, B)
+    loss = (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+    # how often an image prefers one of the negatives to its own caption: the error the negatives are there to fix
+    own = per_image[labels, labels].detach()
+    metrics["negative_wins"] = float((per_image[:, len(img):].detach() > own[:, None]).any(dim=1).float().mean())
+    return loss, metrics
 
 
 class ClipScorer:

@@ -345,3 +345,67 @@ def test_check_raises_on_non_caption():
     im, _ = S.make_example(0)
     with pytest.raises(ValueError):
         S.check(im, "a photo of a cat")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-attribute verdicts (the failure names in evaluation reports)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_attributes_of_true_captions_all_pass_and_agree_with_check():
+    for im, sc in zip(images(64)[:100], scenes()[:100]):
+        text = S.caption(sc)
+        verdict = S.attributes(im, text)
+        assert set(verdict) == {"colour", "shape", "size", "count", "position" if len(sc.shapes) == 1 else "relation"}
+        assert all(verdict.values()) == S.check(im, text)
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "size", "relation", "position"])
+def test_attributes_name_the_corrupted_word(kind):
+    # A caption wrong about one thing: the attribute for that thing fails; the others mostly still pass.
+    name = {"color": "colour"}.get(kind, kind)
+    rng = np.random.default_rng(0)
+    named, others_pass = [], []
+    for im, sc in zip(images(64), scenes()):
+        bad = corrupt(sc.spec, kind, rng)
+        if bad is None or not S.check(im, S.caption(sc)):
+            continue
+        verdict = S.attributes(im, S.caption(bad))
+        named.append(not verdict[name])
+        if kind in ("shape", "size", "relation", "position"):  # a wrong colour also fails that object's other words
+            others_pass.append(all(v for a, v in verdict.items() if a != name))
+    assert len(named) >= 100 and np.mean(named) >= 0.95, f"{kind}: {np.mean(named):.1%} named"
+    if others_pass:
+        assert np.mean(others_pass) >= 0.9
+
+
+def test_attributes_agree_with_check_on_wrong_captions():
+    rng = np.random.default_rng(1)
+    for im, sc in zip(images(64, "degrade"), scenes()):
+        bad = corrupt(sc.spec, ["color", "shape", "size", "relation", "position"][int(rng.integers(5))], rng)
+        text = S.caption(bad if bad is not None else sc.spec)
+        assert all(S.attributes(im, text).values()) == S.check(im, text)
+
+
+@pytest.mark.parametrize("attribute", ["colour", "shape", "size", "position", "relation"])
+def test_perturb_changes_exactly_one_attribute(attribute):
+    rng = np.random.default_rng(3)
+    scenes_ = [sc for sc in scenes() if attribute in S.perturbable(sc)][:120]
+    assert len(scenes_) >= 100
+    own, wrong = [], []
+    for sc in scenes_:
+        bad = S.perturb(sc, attribute, rng)
+        assert S.perturb(sc.spec, attribute, np.random.default_rng(0)) != sc.spec
+        assert sum(a != b for a, b in zip(S.caption(sc).split(), S.caption(bad).split())) <= 4  # one phrase changed
+        im = S.render(bad)
+        own.append(S.check(im, S.caption(bad)))  # the perturbed render shows its own caption ...
+        verdict = S.attributes(im, S.caption(sc))  # ... and is wrong about the original in that attribute (only: a
+        others = attribute == "colour" or all(v for a, v in verdict.items() if a != attribute)  # missing colour is more)
+        wrong.append(not verdict[attribute] and others)
+    assert np.mean(own) >= 0.95 and np.mean(wrong) >= 0.9, (np.mean(own), np.mean(wrong))
+
+
+def test_perturb_refuses_an_attribute_the_scene_lacks():
+    one = next(sc for sc in scenes() if len(sc.shapes) == 1)
+    with pytest.raises(ValueError, match="relation"):
+        S.perturb(one, "relation", np.random.default_rng(0))

@@ -34,6 +34,7 @@ Depends on numpy and Pillow only; torch tensors are accepted duck-typed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -207,6 +208,59 @@ def sample_scene(rng: np.random.Generator, max_shapes: int = 2, p_two: float = 0
     if max_shapes == 2 and rng.random() < p_two:
         return _sample_two(rng)
     return _sample_one(rng)
+
+
+# Each position and relation phrase and its mirror image along its axis.
+_MIRRORED = (("on the left", "on the right"), ("at the top", "at the bottom"), ("to the left of", "to the right of"),
+             ("above", "below"))
+OPPOSITE: dict[str, str] = {a: b for pair in _MIRRORED for a, b in (pair, pair[::-1])}
+
+
+def perturbable(scene: Scene | SceneSpec) -> tuple[str, ...]:
+    """The attributes ``perturb`` can change in this scene: colour, shape, size, and position (one shape) or
+    relation (two shapes) when the caption names one."""
+    spatial = () if scene.relation is None else ("position",) if len(scene.shapes) == 1 else ("relation",)
+    return ("colour", "shape", "size", *spatial)
+
+
+def perturb(scene: Scene | SceneSpec, attribute: str, rng: np.random.Generator) -> Scene | SceneSpec:
+    """The scene with exactly one ``attribute`` changed: one shape's colour (to a colour not in the scene), kind or
+    size, or the position/relation (the scene mirrored along the named axis). Works on a ``SceneSpec`` (its caption is
+    a one-word-wrong caption: a hard negative for CLIP) and on a ``Scene`` (a render of it is a one-word-wrong image:
+    the evaluator CLIP's discrimination test)."""
+    if attribute not in perturbable(scene):
+        raise ValueError(f"cannot change {attribute!r} of {caption(scene)!r}; use one of {perturbable(scene)}")
+    if attribute in ("position", "relation"):
+        if isinstance(scene, SceneSpec):
+            return SceneSpec(scene.shapes, OPPOSITE[scene.relation])
+        axis = (POSITIONS if len(scene.shapes) == 1 else RELATIONS)[scene.relation][0]
+        mirrored = tuple(dataclasses.replace(s, **({"x": 1 - s.x} if axis == 0 else {"y": 1 - s.y})) for s in scene.shapes)
+        return Scene(mirrored, OPPOSITE[scene.relation])
+    k = int(rng.integers(len(scene.shapes)))
+    target = scene.shapes[k]
+    if attribute == "colour":
+        unused = [c for c in COLORS if c not in {s.color for s in scene.shapes}]
+        change = {"color": _pick(rng, unused)}
+    elif attribute == "shape":
+        change = {"shape": _pick(rng, [s for s in SHAPES if s != target.shape])}
+    else:
+        change = {"size": "large" if target.size == "small" else "small"}
+        if isinstance(target, Shape):  # keep the resized shape inside the margins
+            lo, hi = _centre_range(change["size"])
+            change.update(x=float(np.clip(target.x, lo, hi)), y=float(np.clip(target.y, lo, hi)))
+    shapes = tuple(dataclasses.replace(s, **change) if i == k else s for i, s in enumerate(scene.shapes))
+    return type(scene)(shapes, scene.relation)
+
+
+def wrong_captions(text: str, k: int, rng: np.random.Generator) -> list[str]:
+    """Up to ``k`` captions that are each wrong about one attribute of ``text`` (distinct attributes, chosen at
+    random): hard negatives for contrastive training. Empty for text that is not a shapes-world caption."""
+    if k <= 0 or not is_caption(text):
+        return []
+    spec = parse_caption(text)
+    names = perturbable(spec)
+    chosen = rng.permutation(len(names))[:k]
+    return [caption(perturb(spec, names[int(i)], rng)) for i in chosen]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,20 +529,21 @@ def classify_shape(blob: Blob) -> tuple[str, float]:
     return best, best_iou
 
 
-def _shape_problems(spec: ShapeSpec, blob: Blob) -> list[str]:
+def _shape_problems(spec: ShapeSpec, blob: Blob) -> list[tuple[str, str]]:
+    """(attribute, reason) for each way the blob differs from what the caption says of its shape."""
     problems = []
     side = blob.side
     if not SIZE_RANGE[0] <= side <= SIZE_RANGE[1]:
-        problems.append(f"{spec.color} blob has implausible size {side:.2f}")
+        problems.append(("size", f"{spec.color} blob has implausible size {side:.2f}"))
     elif ("large" if side > SIZE_SPLIT else "small") != spec.size:
-        problems.append(f"{spec.color} blob looks {'large' if side > SIZE_SPLIT else 'small'}")
+        problems.append(("size", f"{spec.color} blob looks {'large' if side > SIZE_SPLIT else 'small'}"))
     if max(blob.height, blob.width) > MAX_ASPECT * min(blob.height, blob.width):
-        problems.append(f"{spec.color} blob is too elongated ({blob.width}x{blob.height})")
+        problems.append(("shape", f"{spec.color} blob is too elongated ({blob.width}x{blob.height})"))
     kind, iou = classify_shape(blob)
     if iou < MIN_IOU:
-        problems.append(f"{spec.color} blob matches no shape (best {kind}, IoU {iou:.2f})")
+        problems.append(("shape", f"{spec.color} blob matches no shape (best {kind}, IoU {iou:.2f})"))
     elif kind != spec.shape:
-        problems.append(f"{spec.color} blob looks like a {kind} (IoU {iou:.2f})")
+        problems.append(("shape", f"{spec.color} blob looks like a {kind} (IoU {iou:.2f})"))
     return problems
 
 
@@ -510,30 +565,57 @@ def _spatial_problems(spec: SceneSpec, blobs: list[Blob]) -> list[str]:
     return []
 
 
+def _object_problems(spec: SceneSpec, blobs: list[Blob]) -> tuple[list[tuple[str, str]], list[Blob]]:
+    """(attribute, reason) for everything but the spatial word, and the blob matched to each named shape."""
+    problems, matched = [], []
+    for s in spec.shapes:
+        mine = [b for b in blobs if b.color == s.color]
+        if not mine:
+            problems.append(("colour", f"no {s.color} shape found"))
+            continue
+        if len(mine) > 1:
+            problems.append(("count", f"{len(mine)} separate {s.color} blobs, expected one"))
+        matched.append(mine[0])
+        problems += _shape_problems(s, mine[0])
+    named = {s.color for s in spec.shapes}
+    extra = sorted({b.color for b in blobs} - named)
+    if extra:
+        problems.append(("colour", f"unexpected {', '.join(extra)} shape(s)"))
+    return problems, matched
+
+
 def diagnose(image, text: str) -> list[str]:
     """Reasons why ``image`` does not match caption ``text``; empty when it matches.
 
     Raises ``ValueError`` if ``text`` is not a shapes-world caption.
     """
     spec = parse_caption(text)
-    blobs = find_blobs(image)
-    problems, matched = [], []
-    for s in spec.shapes:
-        mine = [b for b in blobs if b.color == s.color]
-        if not mine:
-            problems.append(f"no {s.color} shape found")
-            continue
-        if len(mine) > 1:
-            problems.append(f"{len(mine)} separate {s.color} blobs, expected one")
-        matched.append(mine[0])
-        problems += _shape_problems(s, mine[0])
-    named = {s.color for s in spec.shapes}
-    extra = sorted({b.color for b in blobs} - named)
-    if extra:
-        problems.append(f"unexpected {', '.join(extra)} shape(s)")
+    tagged, matched = _object_problems(spec, find_blobs(image))
+    problems = [reason for _, reason in tagged]
     if not problems:
         problems += _spatial_problems(spec, matched)
     return problems
+
+
+# What a caption can get wrong, each judged on its own (``attributes``): the failure names of the caption check.
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "count", "position", "relation")
+
+
+def attributes(image, text: str) -> dict[str, bool]:
+    """Which parts of the caption ``image`` gets right, each judged on its own: ``colour`` (every named colour is
+    there and no other), ``shape`` and ``size`` (of each named colour's blob), ``count`` (one blob per named colour),
+    and ``position`` (one shape) or ``relation`` (two shapes), judged whenever every named colour has a blob. A
+    missing object fails the attributes it carries. ``check`` is true exactly when all of them are."""
+    spec = parse_caption(text)
+    tagged, matched = _object_problems(spec, find_blobs(image))
+    failed = {attribute for attribute, _ in tagged}
+    if len(spec.shapes) != len(matched):  # a named shape is missing: its kind, size and place are wrong too
+        failed |= {"shape", "size"}
+    result = {a: a not in failed for a in ("colour", "shape", "size", "count")}
+    if spec.relation is not None:
+        spatial = "position" if len(spec.shapes) == 1 else "relation"
+        result[spatial] = len(spec.shapes) == len(matched) and not _spatial_problems(spec, matched)
+    return result
 
 
 def check(image, text: str) -> bool:

@@ -1,0 +1,85 @@
+"""Shapes-world evaluation: the caption report and the CLIP discrimination test measure what they claim."""
+
+import numpy as np
+import pytest
+import torch
+
+from dalle_ar.data import synthetic as S
+from dalle_ar.evaluation import caption_report, clip_discrimination
+
+
+def tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+def scenes(n: int, shapes: int, seed: int = 7) -> list[S.Scene]:
+    out, i = [], 0
+    while len(out) < n:
+        sc = S.sample_scene(np.random.default_rng([seed, i]))
+        i += 1
+        if len(sc.shapes) == shapes:
+            out.append(sc)
+    return out
+
+
+def test_caption_report_separates_generator_and_reranker():
+    # 4 prompts x 3 candidates: candidate 0 right for prompts 0-2 (none for prompt 3, whose candidates all have the
+    # wrong colour); the "clip" order finds it for prompts 0-1, misses it for prompt 2.
+    rng = np.random.default_rng(0)
+    prompts, images = [], []
+    for p, sc in enumerate(scenes(2, 1) + scenes(2, 2)):
+        prompts.append(S.caption(sc))
+        wrong = [S.render(S.perturb(sc, "colour", rng)) for _ in range(3)]
+        images.append(torch.stack([tensor(im) for im in ([S.render(sc)] + wrong[1:] if p < 3 else wrong)]))
+    orders = {"clip": torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [2, 1, 0]]), "sampling": torch.arange(3).expand(4, 3)}
+    r = caption_report(torch.stack(images), prompts, orders)
+    assert r["per_candidate"] == pytest.approx(3 / 12)
+    assert r["oracle"] == pytest.approx(3 / 4)
+    assert r["top1"] == {"clip": pytest.approx(2 / 4), "sampling": pytest.approx(3 / 4)}
+    assert r["rerank_efficiency"]["clip"] == pytest.approx(2 / 3) and r["rerank_efficiency"]["sampling"] == pytest.approx(1)
+    assert r["attributes"]["colour"] == pytest.approx(3 / 12)
+    assert r["by_objects"]["1"]["oracle"] == 1.0 and r["by_objects"]["2"]["oracle"] == pytest.approx(0.5)
+    assert r["by_objects"]["1"]["attributes"].keys() == {"colour", "shape", "size", "count", "position"}
+    assert r["check"][0] == [True, False, False] and r["check"][3] == [False, False, False]
+
+
+class CheckScorer:
+    """A reference 'CLIP' that scores by the pixel check: it discriminates perfectly, by construction."""
+
+    def scores(self, images, texts):
+        return torch.tensor([[float(S.check(im, t)) for t in texts] for im in images])
+
+
+class BlindScorer:
+    """A 'CLIP' that ignores the image: it cannot tell a right render from a wrong one."""
+
+    def scores(self, images, texts):
+        return torch.zeros(len(images), len(texts))
+
+
+def test_clip_discrimination_tells_a_perfect_scorer_from_a_blind_one():
+    perfect = clip_discrimination(CheckScorer(), num_scenes=40)
+    assert perfect["pairwise_accuracy"] >= 0.95 and perfect["pairs"] == 40 * 4
+    assert set(perfect["per_attribute"]) == {"colour", "shape", "size", "position", "relation"}
+    assert clip_discrimination(BlindScorer(), num_scenes=40)["pairwise_accuracy"] == 0.0
+
+
+def test_demo_spread_reports_mean_and_spread_over_runs(tmp_path):
+    import json
+
+    from bench.demo_spread import main
+
+    for seed, (top1, psnr) in enumerate([(0.5, 24.0), (0.7, 26.0), (0.6, 25.0)]):
+        run = tmp_path / f"demo_seed{seed}"
+        (run / "eval").mkdir(parents=True)
+        caption = {"per_candidate": top1 - 0.2, "oracle": 0.9, "top1": {"clip": top1}, "attributes": {"shape": 0.8}}
+        (run / "eval" / "scores.json").write_text(json.dumps({"summary": {"device": "cpu", "caption": caption}}))
+        (run / "dvae_quality.json").write_text(json.dumps({"psnr_db": psnr, "codebook_usage": 0.9,
+                                                             "recon_caption_accuracy": 0.5}))
+        (run / ".seconds").write_text("700")
+    result = main([str(tmp_path / f"demo_seed{s}") for s in range(3)] + ["--out", str(tmp_path / "spread.json")])
+    top1 = result["spread"]["caption.top1.clip"]
+    assert top1["mean"] == pytest.approx(0.6) and top1["std"] == pytest.approx(0.1)
+    assert (top1["min"], top1["max"]) == (0.5, 0.7)
+    assert result["spread"]["dvae.psnr_db"]["mean"] == pytest.approx(25.0) and result["runs"] == 3
+    assert json.loads((tmp_path / "spread.json").read_text())["spread"]["job_seconds"]["std"] == 0.0
