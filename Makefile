@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# OpenAI's own dall_e package, so the tests convert pickles made by their code (its requirements list pins
+	# test tools and blobfile we do not need; what it imports, attrs and requests, comes with [test] and wandb)
+	$(PY) -m pip install -q --no-deps dall-e==0.1
 	touch $(STAMP)
 
 demo: setup

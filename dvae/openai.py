@@ -152,6 +152,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _group_count(record: _Record, path: Path) -> int:
+    """OpenAI's classes declare `group_count = 4` as a plain class attribute, not an attrs field, so a pickled
+    Encoder/Decoder does not carry it: count the `group_N` stages of its `blocks` instead."""
+    blocks = (getattr(record, "_modules", None) or {}).get("blocks")
+    groups = [name for name in (getattr(blocks, "_modules", None) or {}) if name.startswith("group_")]
+    if not groups:
+        raise ConfigError(f"{path}: no blocks.group_N stages in this {record.class_path}; is this OpenAI's dVAE release?")
+    return len(groups)
+
+
 def import_openai_dvae(encoder_pkl: str | Path, decoder_pkl: str | Path, image_size: int = 256):
     """-> (DiscreteVAE with OpenAI's weights, provenance dict). Raises with the file name on any mismatch."""
     from dvae.model import DiscreteVAE
@@ -160,6 +170,7 @@ def import_openai_dvae(encoder_pkl: str | Path, decoder_pkl: str | Path, image_s
     enc, dec = load_records(encoder_pkl), load_records(decoder_pkl)
     _expect(enc, "dall_e.encoder.Encoder", encoder_pkl)
     _expect(dec, "dall_e.decoder.Decoder", decoder_pkl)
+    enc.group_count, dec.group_count = _group_count(enc, encoder_pkl), _group_count(dec, decoder_pkl)
     for name in ("group_count", "n_hid", "n_blk_per_group", "vocab_size"):
         if getattr(enc, name) != getattr(dec, name):
             raise ConfigError(f"{encoder_pkl} and {decoder_pkl} disagree on {name} ({getattr(enc, name)} vs "

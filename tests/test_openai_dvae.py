@@ -1,5 +1,6 @@
-"""Import of OpenAI's published dVAE pickles, tested with files produced the way theirs were: a module tree
-with the same class paths (tests/fixtures/dall_e) saved whole with torch.save, then loaded without that package."""
+"""Import of OpenAI's published dVAE pickles, tested with files made the way theirs were: modules of OpenAI's own
+`dall_e` package (the registry's dall-e 0.1, installed by `make setup`) saved whole with torch.save in the 2021
+formats, then loaded without that package."""
 
 import os
 import subprocess
@@ -14,18 +15,16 @@ from dalle_ar.config import ConfigError
 from dvae.model import map_pixels
 from dvae.openai import UnsafePickleError, import_openai_dvae
 
-FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parents[1]
-SMALL = dict(group_count=4, n_hid=64, n_blk_per_group=1, vocab_size=512)
+SMALL = dict(n_hid=64, n_blk_per_group=1, vocab_size=512)  # group_count is their class attribute (4)
 
 
-def _fake_dall_e():
-    sys.path.insert(0, str(FIXTURES))
-    try:
-        from dall_e.decoder import Decoder
-        from dall_e.encoder import Encoder
-    finally:
-        sys.path.remove(str(FIXTURES))
+def _openai_dall_e():
+    import dall_e  # `make setup` installs dall-e==0.1 with --no-deps (it pins nothing we need; attrs is in [test])
+    from dall_e.decoder import Decoder
+    from dall_e.encoder import Encoder
+
+    assert "site-packages" in dall_e.__file__, dall_e.__file__  # OpenAI's code, not a look-alike
     return Encoder, Decoder
 
 
@@ -37,7 +36,7 @@ def _forget_dall_e():
 @pytest.fixture(scope="module")
 def openai_files(tmp_path_factory):
     """encoder.pkl / decoder.pkl saved whole (legacy and zip formats), plus their outputs on fixed inputs."""
-    Encoder, Decoder = _fake_dall_e()
+    Encoder, Decoder = _openai_dall_e()
     torch.manual_seed(0)
     enc, dec = Encoder(**SMALL), Decoder(n_init=32, **SMALL)
     with torch.no_grad():  # their biases start at zero; make them matter
