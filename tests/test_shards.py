@@ -137,3 +137,17 @@ def test_interrupted_import_leaves_a_marked_partial_output_that_the_next_run_rep
     assert not (tmp_path / "out.partial").exists() and len(list(out.glob("*.tar"))) == 3
     with pytest.raises(ConfigError, match="already holds shards"):
         write.import_folder(src, out)
+
+
+def test_remote_shards_reach_webdataset_gopen_through_pipes(shapes_shards):
+    """img2dataset output in a bucket: any scheme webdataset opens is passed through (here `pipe:cat`, the stand-in
+    for `pipe:aws s3 cp s3://bucket/x.tar -` or `pipe:gsutil cat gs://...`); s3:// itself gets the pipe recipe."""
+    spec = f"pipe:cat {shapes_shards}/{{000000..000002}}.tar"
+    urls = read.shard_urls(spec)
+    assert urls == [f"pipe:cat {shapes_shards}/{i:06d}.tar" for i in range(3)]
+    skips = decode.SkipCounter()
+    assert len(list(read.image_text_dataset(spec, 32, skips=skips))) == 300 and skips.total == 0
+    assert read.shard_urls("gs://bucket/{00000..00001}.tar") == ["gs://bucket/00000.tar", "gs://bucket/00001.tar"]
+    with pytest.raises(ConfigError, match=r"s3://bucket/00000.tar: webdataset cannot open s3: URLs; .*--data "
+                                          r"'pipe:aws s3 cp s3://bucket/00000.tar -'"):
+        read.shard_urls("s3://bucket/{00000..00999}.tar")

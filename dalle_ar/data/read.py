@@ -20,25 +20,45 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
-from dalle_ar.config import DataError
+from dalle_ar.config import ConfigError, DataError
 from dalle_ar.data.decode import (IMAGE_MEMBERS, MAX_PIXELS, MIN_IMAGE_SIZE, SkipCounter, SkipSample, decode_caption,
                                   decode_sample, decode_token_sample, image_to_uint8)
 
 
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):")  # a URL scheme, as webdataset's gopen reads it (not a path)
+
+
+def _check_scheme(url: str) -> None:
+    """A remote URL must name a scheme webdataset's gopen can open; s3 has none there: say how to stream it."""
+    scheme = _SCHEME.match(url).group(1)
+    if scheme not in gopen_schemes:
+        recipe = {"s3": f"pipe:aws s3 cp {url} -"}.get(scheme, f"pipe:<a command that writes {url} to stdout>")
+        raise ConfigError(f"{url}: webdataset cannot open {scheme}: URLs; stream them through a pipe, e.g. --data "
+                          f"'{recipe}' (brace patterns work inside the pipe command too)")
+
+
 def shard_urls(spec: str) -> list[str]:
-    """A directory of .tar files, a glob, a brace pattern (`shards/{0000..0099}.tar`) or a list with '::'."""
+    """A directory of .tar files, a glob, a brace pattern (`shards/{0000..0099}.tar`), a list with '::', or
+    URLs that webdataset's gopen opens (`pipe:CMD`, http(s), gs, hf, ais, ...; `pipe:aws s3 cp s3://b/x.tar -` for
+    s3). URLs are passed as they are: whether they open shows when they are read (an unreadable shard is counted)."""
     if "::" in spec:
         return [u for part in spec.split("::") for u in shard_urls(part)]
     if "{" in spec:
         import braceexpand
 
         urls = list(braceexpand.braceexpand(spec))
+    elif _SCHEME.match(spec):
+        urls = [spec]
     elif os.path.isdir(spec):
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
     else:
         urls = sorted(glob.glob(spec))
-    urls = [u for u in urls if u.startswith(("pipe:", "http:", "https:", "s3:")) or os.path.exists(u)]
+    for url in urls:
+        if _SCHEME.match(url):
+            _check_scheme(url)
+    urls = [u for u in urls if _SCHEME.match(u) or os.path.exists(u)]
     if not urls:
         raise FileNotFoundError(f"{spec}: no .tar shards found; create them with `python train/make_shards.py "
                                 f"synthetic --out {spec}` (or `folder --src <images>`), or pass --data <dir|glob>")
