@@ -85,6 +85,34 @@ def test_resampled_stream_over_only_empty_shards_stops_instead_of_spinning(bad):
     assert skips.counts == {"empty_shard": 20}
 
 
+def test_token_trainer_given_image_shards_stops_within_seconds_naming_encode(shapes_shards, tmp_path):
+    """The DALLE-pytorch habit (image shards straight into the transformer trainer) once skipped samples forever at
+    100% CPU: now the stream stops after MAX_SKIPS_IN_A_ROW skips with a one-line error naming train/encode.py."""
+    import time
+
+    tok = TextTokenizer(train_bpe(list(captions(str(shapes_shards))), vocab_size=300), text_len=16)
+    tok.save(tmp_path / "tok/tokenizer.json")
+    start = time.monotonic()
+    proc = subprocess.run(["timeout", "120", sys.executable, "train/train_dalle.py", "--data", str(shapes_shards),
+                           "--tokenizer", str(tmp_path / "tok"), "--text_vocab_size", str(tok.vocab_size), "--out",
+                           str(tmp_path / "run"), "--dim", "32", "--depth", "1", "--heads", "2", "--steps", "3",
+                           "--batch_size", "4", "--wandb", "disabled"],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1000 samples in a row skipped, none usable (missing_codes 1000;"), last
+    assert "these are image shards, not token shards: encode them first with `python train/encode.py" in last
+    assert time.monotonic() - start < 100
+
+
+def test_any_reader_stops_after_too_many_skips_in_a_row(bad, tmp_path):
+    ds = token_dataset(str(bad), resampled=True, max_skips_in_a_row=50)  # image shards read as token shards
+    with pytest.raises(DataError, match=r"50 samples in a row skipped, none usable \(.*missing_codes"):
+        for _ in ds:
+            pass
+    assert len(list(token_dataset(str(bad), max_skips_in_a_row=0))) == 0  # 0 = no limit: one finite pass, all skipped
+
+
 def test_limits_are_configurable(bad):
     skips = decode.SkipCounter()
     got = read(bad, skips, max_pixels=decode.MAX_PIXELS, min_image_size=1)  # the huge and the 1x1 image are kept

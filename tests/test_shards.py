@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dalle_ar.config import ConfigError
 from dalle_ar.data import decode, read, synthetic, write
 
 
@@ -29,7 +30,7 @@ def test_import_folder_with_sidecar_captions(tmp_path):
         if i != 3:
             (src / f"img{i}.txt").write_text(text + "\n")
     stats = write.import_folder(tmp_path / "src", tmp_path / "out")
-    assert stats == {"written": 4, "skipped_no_caption": 1}
+    assert stats == {"written": 4, "skipped": {"missing_caption": 1}, "converted": {}}
     texts = sorted(t for _, t, _ in read.image_text_dataset(str(tmp_path / "out"), 32))
     assert texts == sorted(synthetic.make_example(i)[1] for i in (0, 1, 2, 4))
 
@@ -79,3 +80,74 @@ def test_resampled_stream_is_reproducible_across_runs_and_distinct_per_rank(shap
     first = stream(0, 0)
     assert len(first) == 60 and stream(0, 0) == first
     assert stream(0, 1) != first and stream(1, 0) != first
+
+
+def _folder(tmp_path, n=4):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(n):
+        image, text = synthetic.make_example(i)
+        image.save(src / f"img{i}.png")
+        (src / f"img{i}.txt").write_text(text)
+    return src
+
+
+def test_make_shards_folder_survives_a_latin1_caption(tmp_path):
+    """One caption in Latin-1 (`caf\\xe9`) is skipped and counted, or converted with a declared fallback; the import
+    does not die with a UnicodeDecodeError."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, script_env
+
+    src = _folder(tmp_path)
+    (src / "img1.txt").write_bytes(b"a caf\xe9 on the left")
+    (src / "img2.txt").write_bytes(b"  \n")
+    for fallback, out in ((None, tmp_path / "strict"), ("cp1252", tmp_path / "cp1252")):
+        cmd = [sys.executable, "train/make_shards.py", "folder", "--src", str(src), "--out", str(out)]
+        proc = subprocess.run(cmd + (["--caption_fallback", fallback] if fallback else []), cwd=ROOT, env=script_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stats = json.loads((out / "stats.json").read_text())
+        texts = sorted(t for _, t, _ in read.image_text_dataset(str(out), 32))
+        if fallback is None:
+            assert stats["written"] == 2 and stats["skipped"] == {"non_utf8_caption": 1, "empty_caption": 1}
+            assert "img1.txt: skipped (non_utf8_caption" in proc.stdout
+        else:
+            assert stats["written"] == 3 and stats["converted"] == {"cp1252_caption": 1}
+            assert "a café on the left" in texts
+    proc = subprocess.run([sys.executable, "train/make_shards.py", "folder", "--src", str(src), "--out",
+                           str(tmp_path / "x"), "--caption_fallback", "klingon"], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --caption_fallback klingon")
+
+
+def test_interrupted_import_leaves_a_marked_partial_output_that_the_next_run_replaces(tmp_path):
+    src = _folder(tmp_path, n=6)
+    (src / "img4.png").unlink()
+    (src / "img4.png").symlink_to(tmp_path / "gone.png")  # listed, then unreadable mid-run: the import dies
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError):
+        write.import_folder(src, out, samples_per_shard=2)
+    assert not out.exists() and any((tmp_path / "out.partial").glob("*.tar"))  # never a smaller 'complete' set
+    (src / "img4.png").unlink()
+    synthetic.make_example(4)[0].save(src / "img4.png")
+    assert write.import_folder(src, out, samples_per_shard=2)["written"] == 6
+    assert not (tmp_path / "out.partial").exists() and len(list(out.glob("*.tar"))) == 3
+    with pytest.raises(ConfigError, match="already holds shards"):
+        write.import_folder(src, out)
+
+
+def test_remote_shards_reach_webdataset_gopen_through_pipes(shapes_shards):
+    """img2dataset output in a bucket: any scheme webdataset opens is passed through (here `pipe:cat`, the stand-in
+    for `pipe:aws s3 cp s3://bucket/x.tar -` or `pipe:gsutil cat gs://...`); s3:// itself gets the pipe recipe."""
+    spec = f"pipe:cat {shapes_shards}/{{000000..000002}}.tar"
+    urls = read.shard_urls(spec)
+    assert urls == [f"pipe:cat {shapes_shards}/{i:06d}.tar" for i in range(3)]
+    skips = decode.SkipCounter()
+    assert len(list(read.image_text_dataset(spec, 32, skips=skips))) == 300 and skips.total == 0
+    assert read.shard_urls("gs://bucket/{00000..00001}.tar") == ["gs://bucket/00000.tar", "gs://bucket/00001.tar"]
+    with pytest.raises(ConfigError, match=r"s3://bucket/00000.tar: webdataset cannot open s3: URLs; .*--data "
+                                          r"'pipe:aws s3 cp s3://bucket/00000.tar -'"):
+        read.shard_urls("s3://bucket/{00000..00999}.tar")

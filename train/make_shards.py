@@ -2,7 +2,11 @@
 """Make webdataset shards: the built-in synthetic shapes world, or an image folder with .txt captions.
 
   python train/make_shards.py synthetic --out data/shapes --num 8000
-  python train/make_shards.py folder --src my_images/ --out data/mine
+  python train/make_shards.py folder --src my_images/ --out data/mine [--caption_fallback cp1252]
+
+Shards are written into <out>.partial/ and moved into <out> when all are done, so an interrupted run never leaves
+a smaller dataset that looks complete (the next run removes the .partial directory and starts over). <out>/stats.json
+says what was written and what was skipped, by reason (folder: no caption file, empty caption, caption not UTF-8).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ def main(argv=None) -> dict:
     f.add_argument("--src", required=True, help="folder with images and sidecar .txt captions")
     f.add_argument("--out", required=True, help="output directory for NNNNNN.tar shards")
     f.add_argument("--samples_per_shard", type=int, default=1000, help="(default: 1000)")
+    f.add_argument("--caption_fallback", default=None, metavar="ENCODING",
+                   help="decode captions that are not UTF-8 with this encoding (e.g. cp1252, latin-1) and count them "
+                        "as converted; default: skip and count them")
     args = p.parse_args(argv)
 
     if args.source == "synthetic":
@@ -43,7 +50,8 @@ def main(argv=None) -> dict:
         n = write.write_image_shards(examples(), args.out, args.samples_per_shard)
         stats = {"written": n, "source": "synthetic", "seed": args.seed, "image_size": args.image_size}
     else:
-        stats = {**write.import_folder(args.src, args.out, args.samples_per_shard), "source": str(args.src)}
+        stats = {**write.import_folder(args.src, args.out, args.samples_per_shard, args.caption_fallback),
+                 "source": str(args.src)}
     (Path(args.out) / "stats.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats))
     return stats

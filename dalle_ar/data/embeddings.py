@@ -20,7 +20,7 @@ import webdataset as wds
 
 from dalle_ar.config import ConfigError, load_json
 from dalle_ar.data.decode import SkipCounter
-from dalle_ar.data.read import FluidPipeline, image_text_dataset, raw_dataset, shard_urls
+from dalle_ar.data.read import MAX_SKIPS_IN_A_ROW, FluidPipeline, decoded, image_text_dataset, raw_dataset, shard_urls
 from dalle_ar.data.write import TokenShards, token_shard_name
 
 META = "meta.json"
@@ -71,24 +71,19 @@ def _load_vector(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
-def _embedding_text(src, skips: SkipCounter):
-    """Stage: raw samples -> (image_embed, text_embed, caption, key); unreadable ones counted and skipped."""
-    for sample in src:
-        skips.saw()
-        try:
-            zi, zt = _load_vector(sample["img_emb.npy"]), _load_vector(sample["txt_emb.npy"])
-            caption = sample["txt"].decode("utf-8").strip()
-        except Exception as e:  # missing member, corrupt .npy, bad caption bytes
-            skips(e)
-            continue
-        yield zi, zt, caption, sample["__key__"]
+def _embedding_text(sample: dict):
+    """A raw sample -> (image_embed, text_embed, caption, key); a missing member, corrupt .npy or bad caption raises
+    (counted as `other` by the `read.decoded` stage)."""
+    zi, zt = _load_vector(sample["img_emb.npy"]), _load_vector(sample["txt_emb.npy"])
+    return zi, zt, sample["txt"].decode("utf-8").strip(), sample["__key__"]
 
 
 def embedding_dataset(spec: str | list[str], *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
                       skips: SkipCounter | None = None, split: bool = True):
     """Yields (image_embed (D,) float, text_embed (D,) float, caption str, key)."""
     skips = skips if skips is not None else SkipCounter()
-    return raw_dataset(spec, resampled, shuffle, seed, skips, split).compose(partial(_embedding_text, skips=skips))
+    return raw_dataset(spec, resampled, shuffle, seed, skips, split).compose(
+        partial(decoded, skips=skips, decode=_embedding_text, max_in_a_row=MAX_SKIPS_IN_A_ROW))
 
 
 def _paired_samples(image_size: int, embeddings: Path, skips: SkipCounter):

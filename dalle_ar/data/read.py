@@ -13,31 +13,52 @@ import glob
 import os
 import re
 import tarfile
+from collections import Counter
 from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
-from dalle_ar.config import DataError
-from dalle_ar.data.decode import (MAX_PIXELS, MIN_IMAGE_SIZE, SkipCounter, SkipSample, decode_caption, decode_sample,
-                                  decode_token_sample, image_to_uint8)
+from dalle_ar.config import ConfigError, DataError
+from dalle_ar.data.decode import (IMAGE_MEMBERS, MAX_PIXELS, MIN_IMAGE_SIZE, SkipCounter, SkipSample, decode_caption,
+                                  decode_sample, decode_token_sample, image_to_uint8)
+
+
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):")  # a URL scheme, as webdataset's gopen reads it (not a path)
+
+
+def _check_scheme(url: str) -> None:
+    """A remote URL must name a scheme webdataset's gopen can open; s3 has none there: say how to stream it."""
+    scheme = _SCHEME.match(url).group(1)
+    if scheme not in gopen_schemes:
+        recipe = {"s3": f"pipe:aws s3 cp {url} -"}.get(scheme, f"pipe:<a command that writes {url} to stdout>")
+        raise ConfigError(f"{url}: webdataset cannot open {scheme}: URLs; stream them through a pipe, e.g. --data "
+                          f"'{recipe}' (brace patterns work inside the pipe command too)")
 
 
 def shard_urls(spec: str) -> list[str]:
-    """A directory of .tar files, a glob, a brace pattern (`shards/{0000..0099}.tar`) or a list with '::'."""
+    """A directory of .tar files, a glob, a brace pattern (`shards/{0000..0099}.tar`), a list with '::', or
+    URLs that webdataset's gopen opens (`pipe:CMD`, http(s), gs, hf, ais, ...; `pipe:aws s3 cp s3://b/x.tar -` for
+    s3). URLs are passed as they are: whether they open shows when they are read (an unreadable shard is counted)."""
     if "::" in spec:
         return [u for part in spec.split("::") for u in shard_urls(part)]
     if "{" in spec:
         import braceexpand
 
         urls = list(braceexpand.braceexpand(spec))
+    elif _SCHEME.match(spec):
+        urls = [spec]
     elif os.path.isdir(spec):
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
     else:
         urls = sorted(glob.glob(spec))
-    urls = [u for u in urls if u.startswith(("pipe:", "http:", "https:", "s3:")) or os.path.exists(u)]
+    for url in urls:
+        if _SCHEME.match(url):
+            _check_scheme(url)
+    urls = [u for u in urls if _SCHEME.match(u) or os.path.exists(u)]
     if not urls:
         raise FileNotFoundError(f"{spec}: no .tar shards found; create them with `python train/make_shards.py "
                                 f"synthetic --out {spec}` (or `folder --src <images>`), or pass --data <dir|glob>")
@@ -118,32 +139,57 @@ def _read_shards(src: Iterator[dict], skips: SkipCounter, select=None, give_up: 
 # Datasets: webdataset around the reader, a decode stage on top
 # ----------------------------------------------------------------------------------------------
 
-def _image_text(src: Iterator[dict], skips: SkipCounter, image_size: int, uint8: bool, min_image_size: int,
-                max_pixels: int) -> Iterator[tuple[torch.Tensor, str, str]]:
+# No batch can form while every sample is skipped: after this many skips in a row (per reader) the stream stops with
+# an error that names the reasons, instead of spinning forever (e.g. image shards given to the token trainer).
+MAX_SKIPS_IN_A_ROW = 1000
+
+
+def decoded(src: Iterator[dict], skips: SkipCounter, decode: Callable[[dict], tuple], max_in_a_row: int):
+    """Pipeline stage: raw samples -> decode(sample), skipping (and counting) the samples it refuses; stops with a
+    DataError after `max_in_a_row` consecutive skips (0 = never)."""
+    in_a_row, reasons, last = 0, Counter(), None
     for sample in src:
         skips.saw()
         try:
-            image, _, text = decode_sample(sample, image_size, min_image_size, max_pixels)
-            pixels = image_to_uint8(image, image_size)
+            out = decode(sample)
         except SkipSample as s:
             skips.skip(s.reason, sample["__url__"], sample["__key__"], s.detail)
-            continue
+            reason = s.reason
         except Exception as e:
             skips.skip("other", sample["__url__"], sample["__key__"], f"{type(e).__name__}: {e}")
+            reason = "other"
+        else:
+            in_a_row = 0
+            reasons.clear()
+            yield out
             continue
-        yield (pixels if uint8 else pixels.float().div_(255)), text, sample["__key__"]
+        in_a_row, last = in_a_row + 1, sample
+        reasons[reason] += 1
+        if max_in_a_row and in_a_row >= max_in_a_row:
+            raise DataError(f"{in_a_row} samples in a row skipped, none usable ({', '.join(f'{k} {v}' for k, v in reasons.most_common())}; "
+                            f"last: {last['__url__']} {last['__key__']}); {_fix(reasons, last, skips.source)}")
 
 
-def _token_text(src: Iterator[dict], skips: SkipCounter, grid: int | None = None,
-                num_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, str, str]]:
-    for sample in src:
-        skips.saw()
-        try:
-            codes, text = decode_token_sample(sample, grid, num_tokens)
-        except SkipSample as s:
-            skips.skip(s.reason, sample["__url__"], sample["__key__"], s.detail)
-            continue
-        yield torch.from_numpy(codes.astype(np.int64)), text, sample["__key__"]
+def _fix(reasons: Counter, sample: dict, source: str) -> str:
+    """The likely fix for a stream in which nothing decodes."""
+    members = set(sample) - {"__key__", "__url__"}
+    if reasons.most_common(1)[0][0] == "missing_codes" and members & set(IMAGE_MEMBERS):
+        return (f"these are image shards, not token shards: encode them first with `python train/encode.py --dvae "
+                f"<dvae export> --data {source or 'IMAGES'} --out <tokens>` and pass --data <tokens>")
+    if reasons.most_common(1)[0][0] in ("missing_image", "missing_caption") and members & {"codes.npy"}:
+        return "these are token shards (train/encode.py output): train the transformer on them, or pass image shards"
+    return f"run `python train/validate_shards.py {source or 'DATA'}` to see what is wrong with them"
+
+
+def _image_text(sample: dict, image_size: int, uint8: bool, min_image_size: int, max_pixels: int):
+    image, _, text = decode_sample(sample, image_size, min_image_size, max_pixels)
+    pixels = image_to_uint8(image, image_size)
+    return (pixels if uint8 else pixels.float().div_(255)), text, sample["__key__"]
+
+
+def _token_text(sample: dict, grid: int | None = None, num_tokens: int | None = None):
+    codes, text = decode_token_sample(sample, grid, num_tokens)
+    return torch.from_numpy(codes.astype(np.int64)), text, sample["__key__"]
 
 
 class FluidPipeline(wds.DataPipeline, wds.FluidInterface):
@@ -175,15 +221,16 @@ def raw_dataset(spec: str | list[str], resampled: bool, shuffle: int, seed: int,
 def image_text_dataset(spec: str | list[str], image_size: int, *, resampled: bool = False, shuffle: int = 0,
                        seed: int = 0, skips: SkipCounter | None = None, uint8: bool = False,
                        split: bool = True, min_image_size: int = MIN_IMAGE_SIZE,
-                       max_pixels: int = MAX_PIXELS) -> FluidPipeline:
+                       max_pixels: int = MAX_PIXELS, max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW) -> FluidPipeline:
     """Yields (image (3,S,S) float [0,1], caption str, key); with uint8=True the image stays uint8 (4x less
     to move between processes and to the GPU). split=False reads every shard here, with no split over
     ranks and DataLoader workers (for a caller that splits shards itself). Bad samples and shards are
     skipped and counted in `skips` by reason (SKIP_REASONS); `open_image` and `to_rgb` say what is kept."""
     skips = skips if skips is not None else SkipCounter()
-    decode = partial(_image_text, skips=skips, image_size=image_size, uint8=uint8, min_image_size=min_image_size,
+    decode = partial(_image_text, image_size=image_size, uint8=uint8, min_image_size=min_image_size,
                      max_pixels=max_pixels)
-    return raw_dataset(spec, resampled, shuffle, seed, skips, split).compose(decode)
+    return raw_dataset(spec, resampled, shuffle, seed, skips, split).compose(
+        partial(decoded, skips=skips, decode=decode, max_in_a_row=max_skips_in_a_row))
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -214,13 +261,14 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
 
 def token_dataset(spec: str, *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
-                  skips: SkipCounter | None = None, grid: int | None = None,
-                  num_tokens: int | None = None) -> FluidPipeline:
+                  skips: SkipCounter | None = None, grid: int | None = None, num_tokens: int | None = None,
+                  max_skips_in_a_row: int = MAX_SKIPS_IN_A_ROW) -> FluidPipeline:
     """Yields (codes (h, w) long, caption str, key); bad samples and shards are counted in `skips`, and so
     are codes not grid x grid or outside [0, num_tokens) when those are given (`decode_token_sample`)."""
     skips = skips if skips is not None else SkipCounter()
     return raw_dataset(spec, resampled, shuffle, seed, skips).compose(
-        partial(_token_text, skips=skips, grid=grid, num_tokens=num_tokens))
+        partial(decoded, skips=skips, decode=partial(_token_text, grid=grid, num_tokens=num_tokens),
+                max_in_a_row=max_skips_in_a_row))
 
 
 def captions(spec: str, skips: SkipCounter | None = None) -> Iterator[str]:

@@ -9,8 +9,10 @@ tokenizer never needs a re-encode). Encoding maps each image shard to a token sh
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
@@ -21,22 +23,38 @@ import webdataset as wds
 from PIL import Image
 
 from dalle_ar.config import ConfigError, load_json, save_json
-from dalle_ar.data.decode import IMAGE_EXTS
+from dalle_ar.data.decode import IMAGE_EXTS, SkipSample, decode_caption
 from dalle_ar.data.read import ShardBatches
 
 
 class _Writer:
-    """ShardWriter that names shards 000000.tar, 000001.tar, ... in `out_dir`."""
+    """ShardWriter that names shards 000000.tar, 000001.tar, ... in `out_dir`, atomically: the shards are written
+    into `<out_dir>.partial/` and moved into `out_dir` only when the writer closes without an error, so a crash never
+    leaves a smaller dataset that looks complete. A `.partial` directory left by an interrupted run is removed (the
+    import starts over); an `out_dir` that already holds shards is refused rather than mixed."""
 
     def __init__(self, out_dir: str | Path, samples_per_shard: int):
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.sink = wds.ShardWriter(str(Path(out_dir) / "%06d.tar"), maxcount=samples_per_shard, verbose=0)
+        self.out = Path(out_dir)
+        self.staging = self.out.with_name(self.out.name + ".partial")
+        if self.out.is_dir() and any(self.out.glob("*.tar")):
+            raise ConfigError(f"{self.out}: already holds shards; pass another --out or delete it first")
+        if self.staging.exists():
+            print(f"{self.staging}: removing the partial output of an interrupted run; starting over", flush=True)
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
+        self.sink = wds.ShardWriter(str(self.staging / "%06d.tar"), maxcount=samples_per_shard, verbose=0)
 
     def __enter__(self):
         return self.sink
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.sink.close()
+        if exc_type is not None:  # keep the clearly marked partial output; the next run removes it
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        for shard in sorted(self.staging.iterdir()):
+            os.replace(shard, self.out / shard.name)
+        self.staging.rmdir()
 
 
 def encode_image(image: Image.Image, fmt: str) -> bytes:
@@ -60,27 +78,63 @@ def write_image_shards(examples: Iterable[tuple[str, Image.Image, str]], out_dir
     return n
 
 
-def import_folder(src: str | Path, out_dir: str | Path, samples_per_shard: int = 1000) -> dict:
+def read_caption(path: Path, fallback: str | None = None) -> tuple[str, str | None]:
+    """A sidecar caption file -> (text, conversion or None). UTF-8 (a BOM is dropped) as the loaders read it; bytes
+    that are not UTF-8 are decoded with the declared `fallback` encoding (e.g. cp1252) and reported as a conversion,
+    or, without one, raise `SkipSample("non_utf8_caption")`. Empty captions raise `SkipSample("empty_caption")`."""
+    data = path.read_bytes()
+    try:
+        return decode_caption(data), None
+    except SkipSample as e:
+        if e.reason != "non_utf8_caption" or not fallback:
+            raise
+    try:
+        text = data.decode(fallback).strip()
+    except UnicodeDecodeError as e:  # cp1252 leaves five bytes undefined
+        raise SkipSample("non_utf8_caption", f"not {fallback} either: byte 0x{data[e.start]:02x} at {e.start}") from None
+    if not text:
+        raise SkipSample("empty_caption")
+    return text, f"{fallback}_caption"
+
+
+def import_folder(src: str | Path, out_dir: str | Path, samples_per_shard: int = 1000,
+                  caption_fallback: str | None = None) -> dict:
     """Pack `src/**/NAME.{jpg,png,...}` with sidecar `NAME.txt` captions into shards.
 
-    Images without a caption file are skipped and counted; bytes are copied as they are (no re-encode)."""
+    Bytes are copied as they are (no re-encode); captions are written as UTF-8 (see `read_caption` for other
+    encodings). Images without a usable caption are skipped and counted by reason; the shards appear in `out_dir`
+    only when the whole folder is done (`_Writer`). Returns {"written", "skipped": {reason: n}, "converted": {...}}."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: not a directory; pass --src <folder with image files and .txt captions>")
+    if caption_fallback:
+        try:
+            codecs.lookup(caption_fallback)
+        except LookupError:
+            raise ConfigError(f"--caption_fallback {caption_fallback}: unknown encoding; use e.g. cp1252 or latin-1") from None
     images = sorted(p for p in src.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
-    stats = {"written": 0, "skipped_no_caption": 0}
+    written, skipped, converted = 0, Counter(), Counter()
     with _Writer(out_dir, samples_per_shard) as sink:
         for i, path in enumerate(images):
             cap = path.with_suffix(".txt")
             if not cap.exists():
-                stats["skipped_no_caption"] += 1
+                skipped["missing_caption"] += 1
                 continue
+            try:
+                text, conversion = read_caption(cap, caption_fallback)
+            except SkipSample as e:
+                skipped[e.reason] += 1
+                print(f"{cap}: skipped ({e.reason}{': ' + e.detail if e.detail else ''})", flush=True)
+                continue
+            if conversion:
+                converted[conversion] += 1
             ext = "jpg" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lower().lstrip(".")
-            sink.write({"__key__": f"{i:09d}", ext: path.read_bytes(), "txt": cap.read_text().strip()})
-            stats["written"] += 1
-    if stats["written"] == 0:
-        raise FileNotFoundError(f"{src}: no image with a sidecar .txt caption found (expected NAME.jpg + NAME.txt)")
-    return stats
+            sink.write({"__key__": f"{i:09d}", ext: path.read_bytes(), "txt": text})
+            written += 1
+        if written == 0:
+            raise FileNotFoundError(f"{src}: no image with a usable sidecar .txt caption found (expected NAME.jpg + "
+                                    f"NAME.txt; skipped: {dict(skipped) or 'none'})")
+    return {"written": written, "skipped": dict(skipped), "converted": dict(converted)}
 
 
 def token_sample(key: str, codes: np.ndarray, caption: str) -> dict:
