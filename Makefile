@@ -5,11 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
+SEED   ?= 0
+SEEDS  ?= 0 1 2
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13
 MATCHED ?= outputs/compare_matched_$(BUDGET)
 
-.PHONY: setup demo test bench clean compare compare-models compare-matched
+.PHONY: setup demo demo-seeds test bench clean compare compare-models compare-matched
 
 setup: $(STAMP)
 
@@ -27,22 +29,30 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
+	$(PY) -m bench.machine --out $(DEMO)/machine.json
 	$(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num 8000
 	$(PY) train/train_tokenizer.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/tokenizer --vocab_size 512
 	$(PY) train/train_dvae.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/dvae \
-		--steps 1000 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 250
+		--steps 1000 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 250 --seed $(SEED)
 	$(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
 		--out $(DEMO)/dvae_quality.json
 	$(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens
 	$(PY) train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
-		--steps 800 --batch_size 32 --lr 1e-3 --warmup_steps 50
+		--steps 800 --batch_size 32 --lr 1e-3 --warmup_steps 50 --seed $(SEED)
 	$(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/clip \
-		--steps 200 --batch_size 64 --lr 1e-3 --warmup_steps 20
+		--steps 200 --batch_size 64 --lr 1e-3 --warmup_steps 20 --seed $(SEED)
 	$(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
-		--synthetic_prompts 8 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --out $(DEMO)
+		--synthetic_prompts 8 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --seed $(SEED) --out $(DEMO)
 	$(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
-		--synthetic_prompts 64 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --out $(DEMO)/eval
-	@echo "demo finished in $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) s: see $(DEMO)/grid.png and $(DEMO)/scores.json"
+		--synthetic_prompts 64 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --seed $(SEED) --out $(DEMO)/eval
+	echo $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) > $(DEMO)/.seconds
+	@echo "demo finished in $$(cat $(DEMO)/.seconds) s ($$(cat $(DEMO)/machine.json)): see $(DEMO)/grid.png, $(DEMO)/eval/scores.json"
+
+# `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
+# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~15 min per seed.
+demo-seeds: setup
+	for s in $(SEEDS); do $(MAKE) demo DEMO=outputs/demo_seed$$s SEED=$$s || exit 1; done
+	$(PY) -m bench.demo_spread $(foreach s,$(SEEDS),outputs/demo_seed$(s)) --out bench/results/demo_seeds_cpu.json
 
 # `make compare`: AR (the demo's dVAE + transformer) versus unCLIP (a tiny prior + decoder trained here on the
 # same shards and the same CLIP) on held-out shapes prompts, scored by a second, independently trained

@@ -126,11 +126,12 @@ class DallePipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], cfg: SampleConfig, known_codes: torch.Tensor | None = None,
-                 known_mask: torch.Tensor | None = None, progress: bool = False) -> dict:
+                 known_mask: torch.Tensor | None = None, progress: bool = False, likelihood: bool | None = None) -> dict:
         """cfg.num_candidates images per prompt: {"images": (P, N, 3, H, W) in [0, 1], "seconds": sampling +
-        decoding time, "likelihood": (P, N) with cfg.rank_by == "likelihood" else None, "clip_cosine": (P, N)
-        under the pipeline's CLIP, or None without one}. cfg.batch_size rows run at once (guidance: 2 rows per
-        candidate)."""
+        decoding time, "likelihood": (P, N) when `likelihood` (default: cfg.rank_by == "likelihood") else None,
+        "clip_cosine": (P, N) under the pipeline's CLIP, or None without one}. cfg.batch_size rows run at once
+        (guidance: 2 rows per candidate). The likelihood is a teacher-forced pass: it draws nothing, so asking for
+        it leaves the images as they are."""
         if cfg.cond_scale != 1.0 and self.transformer.config.null_cond_prob == 0:
             print(f"warning: {self.name} was trained without caption dropout (null_cond_prob 0): its unconditional "
                   f"branch is untrained and --cond-scale {cfg.cond_scale} may hurt; retrain with --null_cond_prob 0.1")
@@ -153,7 +154,7 @@ class DallePipeline:
         codes, images = torch.cat(codes), torch.cat(images)
         out = {"images": images.view(len(prompts), N, *images.shape[1:]), "seconds": seconds, "likelihood": None,
                "clip_cosine": None}
-        if cfg.rank_by == "likelihood":
+        if cfg.rank_by == "likelihood" if likelihood is None else likelihood:
             out["likelihood"] = self.likelihood(text, codes, cfg.batch_size).float().cpu().view(len(prompts), N)
         if self.clip is not None:
             out["clip_cosine"] = torch.stack([self.clip.scores(cands, [p])[:, 0].cpu()

@@ -51,6 +51,7 @@ from dalle_ar.cli import add_config_args, resolve, run_cli
 from dalle_ar.clip import ClipScorer, best_first, clip_score
 from dalle_ar.config import ConfigError, SampleConfig
 from dalle_ar.data import synthetic
+from dalle_ar.evaluation import caption_report
 from dalle_ar.pipeline import DallePipeline
 from dalle_ar.report import device_name, save_grid
 
@@ -78,7 +79,9 @@ def generate_ar(args, cfg: SampleConfig, prompts: list[str], scorer: ClipScorer 
     each candidate's CLIP cosine (with a CLIP) and, with --rank-by likelihood, log-likelihood (P, N)."""
     pipe = DallePipeline.load(args.dalle, dvae=args.dvae, clip=scorer, device=args.device)
     known_codes, known_mask = pipe.known_region(cfg, args.prime_image)
-    return pipe(prompts, cfg, known_codes, known_mask, progress=not args.no_progress)
+    # shapes-world prompts are scored under every ranking (evaluation.caption_report), the likelihood included
+    likelihood = cfg.rank_by == "likelihood" or any(synthetic.is_caption(p) for p in prompts)
+    return pipe(prompts, cfg, known_codes, known_mask, progress=not args.no_progress, likelihood=likelihood)
 
 
 @torch.no_grad()
@@ -176,7 +179,7 @@ def main(argv=None) -> dict:
     images, likelihood, cosine = result["images"], result["likelihood"], result["clip_cosine"]
     N, k = cfg.num_candidates, cfg.top_k_rerank
     out = Path(args.out)
-    rows, best, best_labels = [], [], []
+    rows, best, best_labels, cosines = [], [], [], []
     for i, (prompt, cands) in enumerate(zip(prompts, images)):
         cos = cosine[i] if cosine is not None else None  # the AR pipeline scores its candidates itself
         if cos is None and scorer is not None:
@@ -200,11 +203,19 @@ def main(argv=None) -> dict:
             row["clip_scores"] = row["clip_cosine"]  # earlier name, kept for readers of old reports
         if ll is not None:
             row["likelihood"] = [round(float(s), 3) for s in ll]
-        if synthetic.is_caption(prompt):
-            passed = synthetic.check_batch(cands, [prompt] * len(cands))
-            row["check"] = [bool(x) for x in passed]
-            row["check_top"] = [bool(passed[j]) for j in top]
         rows.append(row)
+        cosines.append(cos)
+    checked = [i for i, prompt in enumerate(prompts) if synthetic.is_caption(prompt)]
+    caption = None
+    if checked:  # the pixel check of every candidate, taken apart by ranking and by attribute
+        rankings = {"clip": None if scorer is None else cosines, "likelihood": likelihood}
+        ranked = {name: torch.stack([best_first(s[i]) for i in checked]) for name, s in rankings.items() if s is not None}
+        ranked["sampling"] = torch.arange(N).expand(len(checked), N)
+        caption = caption_report(images[checked], [prompts[i] for i in checked], ranked)
+        for j, i in enumerate(checked):
+            rows[i]["check"] = caption["check"][j]
+            rows[i]["check_top"] = [caption["check"][j][t] for t in rows[i]["top"]]
+            rows[i]["attributes"] = caption["attribute_verdicts"][j]
 
     save_grid(torch.cat(best), out / "grid.png", nrow=k, row_labels=prompts, tile_labels=best_labels)
     save_grid(images.flatten(0, 1), out / "candidates.png", nrow=N, row_labels=prompts)
@@ -218,11 +229,12 @@ def main(argv=None) -> dict:
         "sampling_seconds": round(seconds, 3), "seconds_per_image": round(seconds / images.shape[0] / N, 5),
         "device": device_name(args.device), "sample_config": asdict(cfg),
     }
-    checked = [r for r in rows if "check" in r]
-    if checked:
-        summary["caption_accuracy_reranked"] = float(np.mean([x for r in checked for x in r["check_top"]]))
-        summary["caption_accuracy_all"] = float(np.mean([x for r in checked for x in r["check"]]))
-        summary["caption_accuracy_top1"] = float(np.mean([r["check_top"][0] for r in checked]))
+    if caption is not None:
+        checked_rows = [rows[i] for i in checked]
+        summary["caption_accuracy_reranked"] = float(np.mean([x for r in checked_rows for x in r["check_top"]]))
+        summary["caption_accuracy_all"] = float(np.mean([x for r in checked_rows for x in r["check"]]))
+        summary["caption_accuracy_top1"] = float(np.mean([r["check_top"][0] for r in checked_rows]))
+        summary["caption"] = {k: v for k, v in caption.items() if k not in ("check", "attribute_verdicts")}
     report = {"summary": summary, "settings": settings, "prompts": rows}
     (out / "scores.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(summary, indent=2))

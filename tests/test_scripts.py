@@ -55,6 +55,14 @@ def test_generate_writes_grid_and_scores(pipeline):
     assert "check" not in report["prompts"][0] and len(report["prompts"][1]["check"]) == 4  # the cat (from the file) is not checkable
     assert 0.0 <= report["summary"]["caption_accuracy_reranked"] <= 1.0
     assert {"caption_accuracy_all", "seconds_per_image", "device"} <= set(report["summary"])
+    # generator and reranker judged apart: per candidate, oracle, top-1 under each ranking, per attribute
+    caption = report["summary"]["caption"]
+    assert set(caption["top1"]) == {"clip", "likelihood", "sampling"} and caption["prompts"] == 2
+    assert caption["top1"]["clip"] == report["summary"]["caption_accuracy_top1"]
+    assert caption["per_candidate"] == report["summary"]["caption_accuracy_all"] <= caption["oracle"]
+    assert {"colour", "shape", "size", "count"} <= set(caption["attributes"]) and caption["by_objects"]
+    for p in report["prompts"][1:]:
+        assert len(p["likelihood"]) == 4 and [all(a.values()) for a in p["attributes"]] == p["check"]
     assert report["settings"]["backend"] == "ar" and report["settings"]["cond_scale"] == 1.0
     assert (d / "samples/grid.png").stat().st_size > 0 and (d / "samples/candidates.png").exists()
     for i in range(3):
