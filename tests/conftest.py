@@ -42,3 +42,20 @@ def shapes_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     write.write_image_shards(((f"{i:09d}", *synthetic.make_example(i)) for i in range(300)), out, samples_per_shard=100)
     return out
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory) -> Path:
+    """Token shards (random 8x8 codes over 512, shapes-world captions) in <dir>/tokens and a BPE in <dir>/tok, as
+    train/encode.py and train/train_tokenizer.py would leave them."""
+    import numpy as np
+
+    from dalle_ar.data import synthetic, write
+    from dalle_ar.text import TextTokenizer, train_bpe
+
+    d = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    examples = [(f"{i:09d}", rng.integers(0, 512, (8, 8)), synthetic.make_example(i)[1]) for i in range(96)]
+    write.write_token_shards(examples, d / "tokens", samples_per_shard=32)
+    TextTokenizer(train_bpe([c for _, _, c in examples], vocab_size=300), 16).save(d / "tok" / "tokenizer.json")
+    return d

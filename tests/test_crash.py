@@ -10,28 +10,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, script_env
 from safetensors.torch import load_file
 
-from dalle_ar.data import synthetic, write
-from dalle_ar.text import TextTokenizer, train_bpe
 
 STEPS = 12
 MODEL = ["--dim", "32", "--depth", "1", "--heads", "2"]
-
-
-@pytest.fixture(scope="module")
-def token_data(tmp_path_factory):
-    """Token shards (random codes, shapes-world captions) and a BPE, as train/encode.py would leave them."""
-    d = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    examples = [(f"{i:09d}", rng.integers(0, 512, (8, 8)), synthetic.make_example(i)[1]) for i in range(96)]
-    write.write_token_shards(examples, d / "tokens", samples_per_shard=32)
-    TextTokenizer(train_bpe([c for _, _, c in examples], vocab_size=300), 16).save(d / "tok" / "tokenizer.json")
-    return d
 
 
 def command(data, out, *extra):
@@ -121,7 +107,7 @@ def test_sigkill_at_random_times_then_resume_is_step_exact(token_data, straight,
     assert_same_run(straight, out)
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_cleanly(token_data, straight, tmp_path):
+def test_sigterm_after_some_steps_saves_and_exits_cleanly(token_data, straight, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(command(token_data, out), cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -184,3 +170,71 @@ def test_nan_loss_skips_exactly_that_micro_batch(tmp_path):
 def test_nan_losses_in_a_row_stop_with_a_message(tmp_path):
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row.*Last good checkpoint"):
         _train(tmp_path, "nan", None, poison={1, 2, 3}, max_nonfinite=3)
+
+
+# -- stop signals at any point ---------------------------------------------------------------------
+
+def _start(cmd, out, timeout=120):
+    """Start a training command; return once its Trainer is set up (it wrote ds_config.resolved.json)."""
+    (out / "ds_config.resolved.json").unlink(missing_ok=True)  # a resumed run writes it anew
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not (out / "ds_config.resolved.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_while_waiting_for_data_ends_within_seconds(token_data, tmp_path):
+    """A run waiting for data that does not come (here a shard behind a pipe that trickles a byte every 0.2 s) used
+    to ignore SIGTERM until a step completed; now it ends within seconds with 128 + 15, nothing to save."""
+    out = tmp_path / "run"
+    cmd = command(token_data, out)
+    cmd[cmd.index("--data") + 1] = "pipe:while true; do printf x; sleep 0.2; done"
+    proc = _start(cmd, out)
+    time.sleep(2)  # in the data wait now
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert time.time() - sent < 20
+    assert "dalle: stopped by SIGTERM before the first step; nothing to save." in stdout
+    assert not list((out / "checkpoints").glob("step_*")) and (out / "run.lock").read_text() == ""
+
+
+def test_sigterm_mid_step_saves_the_step_boundary_and_resumes_exactly(token_data, straight, tmp_path):
+    """SIGTERM at many moments of a run (in the data wait, a forward, a backward, an update or a save): the run
+    checkpoints the last step boundary (or finds it saved) and exits 0; resuming gives the uninterrupted run."""
+    out = tmp_path / "run"
+    for delay in (0.3, 0.9, 1.7):
+        proc = _start(command(token_data, out), out)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+        if "before the first step" in stdout:
+            assert proc.returncode == 128 + signal.SIGTERM
+            continue
+        assert proc.returncode == 0, stderr[-3000:]
+        if "stopped by SIGTERM" in stdout:
+            step = int(stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
+            assert (out / "checkpoints" / f"step_{step:08d}" / "complete").exists()
+    proc = run(token_data, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(straight, out)
+
+
+def test_a_second_run_on_a_live_run_directory_is_refused_and_a_dead_ones_lock_is_taken_over(token_data, tmp_path):
+    out = tmp_path / "run"
+    first = _start(command(token_data, out, "--steps", "4000"), out)
+    try:
+        second = subprocess.run(command(token_data, out), cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                                timeout=120)
+        last = second.stderr.strip().splitlines()[-1]
+        assert second.returncode == 1 and last.startswith(f"error: {out}: another run is writing here (pid {first.pid} on ")
+        assert "pass another --out" in last
+    finally:
+        first.kill()  # dies holding the lock: the kernel releases it
+        first.communicate()
+    proc = run(token_data, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"taking over the lock of a run that is no longer alive (pid {first.pid} on" in proc.stdout

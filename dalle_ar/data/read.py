@@ -9,6 +9,7 @@ caption, key). `raw_dataset` is the shared front half; `image_text_dataset`, `to
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -87,37 +88,44 @@ def shard_samples(url: str, skips: SkipCounter, select: Callable[[str], bool] | 
         skips.skip("unreadable_shard", url, detail=f"{type(e).__name__}: {e}")
         return
     try:
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")  # streaming: works on pipes, detects .tar.gz
-        except tarfile.ReadError as e:
-            skips.skip("empty_shard" if "empty file" in str(e) else "unreadable_shard", url, detail=str(e))
-            return
-        members, current = 0, None
-        try:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                members += 1
-                key, ext = _member_key(info.name)
-                if key.rsplit("/", 1)[-1].startswith("__") or (select and not select(ext)):
-                    continue
-                if current is not None and key != current["__key__"]:
-                    yield current  # complete: the next key has begun
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = tar.extractfile(info).read()
-                tar.members = []  # streaming mode would otherwise keep every header
-        except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError
-            skips.skip("truncated_shard" if members else "unreadable_shard", url,
-                       current["__key__"] if current else "", f"{type(e).__name__}: {e}")
-            return
-        if current is not None:
-            yield current
-        if not members:
-            skips.skip("empty_shard", url)
-    finally:
-        stream.close()
+        yield from _tar_samples(stream, url, skips, select)
+    except BaseException:  # an error, a stop signal or an abandoned generator: close, but let that one through
+        with contextlib.suppress(Exception):
+            stream.close()  # (a pipe's command may fail on the early close: not news)
+        raise
+    stream.close()
+
+
+def _tar_samples(stream, url: str, skips: SkipCounter, select) -> Iterator[dict]:
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")  # streaming: works on pipes, detects .tar.gz
+    except tarfile.ReadError as e:
+        skips.skip("empty_shard" if "empty file" in str(e) else "unreadable_shard", url, detail=str(e))
+        return
+    members, current = 0, None
+    try:
+        for info in tar:
+            if not info.isreg():
+                continue
+            members += 1
+            key, ext = _member_key(info.name)
+            if key.rsplit("/", 1)[-1].startswith("__") or (select and not select(ext)):
+                continue
+            if current is not None and key != current["__key__"]:
+                yield current  # complete: the next key has begun
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext] = tar.extractfile(info).read()
+            tar.members = []  # streaming mode would otherwise keep every header
+    except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError
+        skips.skip("truncated_shard" if members else "unreadable_shard", url,
+                   current["__key__"] if current else "", f"{type(e).__name__}: {e}")
+        return
+    if current is not None:
+        yield current
+    if not members:
+        skips.skip("empty_shard", url)
 
 
 def _read_shards(src: Iterator[dict], skips: SkipCounter, select=None, give_up: int = 0) -> Iterator[dict]:

@@ -11,7 +11,8 @@ wandb): only the modules of this package do. In torchtitan's shape, one concern 
 - `rng.py`          the random streams, checkpointed and restored after the data fast-forward
 - `checkpointer.py` one checkpointer over every component with `state_dict`/`load_state_dict`; atomic
                     saves, `latest`, pruning, consolidated fp32 exports
-- `signals.py`      clean stops on SIGTERM/SIGINT, and the crash tests' fault points
+- `signals.py`      clean stops on SIGTERM/SIGINT at any point, and the crash tests' fault points
+- `lock.py`         one live run per output directory (`<out>/run.lock`)
 - `logger.py`       metrics.jsonl and wandb on rank 0
 - `trainer.py`      `Trainer`: composes the above into the step-counted training loop
 """

@@ -1,10 +1,18 @@
-"""Stopping a run: SIGTERM/SIGINT end it cleanly (finish the step, save, exit 0 with `Stopped`), and
-`fault_point` lets the crash tests SIGKILL the process at a named point, as a preemption would."""
+"""Stopping a run: SIGTERM/SIGINT end it cleanly at any point, and `fault_point` lets the crash tests SIGKILL the
+process at a named point, as a preemption would.
+
+A signal that arrives while the loop waits for data or computes a step that has not reached its optimizer update
+(`StopSignal.interruptible()`) interrupts at once: nothing of that step is kept, the state at the last step boundary
+is checkpointed (unless it already is) and the run exits. One that arrives during an optimizer update or a save lets
+it complete first. Exit status: 0 when the run can resume from where it stopped (the same command continues it),
+128 + the signal number (143 for SIGTERM) when it stopped before its first step (nothing to save).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 
 FAULT_ENV = "DALLE_AR_FAULT"
 
@@ -16,16 +24,27 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Interrupted(BaseException):
+    """Raised by the signal handler inside `StopSignal.interruptible()`: the step in progress is abandoned. A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (data readers count and skip
+    what fails) mistakes it for bad data."""
+
+
 class StopSignal:
-    """SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; the loop finishes its step, saves and exits."""
+    """SIGTERM / SIGINT (preemption, Ctrl-C) set a flag that the loop checks after each step; inside
+    `interruptible()` (single-process runs: with several ranks, every rank must reach the same collective, so they
+    stop together at the step's end) they raise `Interrupted` at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, interrupt: bool = True):
         self.received: str | None = None
+        self.signum = 0
+        self.interrupt = interrupt
+        self._interruptible = False
         self._previous = {}
 
-    def __enter__(self):
+    def install(self) -> "StopSignal":
         try:
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -33,15 +52,38 @@ class StopSignal:
             self._previous = {}
         return self
 
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self):
+        return self.install()
+
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received, self.signum = signal.Signals(signum).name, signum
+        if self._interruptible:
+            raise Interrupted(self.received)
+
+    @contextmanager
+    def interruptible(self):
+        """A stretch the run may abandon: waiting for data, a step's forward and backward (not its update)."""
+        if not self.interrupt:
+            yield
+            return
+        self._interruptible = True
+        try:
+            if self.received is not None:
+                raise Interrupted(self.received)
+            yield
+        finally:
+            self._interruptible = False
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.restore()
 
 
 class Stopped(SystemExit):
-    """Raised by `Trainer.fit` after a SIGTERM/SIGINT: the checkpoint is saved; exit status 0."""
+    """Raised by `Trainer.fit` after a SIGTERM/SIGINT: exit 0 when the run can resume, 128 + signal before step 1."""

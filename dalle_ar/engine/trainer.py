@@ -18,15 +18,16 @@ import torch
 import torch.nn as nn
 
 from dalle_ar.config import ConfigError, TrainConfig, save_json
+from dalle_ar.engine import lock
 from dalle_ar.engine.checkpointer import Checkpointer, StateFns
 from dalle_ar.engine.distributed import any_rank, mean_over_ranks, rank, setup_distributed, world_size
 from dalle_ar.engine.ds_config import build_ds_config, compute_dtype
 from dalle_ar.engine.ema import EMA
 from dalle_ar.engine.logger import RunLogger
 from dalle_ar.engine.optim import param_groups
-from dalle_ar.engine.rng import RNGStreams
+from dalle_ar.engine.rng import RNGStreams, rng_state, set_rng_state
 from dalle_ar.engine.schedules import PlateauHalving, lr_factor
-from dalle_ar.engine.signals import StopSignal, Stopped, fault_point
+from dalle_ar.engine.signals import Interrupted, StopSignal, Stopped, fault_point
 from dalle_ar.model import DalleTransformer
 from dalle_ar.model.parallelize import apply_activation_checkpointing, apply_resblock_grad_scaling
 
@@ -74,6 +75,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.is_main = rank() == 0
+        if self.is_main:  # before anything is written to --out: one live run per directory
+            lock.acquire(self.out)
+        # from here on a SIGTERM/SIGINT stops the run cleanly (`fit` acts on one that came before it started)
+        self.stop = StopSignal(interrupt=world_size() == 1).install()
         torch.manual_seed(cfg.seed)
         self.dtype = compute_dtype(cfg)
         ds_config = build_ds_config(cfg, dtype=self.dtype)
@@ -186,12 +191,21 @@ class Trainer:
     def micro_step(self, loss: torch.Tensor) -> None:
         """Backward and DeepSpeed's step for one micro-batch (an optimizer step at the accumulation
         boundary, where the per-resblock gradient scales are updated too)."""
-        boundary = self.engine.is_gradient_accumulation_boundary()
+        self._update(self._backward(loss))
+
+    def _backward(self, loss: torch.Tensor) -> float | None:
+        """Backward of one micro-batch; returns the global fp16 loss scale it ran at (per-resblock scaling)."""
+        global_scale = None
         if self.grad_scaler is not None:  # the scale DeepSpeed multiplies this loss by
             global_scale = self.engine.optimizer.loss_scale
             self.grad_scaler.set_loss_scale(global_scale)
         self.engine.backward(loss)
         fault_point(f"step:{self.step + 1}")
+        return global_scale
+
+    def _update(self, global_scale: float | None) -> None:
+        """DeepSpeed's step: the optimizer update at the accumulation boundary (never interrupted)."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         if boundary and self.grad_scaler is not None:
             # A branch overflowed: DeepSpeed skipped the step (the NaN the scaler put in the embedding
@@ -210,22 +224,33 @@ class Trainer:
             stats.update(self.grad_scaler.stats())
         return stats
 
-    def _optimizer_step(self, it: Iterator, loss_fn: LossFn, items: Callable[[Any], int], meter: _Meter):
+    def _optimizer_step(self, it: Iterator, loss_fn: LossFn, items: Callable[[Any], int], meter: _Meter,
+                        stop: StopSignal):
         """`grad_accum` finite micro-batches, then the EMA, step counter and plateau; returns the last
-        micro-batch's loss and metrics. A NaN/Inf loss skips its micro-batch (no backward; all ranks agree)."""
+        micro-batch's loss and metrics. A NaN/Inf loss skips its micro-batch (no backward; all ranks agree).
+        A stop signal while waiting for data or in a forward/backward abandons the step: the data position,
+        skip count and random streams go back to the step boundary, then `Interrupted` propagates."""
+        boundary = (self.consumed, self.nonfinite, rng_state()) if stop.interrupt else None
         micro = 0
-        while micro < self.cfg.grad_accum:
-            batch = to_device(next(it), self.device, self.dtype)
-            self.consumed += 1
-            loss, metrics = loss_fn(self.engine, batch, self.step)
-            value = loss.item()
-            if any_rank(not math.isfinite(value), self.device):
-                self._skip_nonfinite(value, meter)
-                continue
-            meter.in_a_row = 0
-            self.micro_step(loss)
-            meter.seen += items(batch)
-            micro += 1
+        try:
+            while micro < self.cfg.grad_accum:
+                with stop.interruptible():
+                    batch = to_device(next(it), self.device, self.dtype)
+                    self.consumed += 1
+                    loss, metrics = loss_fn(self.engine, batch, self.step)
+                    value = loss.item()
+                    if any_rank(not math.isfinite(value), self.device):
+                        self._skip_nonfinite(value, meter)
+                        continue
+                    meter.in_a_row = 0
+                    global_scale = self._backward(loss)
+                self._update(global_scale)
+                meter.seen += items(batch)
+                micro += 1
+        except Interrupted:
+            self.consumed, self.nonfinite = boundary[0], boundary[1]
+            set_rng_state(boundary[2])
+            raise
         if self.ema is not None:
             self.ema.update()
         self.step += 1
@@ -268,15 +293,25 @@ class Trainer:
     def _stop_or_save(self, stop: StopSignal, bar) -> None:
         """After a SIGTERM/SIGINT on any rank: save and raise `Stopped`; else the periodic checkpoint."""
         if any_rank(stop.received is not None, self.device):
-            bar.close()
-            tag = self.save()
-            msg = (f"{self.name}: stopped by {stop.received or 'a signal on another rank'} at step {self.step}; "
-                   f"saved {self.ckpt_dir / tag}. Run the same command again to resume.")
-            if self.is_main:
-                print(msg, flush=True)
-            raise Stopped(0)
+            self._stop(stop, bar)
         if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
             self.save()
+
+    def _stop(self, stop: StopSignal, bar) -> None:
+        """Checkpoint this step boundary (unless it already is), then raise `Stopped`: exit 0 when the run can be
+        resumed from where it stopped, 128 + signal number when it stopped before its first step."""
+        bar.close()
+        by, tag = stop.received or "a signal on another rank", f"step_{self.step:08d}"
+        code = 0
+        if self.step == 0:
+            msg, code = f"{self.name}: stopped by {by} before the first step; nothing to save", 128 + (stop.signum or 15)
+        elif tag in self.checkpointer.complete_checkpoints():
+            msg = f"{self.name}: stopped by {by} at step {self.step}; {self.ckpt_dir / tag} is its checkpoint"
+        else:
+            msg = f"{self.name}: stopped by {by} at step {self.step}; saved {self.ckpt_dir / self.save()}"
+        if self.is_main:
+            print(msg + (". Run the same command again to resume." if code == 0 else "."), flush=True)
+        raise Stopped(code)
 
     def _finish(self, skips, meter: _Meter) -> Path:
         """The final checkpoint (unless this step has one) and `<out>/export`; returns the export."""
@@ -303,25 +338,38 @@ class Trainer:
           deterministic stream continues exactly where the checkpoint left it.
         - A NaN/Inf loss skips its micro-batch (no backward, no optimizer step; all ranks agree) and is
           counted; `max_nonfinite` in a row stop the run, pointing at the last good checkpoint.
-        - SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, and `Stopped` (exit 0) is raised."""
+        - SIGTERM/SIGINT (`signals.py`): a step in its data wait or forward/backward is abandoned at once (one
+          process; with several ranks it finishes), an optimizer update or save completes; the last step boundary
+          is checkpointed unless it already is, and `Stopped` is raised (exit 0; 128 + signal before step 1)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        it = iter(batches)
-        for _ in range(self.consumed):
-            next(it)
-        self.rng.restore()  # after the fast-forward: starting the loader draws a seed from torch's RNG
-        self.logger.start_wandb(cfg.wandb, cfg.wandb_project, f"{self.name}-{self.out.name}",
-                                {"train": asdict(cfg), "model": self.export_config})
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, dynamic_ncols=True, mininterval=1.0,
                    disable=not (self.is_main and cfg.progress))
         meter = _Meter(t0=time.perf_counter())
-        with StopSignal() as stop:
-            while self.step < cfg.steps:
-                value, metrics = self._optimizer_step(it, loss_fn, items, meter)
-                self._report(value, metrics, meter, bar, show, skips)
-                if on_step is not None:
-                    on_step(self)
-                self._stop_or_save(stop, bar)
-        bar.close()
-        return self._finish(skips, meter)
+        try:
+            try:
+                self._loop(iter(batches), loss_fn, items, on_step, show, skips, self.stop, bar, meter)
+            except Interrupted:
+                self._stop(self.stop, bar)
+            bar.close()
+            return self._finish(skips, meter)
+        finally:
+            self.stop.restore()
+            if self.is_main:
+                lock.release(self.out)
+
+    def _loop(self, it: Iterator, loss_fn: LossFn, items, on_step, show, skips, stop: StopSignal, bar, meter) -> None:
+        cfg = self.cfg
+        with stop.interruptible():
+            for _ in range(self.consumed):
+                next(it)
+        self.rng.restore()  # after the fast-forward: starting the loader draws a seed from torch's RNG
+        self.logger.start_wandb(cfg.wandb, cfg.wandb_project, cfg.wandb_name or f"{self.name}-{self.out.name}",
+                                {"train": asdict(cfg), "model": self.export_config}, cfg.wandb_entity)
+        while self.step < cfg.steps:
+            value, metrics = self._optimizer_step(it, loss_fn, items, meter, stop)
+            self._report(value, metrics, meter, bar, show, skips)
+            if on_step is not None:
+                on_step(self)
+            self._stop_or_save(stop, bar)
