@@ -34,7 +34,8 @@ def _field_type(cls: type, f: dataclasses.Field):
 
 
 # Extra spellings users expect (every field also accepts dashes: --batch-size == --batch_size).
-ALIASES = {"steps": ["--max_steps", "--max-steps"]}
+ALIASES = {"steps": ["--max_steps", "--max-steps"],
+           "ds_config": ["--deepspeed_config"]}  # DeepSpeed's own flag (deepspeed.add_config_arguments)
 
 
 def add_config_args(parser: argparse.ArgumentParser, *classes: type, defaults: dict[type, dict] | None = None) -> None:
@@ -56,6 +57,9 @@ def add_config_args(parser: argparse.ArgumentParser, *classes: type, defaults: d
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size preset (default: tiny)")
     # The `deepspeed` launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    if TrainConfig in classes:  # DeepSpeed's CLI convention: `--deepspeed --deepspeed_config ds_config.json`
+        parser.add_argument("--deepspeed", action="store_true",
+                            help="accepted as in DeepSpeed's examples; training always runs through DeepSpeed")
 
 
 _SECTION = {DVAEConfig: "dvae", DVAELossConfig: "dvae_loss", DalleConfig: "model", ClipConfig: "clip", TrainConfig: "train", SampleConfig: "sample"}

@@ -153,6 +153,8 @@ class TrainConfig:
     num_workers: int = 0
     wandb: str = "offline"           # offline | online | disabled
     wandb_project: str = "dalle-ar"
+    wandb_name: str = ""             # run name (default: <trainer>-<out directory name>)
+    wandb_entity: str = ""           # team or user (default: wandb's)
     progress: bool = True            # tqdm bar on rank 0
     offload: str = "none"            # ZeRO offload of optimizer state (and parameters at stage 3): none | cpu | nvme
     nvme_path: str = ""              # with --offload nvme: a local NVMe directory

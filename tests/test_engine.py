@@ -41,7 +41,7 @@ def crash_at(step):
 def train(out, steps, stage, save_every=0, on_step=None, **kw):
     torch.manual_seed(0)
     cfg = TrainConfig(out=str(out), steps=steps, batch_size=4, zero_stage=stage, lr=3e-3, warmup_steps=2,
-                      save_every=save_every, wandb="disabled", progress=False, **kw)
+                      save_every=save_every, progress=False, **{"wandb": "disabled", **kw})
     trainer = Trainer(DalleTransformer(MODEL), cfg, name="test", export_config={"model": MODEL.__dict__})
     export = trainer.fit(stream(), loss_fn, on_step=on_step)
     return trainer, export
@@ -238,3 +238,27 @@ def test_checkpoints_keep_their_client_state_keys(tmp_path):
     state = trainer.checkpointer.client_state()
     assert list(state) == ["step", "consumed", "nonfinite", "rng", "ema", "ema_updates", "plateau"]
     assert (state["step"], state["consumed"], state["ema_updates"]) == (1, 1, 1)
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    """The wandb run id lives in the run directory, so a resume (online too) logs into the same wandb run; the run's
+    name and entity come from --wandb_name / --wandb_entity."""
+    first, _ = train(tmp_path / "r", steps=2, stage=0, save_every=1, wandb="offline", wandb_name="my-run")
+    run_id = (tmp_path / "r" / "wandb_run_id").read_text()
+    assert first.logger.wandb_run.id == run_id and first.logger.wandb_run.name == "my-run"
+    again, _ = train(tmp_path / "r", steps=4, stage=0, save_every=1, wandb="offline", wandb_name="my-run")
+    assert again.step == 4 and again.logger.wandb_run.id == run_id
+
+
+def test_deepspeed_cli_convention_is_accepted(tmp_path):
+    """`deepspeed train/x.py --deepspeed --deepspeed_config ds.json` (DeepSpeed's add_config_arguments habit) and the
+    launcher's --local_rank parse; --deepspeed_config is --ds_config."""
+    import json
+
+    from dalle_ar.cli import parse
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2}))
+    args, cfg = parse("x", TrainConfig, argv=["--deepspeed", "--deepspeed_config", str(ds), "--local_rank=1"])
+    assert args.deepspeed and args.local_rank == 1
+    assert (cfg.ds_config, cfg.batch_size, cfg.grad_accum) == (str(ds), 3, 2)

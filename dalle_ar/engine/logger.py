@@ -4,6 +4,7 @@ wandb is imported only here, and only when a run turns it on."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 
@@ -11,13 +12,19 @@ class RunLogger:
     def __init__(self, out: Path, *, enabled: bool):
         self.out, self.enabled, self.wandb_run = out, enabled, None
 
-    def start_wandb(self, mode: str, project: str, name: str, config: dict) -> None:
+    def start_wandb(self, mode: str, project: str, name: str, config: dict, entity: str = "") -> None:
+        """One wandb run per output directory: its id is kept in `<out>/wandb_run_id`, so a resumed training run
+        continues the same wandb run (online too) instead of opening a new one."""
         if not self.enabled or mode == "disabled":
             return
         import wandb
 
-        self.wandb_run = wandb.init(mode=mode, project=project, dir=str(self.out), name=name, resume="allow",
-                                    config=config, settings=wandb.Settings(console="off", silent=True))
+        id_file = self.out / "wandb_run_id"
+        if not id_file.is_file():
+            id_file.write_text(uuid.uuid4().hex[:8])  # wandb's own ids are 8 lowercase characters too
+        self.wandb_run = wandb.init(mode=mode, project=project, entity=entity or None, dir=str(self.out), name=name,
+                                    id=id_file.read_text().strip(), resume="allow", config=config,
+                                    settings=wandb.Settings(console="off", silent=True))
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
