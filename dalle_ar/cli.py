@@ -16,7 +16,7 @@ from dataclasses import fields
 from typing import Any
 
 from dalle_ar.config import (PRESETS, ClipConfig, ConfigError, DalleConfig, DataError, DVAEConfig, DVAELossConfig,
-                             SampleConfig, TrainConfig, from_dict, load_json)
+                             SampleConfig, SaveError, TrainConfig, from_dict, load_json)
 
 
 def _parse_bool(text: str) -> bool:
@@ -138,5 +138,5 @@ def run_cli(main) -> None:
     """Script entry point: a config or missing-file error is one line naming the file and the fix."""
     try:
         main()
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, SaveError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

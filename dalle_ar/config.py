@@ -22,6 +22,10 @@ class DataError(ValueError):
     how to find the bad files (`train/validate_shards.py`)."""
 
 
+class SaveError(OSError):
+    """A checkpoint could not be written (disk full, I/O error); the message names the checkpoint that resumes."""
+
+
 ATTENTION_MASKS = ("full", "row", "column", "conv")
 
 

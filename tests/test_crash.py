@@ -238,3 +238,20 @@ def test_a_second_run_on_a_live_run_directory_is_refused_and_a_dead_ones_lock_is
     proc = run(token_data, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"taking over the lock of a run that is no longer alive (pid {first.pid} on" in proc.stdout
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "EIO"])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_stops_with_one_line(token_data, straight, tmp_path, error):
+    """A full disk (or an I/O error) while saving step 6: the run stops with a one-line error naming the checkpoint
+    that resumes (step 3); the half-written step 6 never counts; the rerun ends like an uninterrupted run."""
+    out = tmp_path / "run"
+    proc = run(token_data, out, fault=f"{error}@save:6")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out / 'checkpoints' / 'step_00000006'}: saving failed (") and "run stops" in last
+    assert f"{out / 'checkpoints' / 'step_00000003'} is the checkpoint that resumes" in last
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert not (out / "checkpoints" / "step_00000006" / "complete").exists()
+    proc = run(token_data, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(straight, out)

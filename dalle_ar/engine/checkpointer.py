@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from dalle_ar.checkpoint import save_pretrained
-from dalle_ar.config import ConfigError
+from dalle_ar.config import ConfigError, SaveError
 from dalle_ar.engine.distributed import barrier, world_size
 from dalle_ar.engine.ema import EMA
 from dalle_ar.engine.signals import fault_point
@@ -72,6 +72,17 @@ class Checkpointer:
         return state
 
     def save(self, step: int) -> str:
+        """Checkpoint `step`; an OSError on the way (disk full, I/O error) leaves the previous complete checkpoint as
+        the one that resumes (this one never gets its marker) and raises SaveError saying so."""
+        try:
+            return self._save(step)
+        except OSError as e:
+            kept = self.complete_checkpoints()
+            raise SaveError(f"{self.dir / f'step_{step:08d}'}: saving failed ({e.strerror or e}); the run stops. "
+                            + (f"{self.dir / kept[-1]} is the checkpoint that resumes" if kept else "no checkpoint yet")
+                            + "; free space (or fix the disk) and run the same command again") from e
+
+    def _save(self, step: int) -> str:
         tag = f"step_{step:08d}"
         state = self.client_state()
         if self.is_main:

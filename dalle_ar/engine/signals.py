@@ -10,6 +10,7 @@ it complete first. Exit status: 0 when the run can resume from where it stopped 
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from contextlib import contextmanager
@@ -19,9 +20,15 @@ FAULT_ENV = "DALLE_AR_FAULT"
 
 def fault_point(name: str) -> None:
     """Crash-test hook: with DALLE_AR_FAULT=<name> (e.g. `save:4`, `step:7`) this process SIGKILLs itself
-    at that point, the way a preempted node or the OOM killer would (tests/test_crash.py)."""
-    if os.environ.get(FAULT_ENV) == name:
+    at that point, the way a preempted node or the OOM killer would; with DALLE_AR_FAULT=<errno name>@<name>
+    (`ENOSPC@save:4`, `EIO@save:4`) it raises that OSError there, as a full or failing disk would
+    (tests/test_crash.py)."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault.endswith(f"@{name}"):
+        code = getattr(errno, fault.split("@")[0])
+        raise OSError(code, os.strerror(code))
 
 
 class Interrupted(BaseException):
