@@ -255,3 +255,18 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_stops_with_one_line(tok
     proc = run(token_data, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(straight, out)
+
+
+def test_sigterm_during_compilation_ends_within_seconds(token_data, tmp_path):
+    """--compile true: the first forward spends many seconds in torch.compile; a SIGTERM there stops the run at once."""
+    out = tmp_path / "run"
+    proc = _start(command(token_data, out, "--compile", "true"), out)
+    time.sleep(3)  # inside the first step's compilation
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.time() - sent < 30
+    if proc.returncode == 128 + signal.SIGTERM:  # stopped in the compilation (the usual case)
+        assert "stopped by SIGTERM before the first step" in stdout
+    else:  # a warm compile cache made it quick: stopped at a step instead
+        assert proc.returncode == 0 and "stopped by SIGTERM at step" in stdout, stderr[-3000:]
