@@ -158,9 +158,15 @@ def stage_argv(args, stage: str, runs: Path, embeddings: Path) -> list[str]:
 # planning and training
 # ------------------------------------------------------------------------------------------------
 
+# A launcher's (or an earlier in-process trainer's) rendezvous variables: each stage is a run of its own, one process
+# on a port of its own; inheriting them would make it join (or collide with) this process's group.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_script(script: str, argv: list[str]) -> int:
     """python <script> argv in its own process (this repo first on its path); its exit status."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, str(ROOT / script), *argv], env=env).returncode
 
 
