@@ -185,19 +185,25 @@ def _start(cmd, out, timeout=120):
     return proc
 
 
+def _sigterm(cmd, out, delay: float) -> tuple[subprocess.Popen, str, str, float]:
+    """Start `cmd`, send SIGTERM `delay` s after its Trainer is set up; (process, stdout, stderr, seconds it took to end)."""
+    proc = _start(cmd, out)
+    time.sleep(delay)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc, stdout, stderr, time.time() - sent
+
+
 def test_sigterm_while_waiting_for_data_ends_within_seconds(token_data, tmp_path):
     """A run waiting for data that does not come (here a shard behind a pipe that trickles a byte every 0.2 s) used
     to ignore SIGTERM until a step completed; now it ends within seconds with 128 + 15, nothing to save."""
     out = tmp_path / "run"
     cmd = command(token_data, out)
     cmd[cmd.index("--data") + 1] = "pipe:while true; do printf x; sleep 0.2; done"
-    proc = _start(cmd, out)
-    time.sleep(2)  # in the data wait now
-    sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
+    proc, stdout, stderr, seconds = _sigterm(cmd, out, delay=2)  # in the data wait by then
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert time.time() - sent < 20
+    assert seconds < 20
     assert "dalle: stopped by SIGTERM before the first step; nothing to save." in stdout
     assert not list((out / "checkpoints").glob("step_*")) and (out / "run.lock").read_text() == ""
 
@@ -207,10 +213,7 @@ def test_sigterm_mid_step_saves_the_step_boundary_and_resumes_exactly(token_data
     checkpoints the last step boundary (or finds it saved) and exits 0; resuming gives the uninterrupted run."""
     out = tmp_path / "run"
     for delay in (0.3, 0.9, 1.7):
-        proc = _start(command(token_data, out), out)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
+        proc, stdout, stderr, _ = _sigterm(command(token_data, out), out, delay)
         if "before the first step" in stdout:
             assert proc.returncode == 128 + signal.SIGTERM
             continue
@@ -260,12 +263,8 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_stops_with_one_line(tok
 def test_sigterm_during_compilation_ends_within_seconds(token_data, tmp_path):
     """--compile true: the first forward spends many seconds in torch.compile; a SIGTERM there stops the run at once."""
     out = tmp_path / "run"
-    proc = _start(command(token_data, out, "--compile", "true"), out)
-    time.sleep(3)  # inside the first step's compilation
-    sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert time.time() - sent < 30
+    proc, stdout, stderr, seconds = _sigterm(command(token_data, out, "--compile", "true"), out, delay=3)  # compiling
+    assert seconds < 30
     if proc.returncode == 128 + signal.SIGTERM:  # stopped in the compilation (the usual case)
         assert "stopped by SIGTERM before the first step" in stdout
     else:  # a warm compile cache made it quick: stopped at a step instead
