@@ -10,6 +10,8 @@ SEEDS  ?= 0 1 2
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13
 MATCHED ?= outputs/compare_matched_$(BUDGET)
+# a demo stage, timed into $(DEMO)/stages.json
+STAGE   = $(PY) -m bench.stage --log $(DEMO)/stages.json --name
 
 .PHONY: setup demo demo-seeds test bench clean compare compare-models compare-matched
 
@@ -30,20 +32,20 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
 	$(PY) -m bench.machine --out $(DEMO)/machine.json
-	$(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num 8000
-	$(PY) train/train_tokenizer.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/tokenizer --vocab_size 512
-	$(PY) train/train_dvae.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/dvae \
-		--steps 1000 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 250 --seed $(SEED)
-	$(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
+	$(STAGE) shards -- $(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num 8000
+	$(STAGE) tokenizer -- $(PY) train/train_tokenizer.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/tokenizer --vocab_size 512
+	$(STAGE) dvae -- $(PY) train/train_dvae.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/dvae \
+		--steps 3000 --crop_size 32 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 1000 --seed $(SEED)
+	$(STAGE) dvae_quality -- $(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
 		--out $(DEMO)/dvae_quality.json
-	$(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens
-	$(PY) train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
+	$(STAGE) encode -- $(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens
+	$(STAGE) transformer -- $(PY) train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
 		--steps 800 --batch_size 32 --lr 1e-3 --warmup_steps 50 --seed $(SEED)
-	$(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/clip \
+	$(STAGE) clip -- $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/clip \
 		--steps 200 --batch_size 64 --lr 1e-3 --warmup_steps 20 --seed $(SEED)
-	$(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
+	$(STAGE) grid -- $(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
 		--synthetic_prompts 8 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --seed $(SEED) --out $(DEMO)
-	$(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
+	$(STAGE) eval -- $(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
 		--synthetic_prompts 64 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --seed $(SEED) --out $(DEMO)/eval
 	echo $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) > $(DEMO)/.seconds
 	@echo "demo finished in $$(cat $(DEMO)/.seconds) s ($$(cat $(DEMO)/machine.json)): see $(DEMO)/grid.png, $(DEMO)/eval/scores.json"

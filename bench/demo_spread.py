@@ -7,7 +7,7 @@
       --out bench/results/demo_seeds_cpu.json
 
 Reads each run's eval/scores.json (caption accuracy taken apart: per candidate, oracle, top-1 per ranking, rerank
-efficiency, per attribute, one vs two objects), dvae_quality.json and the job's seconds (.start/.seconds).
+efficiency, per attribute, one vs two objects), dvae_quality.json, the job's seconds (.start/.seconds) and each stage's (stages.json, bench/stage.py).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def run_figures(run: Path) -> dict[str, float]:
     figures.update({f"dvae.{k}": float(dvae[k]) for k in ("psnr_db", "codebook_usage", "recon_caption_accuracy")})
     if (run / ".seconds").is_file():
         figures["job_seconds"] = float((run / ".seconds").read_text())
+    if (run / "stages.json").is_file():  # bench/stage.py: seconds per stage
+        figures.update({f"stage_seconds.{s['name']}": float(s["seconds"]) for s in json.loads((run / "stages.json").read_text())})
     return figures
 
 

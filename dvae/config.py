@@ -67,12 +67,26 @@ class DVAELossConfig:
     # codes but many codes used per batch. Small models on short runs otherwise use few codes.
     entropy_weight: float = 0.0
     entropy_cell_weight: float = 1.0
+    # Train on random crops of this side (a multiple of the grid cell, 0 = whole images; not in the paper). The
+    # dVAE is fully convolutional and each code sees a few cells around it, so crops teach the same codes at
+    # (crop / image_size)^2 of the compute: on the 64 px shapes world, 32 px crops reach a given quality ~3x sooner.
+    crop_size: int = 0
 
     RECONSTRUCTIONS: ClassVar[tuple[str, ...]] = ("logit_laplace", "mse", "l1")
 
     def __post_init__(self):
         if self.reconstruction not in self.RECONSTRUCTIONS:
             raise ConfigError(f"--reconstruction {self.reconstruction}: use one of {', '.join(self.RECONSTRUCTIONS)}")
+        if self.crop_size < 0:
+            raise ConfigError(f"--crop_size {self.crop_size}: use 0 (whole images) or a positive side in pixels")
+
+    def check_model(self, model: DVAEConfig) -> None:
+        """Raise if this objective cannot train `model` (a crop must hold whole grid cells and fit the image)."""
+        crop, cell = self.crop_size, model.downsample
+        if crop and (crop % cell or crop > model.image_size):
+            fit = min(max(cell, crop // cell * cell), model.image_size)
+            raise ConfigError(f"--crop_size {crop} must be a multiple of the grid cell ({cell} px) and at most "
+                              f"--image_size {model.image_size}; use --crop_size {fit}, or 0 for whole images")
 
     def scaled(self, steps: int) -> "DVAELossConfig":
         """Anneal lengths for a run of `steps` updates (at least 1 step each)."""

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_ar.config import preset
+from dalle_ar.config import ConfigError, preset
 from dalle_ar.data import synthetic
 from dvae import DiscreteVAE
 from dvae.config import DVAEConfig, DVAELossConfig
-from dvae.loss import codebook_usage, dvae_loss, kl_to_uniform, kl_weight, logit_laplace_nll, temperature
+from dvae.loss import (codebook_usage, dvae_loss, kl_to_uniform, kl_weight, logit_laplace_nll, random_crop,
+                       temperature)
 from dvae.metrics import psnr, ssim
 from dvae.model import map_pixels, unmap_pixels
 
@@ -108,6 +109,29 @@ def test_kl_term_is_weighted_beta_over_pixels_per_cell():
     torch.manual_seed(1)
     without, _ = dvae_loss(model, x, 10, DVAELossConfig(reference_steps=0, kl_weight=0.0))
     assert (with_kl - without).item() == pytest.approx(6.6 / 192 * m["kl_per_cell"], rel=1e-4)
+
+
+def test_crop_training_uses_grid_aligned_windows_and_checks_its_size():
+    """--crop_size: the loss sees one random crop whose corner sits on the 8 px grid; sizes that cut cells or exceed
+    the image are refused with the fix."""
+    x = torch.arange(64.0).repeat(64, 1)[None, None].expand(2, 3, 64, 64)  # pixel value = its column
+    torch.manual_seed(0)
+    corners = set()
+    for _ in range(40):
+        crop = random_crop(x, 32, 8)
+        assert crop.shape == (2, 3, 32, 32)
+        corners.add(int(crop[0, 0, 0, 0]))
+    assert corners <= {0, 8, 16, 24, 32} and len(corners) > 2
+    torch.manual_seed(0)
+    model = DiscreteVAE(preset(DVAEConfig, "tiny"))
+    loss, m = dvae_loss(model, images(4), 0, DVAELossConfig(reference_steps=0, crop_size=32))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters()) and 0 < m["recon_mse"] < 1
+    tiny = preset(DVAEConfig, "tiny")
+    DVAELossConfig(crop_size=32).check_model(tiny)
+    for bad, fix in ((20, "--crop_size 16"), (96, "--crop_size 64")):
+        with pytest.raises(ConfigError, match=fix):
+            DVAELossConfig(crop_size=bad).check_model(tiny)
 
 
 def test_codebook_usage_and_perplexity():

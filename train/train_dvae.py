@@ -39,6 +39,7 @@ PAPER_OPTIMIZER = dict(lr=1e-4, min_lr_ratio=1.25e-6 / 1e-4, beta1=0.9, beta2=0.
 def main(argv=None):
     _, (model_cfg, loss_cfg, cfg) = parse(__doc__, DVAEConfig, DVAELossConfig, TrainConfig, argv=argv,
                                           defaults={TrainConfig: PAPER_OPTIMIZER})
+    loss_cfg.check_model(model_cfg)
     schedule = loss_cfg.scaled(cfg.steps)
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = DiscreteVAE(model_cfg)
