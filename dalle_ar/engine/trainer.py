@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from dalle_ar import models
 from dalle_ar.config import ConfigError, TrainConfig, save_json
 from dalle_ar.engine import lock
 from dalle_ar.engine.checkpointer import Checkpointer, StateFns
@@ -67,6 +68,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, name: str, export_config: dict,
                  extra_files: dict[str, str] | None = None, lr_decay_steps: int | None = None):
+        if cfg.init_from:  # weights only, checked before anything is set up or written (a resume overrides them)
+            models.init_from(model, cfg.init_from, export_config)
         setup_distributed()
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
@@ -104,6 +107,8 @@ class Trainer:
             self._write_run_files(ds_config)
         if cfg.resume and self.checkpointer.complete_checkpoints():
             self.load()
+        elif cfg.init_from and self.is_main:
+            print(f"{name}: weights from {cfg.init_from}; optimizer, LR schedule and step start at 0", flush=True)
 
     def _prepare_model(self, model: nn.Module, ds_config: dict):
         """Training features applied to the model before DeepSpeed wraps it; returns the fp16 per-resblock

@@ -1,0 +1,93 @@
+"""Habits of people who already train DALL-E: --init_from an export, sample previews during training, the `dalle-ar`
+command, scripts run from any directory, an explicit preset."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_script, script_env
+from safetensors.torch import load_file
+
+from dalle_ar.config import ConfigError
+
+QUIET = ["--save_every", "0", "--log_every", "1", "--no-progress", "--wandb", "disabled", "--zero_stage", "0"]
+
+
+def dalle_args(token_data, out, *extra):
+    return ["--data", str(token_data / "tokens"), "--tokenizer", str(token_data / "tok"), "--out", str(out),
+            "--batch_size", "4", "--warmup_steps", "1", *QUIET, *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(token_data, tmp_path_factory):
+    """Two steps of a small transformer, exported."""
+    out = tmp_path_factory.mktemp("first") / "dalle"
+    run_script("train/train_dalle.py", *dalle_args(token_data, out, "--dim", "32", "--depth", "1", "--heads", "2",
+                                                   "--steps", "2"))
+    return out
+
+
+def test_init_from_starts_a_new_run_from_the_exports_weights(token_data, first_run, tmp_path):
+    """Weights from the export, the model config from its config.json (no --dim given), and a fresh optimizer: with
+    lr 0 the first step leaves the weights as they came, and the optimizer has taken one step, not three."""
+    out = tmp_path / "second"
+    proc = run_script("train/train_dalle.py", *dalle_args(token_data, out, "--init_from", str(first_run / "export"),
+                                                          "--steps", "1", "--lr", "0"))
+    assert "optimizer, LR schedule and step start at 0" in proc.stdout
+    old, new = load_file(first_run / "export/model.safetensors"), load_file(out / "export/model.safetensors")
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert json.loads((out / "export/config.json").read_text())["model"]["dim"] == 32
+    state = torch.load(out / "checkpoints/step_00000001/mp_rank_00_model_states.pt", weights_only=False)
+    assert {s["step"].item() if torch.is_tensor(s["step"]) else s["step"]
+            for s in state["optimizer"]["state"].values()} == {1}
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_init_from_a_model_of_another_shape_names_the_parameter_and_the_fix(token_data, first_run, tmp_path):
+    sys.path.insert(0, str(ROOT / "train"))
+    from train_dalle import main
+
+    with pytest.raises(ConfigError) as e:
+        main(dalle_args(token_data, tmp_path / "wide", "--init_from", str(first_run / "export"), "--dim", "64",
+                        "--steps", "1"))
+    msg = str(e.value)
+    assert "bos is (32,) in the export but (64,) here" in msg  # the first parameter that differs
+    assert "use the same --preset/model flags as the export" in msg and "model.dim 32 vs 64" in msg
+    assert not (tmp_path / "wide").exists()  # refused before anything was written
+
+
+def test_init_from_an_export_of_another_kind_is_a_one_line_error(token_data, tmp_path):
+    clip = tmp_path / "clip_export"
+    clip.mkdir()
+    (clip / "config.json").write_text(json.dumps({"kind": "clip", "clip": {"image_size": 64}}))
+    proc = subprocess.run([sys.executable, "train/train_dalle.py",
+                           *dalle_args(token_data, tmp_path / "run", "--init_from", str(clip), "--steps", "1")],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --init_from") and str(clip) in line
+    assert "a clip export" in line and "this trainer trains dalle" in line
+
+
+def test_paper_sizes_without_a_preset_warn_that_the_tiny_recipe_still_applies(monkeypatch, capsys, tmp_path):
+    sys.path.insert(0, str(ROOT / "train"))
+    import train_dvae
+
+    class Built(Exception):
+        pass
+
+    def trainer(model, cfg, **kw):
+        raise Built(model.config)
+
+    monkeypatch.setattr(train_dvae, "Trainer", trainer)
+    argv = ["--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    with pytest.raises(Built):
+        train_dvae.main([*argv, "--image_size", "256", "--num_tokens", "8192"])
+    err = capsys.readouterr().err
+    assert "warning: --image_size 256 --num_tokens 8192 are the paper's sizes" in err
+    assert "n_hid 16" in err and "reconstruction mse" in err and "pass --preset paper" in err
+    with pytest.raises(Built) as built:  # the paper's recipe, and no warning, when the preset is named
+        train_dvae.main([*argv, "--preset", "paper"])
+    assert built.value.args[0].n_hid == 256 and "warning" not in capsys.readouterr().err
