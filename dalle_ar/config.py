@@ -216,8 +216,10 @@ class SampleConfig:
     num_candidates: int = 16
     top_k_rerank: int = 4
     temperature: float = 1.0
-    top_k: int = 0                   # a token count: sample among the k most likely image tokens; 0 = off (for a probability mass use --top_p)
-    top_p: float = 0.0               # nucleus: sample among the fewest tokens whose probabilities sum to p (e.g. 0.9); 0 = off
+    # A token count: sample among the k most likely image tokens; 0 = off (a probability mass is --top_p)
+    top_k: int = 0
+    # Nucleus sampling: among the fewest tokens whose probabilities sum to p (e.g. 0.9); 0 = off
+    top_p: float = 0.0
     batch_size: int = 64
     seed: int = 0                    # same seed, batch_size and device -> same images
     cond_scale: float = 1.0          # classifier-free guidance: uncond + s * (cond - uncond); 1 = off

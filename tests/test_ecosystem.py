@@ -91,3 +91,40 @@ def test_paper_sizes_without_a_preset_warn_that_the_tiny_recipe_still_applies(mo
     with pytest.raises(Built) as built:  # the paper's recipe, and no warning, when the preset is named
         train_dvae.main([*argv, "--preset", "paper"])
     assert built.value.args[0].n_hid == 256 and "warning" not in capsys.readouterr().err
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_transformer_previews_sample_held_out_captions_and_leave_training_unchanged(token_data, first_run, tmp_path):
+    """--sample_every: a captioned grid per preview through the real sampling path, decoded by --dvae (here an untrained
+    one), in <out>/samples and wandb; the losses equal those of the same run without previews (first_run: no dVAE
+    anywhere, so previews were off)."""
+    from dalle_ar import models
+    from dalle_ar.checkpoint import save_pretrained
+    from dalle_ar.config import DVAEConfig, preset
+    from dvae import DiscreteVAE
+
+    dvae = DiscreteVAE(preset(DVAEConfig, "tiny"))
+    save_pretrained(dvae, tmp_path / "dvae", models.export_config("dvae", dvae))
+    out = tmp_path / "previews"
+    previews = ["--sample_every", "1", "--dvae", str(tmp_path / "dvae"), "--wandb", "offline"]
+    run_script("train/train_dalle.py", *dalle_args(token_data, out, "--dim", "32", "--depth", "1", "--heads", "2",
+                                                   "--steps", "2", *previews))
+    assert losses(out) == losses(first_run)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00000001.png", "step_00000002.png"]
+    assert len(list(out.glob("wandb/offline-run-*/files/media/images/samples_*.png"))) == 2
+    assert not (first_run / "samples").exists()
+
+
+def test_clip_previews_log_retrieval_accuracy_and_a_captioned_grid(shapes_shards, tmp_path):
+    out = tmp_path / "clip"  # ZeRO 1: DeepSpeed's stage-0 gradient clipping fails on open_clip's 0-dim logit_scale
+    proc = run_script("train/train_clip.py", "--data", str(shapes_shards), "--out", str(out), "--vision_layers", "1",
+                      "--text_layers", "1", "--steps", "2", "--batch_size", "8", "--warmup_steps", "1", *QUIET,
+                      "--sample_every", "1", "--wandb", "offline", "--zero_stage", "1")
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/retrieval_i2t" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all(0 <= r["eval/retrieval_t2i"] <= 1 for r in evals)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["retrieval_00000001.png", "retrieval_00000002.png"]
+    assert len(list(out.glob("wandb/offline-run-*/files/media/images/retrieval_*.png"))) == 2
+    assert "Traceback" not in proc.stderr
