@@ -22,7 +22,7 @@ from dataclasses import fields
 from typing import Any
 
 from dalle_ar.config import (PRESETS, ClipConfig, ConfigError, DalleConfig, DataError, DVAEConfig, DVAELossConfig,
-                             SampleConfig, SaveError, TrainConfig, from_dict, load_json)
+                             SampleConfig, SaveError, TrainConfig, ds_config_path, from_dict, load_json)
 
 
 def _int(name: str):
@@ -162,7 +162,7 @@ def resolve(args: argparse.Namespace, *classes: type, defaults: dict[type, dict]
         values = dict((defaults or {}).get(cls, {}))
         if cls is TrainConfig:
             ds_path = getattr(args, "ds_config", None) or section.get("ds_config") or flat.get("ds_config") or TrainConfig.ds_config
-            ds = load_json(ds_path)
+            ds = load_json(ds_config_path(ds_path))
             values.update(ds_config_values(ds))
         if not preset_given:
             values.update(PRESETS["tiny"].get(cls, {}))

@@ -150,7 +150,7 @@ class TrainConfig:
     # fp16 only: a dynamic gradient scale per residual branch (paper appendix D; model/grad_scale.py), starting
     # at 2**initial_scale_power and doubling every loss_scale_window clean steps (ds_config's fp16 section)
     resblock_grad_scaling: bool = False
-    ds_config: str = "ds_config.json"
+    ds_config: str = "ds_config.json"  # DeepSpeed JSON (default: ./ds_config.json, else the copy in the package)
     seed: int = 0
     log_every: int = 10
     save_every: int = 500            # also saved at the end; 0 = only at the end
@@ -206,7 +206,19 @@ class TrainConfig:
     def ds_json(self) -> dict:
         """The `ds_config` file's contents, read once: `cli.resolve` hands over the copy it read for the
         overlapping fields (assigning fills this cache); a config built in code reads the file on first use."""
-        return load_json(self.ds_config)
+        return load_json(ds_config_path(self.ds_config))
+
+
+# The DeepSpeed JSON shipped inside the package: a copy of the repository's ds_config.json (a test keeps them equal).
+PACKAGED_DS_CONFIG = Path(__file__).parent / "ds_config.json"
+
+
+def ds_config_path(path: str | Path) -> Path:
+    """The DeepSpeed JSON a run reads: `path`; for the default name when the working directory has no such file, the
+    copy in the package, so the scripts and the `dalle-ar` command run from any directory."""
+    if str(path) == TrainConfig.ds_config and not Path(path).exists():
+        return PACKAGED_DS_CONFIG
+    return Path(path)
 
 
 @dataclass

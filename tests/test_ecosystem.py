@@ -128,3 +128,54 @@ def test_clip_previews_log_retrieval_accuracy_and_a_captioned_grid(shapes_shards
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["retrieval_00000001.png", "retrieval_00000002.png"]
     assert len(list(out.glob("wandb/offline-run-*/files/media/images/retrieval_*.png"))) == 2
     assert "Traceback" not in proc.stderr
+
+
+def test_the_packaged_ds_config_is_the_repositorys():
+    assert (ROOT / "dalle_ar" / "ds_config.json").read_bytes() == (ROOT / "ds_config.json").read_bytes(), \
+        "dalle_ar/ds_config.json is the copy an install ships: cp ds_config.json dalle_ar/ds_config.json"
+
+
+def test_pyproject_lists_every_package():
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for top in ("dalle_ar", "dvae")
+               for p in (ROOT / top).rglob("__init__.py")}
+    assert on_disk - listed == set(), "add these packages to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_the_dalle_ar_command_in_a_checkout(tmp_path):
+    env = {**script_env(), "PYTHONPATH": str(ROOT)}
+    run = [sys.executable, "-m", "dalle_ar"]
+    out = subprocess.run([*run, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "train-dalle" in out and "train/train_dalle.py: Train the DALL-E transformer" in out and "serve" in out
+    proc = subprocess.run([*run, "train-dvae", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: dalle-ar train-dvae")
+    proc = subprocess.run([*run, "trian-dalle"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "unknown subcommand 'trian-dalle'" in proc.stderr
+
+
+def test_an_installed_copy_trains_from_any_directory(token_data, tmp_path):
+    """A regular (non-editable) install: the `dalle-ar` command runs the scripts it carries, from a directory with no
+    ds_config.json (the packaged default is used)."""
+    import shutil
+
+    src, target, work = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "outputs",
+                                                             ".venv", "wandb", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-compile",
+                    "--target", str(target), str(src)], check=True, capture_output=True, timeout=300)
+    assert (target / "dalle_ar/ds_config.json").is_file() and (target / "dalle_ar/_scripts/sample/generate.py").is_file()
+    work.mkdir()
+    env = {**script_env(), "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import dalle_ar._scripts.train.train_dalle as m; print(m.__file__)"],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=120).stdout
+    assert where.startswith(str(target / "dalle_ar/_scripts/train/"))  # the installed copy, not this checkout
+    proc = subprocess.run([sys.executable, str(target / "bin" / "dalle-ar"), "train-dalle",
+                           *dalle_args(token_data, work / "run", "--dim", "32", "--depth", "1", "--heads", "2",
+                                       "--steps", "1")],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (work / "run/export/model.safetensors").is_file() and not (work / "ds_config.json").exists()
+    resolved = json.loads((work / "run/ds_config.resolved.json").read_text())
+    assert resolved["train_micro_batch_size_per_gpu"] == 4
