@@ -37,7 +37,8 @@ def _int(name: str):
 
 
 INT_HINTS = {"top_k": "--top_k is a number of tokens (an integer, 0 = off), got {text!r}; to sample from the smallest "
-                      "set of tokens whose probabilities sum to {text}, pass --top_p {text} (nucleus sampling)"}
+                      "set of tokens whose probabilities sum to {text}, pass --top_p {text} (nucleus sampling). "
+                      "DALLE-pytorch's --top_k 0.9 kept the most likely 10% of the codebook: --top_k 819 of 8192 codes"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,5 +39,5 @@ def test_a_probability_given_to_top_k_points_at_top_p(capsys):
     with pytest.raises(SystemExit):
         parse("x", SampleConfig, argv=["--top_k", "0.9"])
     err = capsys.readouterr().err
-    assert "--top_k is a number of tokens" in err and "pass --top_p 0.9" in err
+    assert "--top_k is a number of tokens" in err and "pass --top_p 0.9" in err and "10% of the codebook" in err
     assert parse("x", SampleConfig, argv=["--top_k", "8", "--top_p", "0.9"])[1].top_k == 8
