@@ -4,7 +4,8 @@
 never exists in the class but not the CLI (booleans are --x / --no-x; --help shows each field's comment from
 the dataclass source and the allowed values). `resolve` layers the values: class defaults < the script's own
 defaults < (TrainConfig: the run's ds_config.json) < preset < `--config run.json` < flags; with --init_from EXPORT
-the export's config.json sits above the default preset and below an explicit one. `parse` is a script's entry; `run_cli` turns config and data errors into one line naming the file and the fix.
+the export's config.json sits above the default preset and below an explicit one. `parse` is a script's entry;
+`run_cli` turns config and data errors into one line naming the file and the fix.
 """
 
 from __future__ import annotations

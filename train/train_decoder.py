@@ -115,7 +115,7 @@ def main(argv=None):
             tr.log_image("samples", path)
 
     def on_step(tr: Trainer) -> None:
-        if (cfg.sample_every and tr.step % cfg.sample_every == 0) or tr.step == cfg.steps:
+        if tr.preview_due():
             sample_grid(tr)  # the last grid too: inside fit, while wandb is still open
 
     def loss_fn(engine, batch, step):
