@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
         # the real trainer, as its own process (a script is run, never imported)
         subprocess.run([sys.executable, str(ROOT / "train" / "train_dvae.py"), "--data", args.data, "--out", str(out),
                         "--steps", str(args.steps), "--batch_size", "32", "--lr", str(args.lr), "--warmup_steps", "50",
-                        "--ema_decay", "0.99", "--save_every", "0", "--wandb", "disabled", "--progress", "false",
+                        "--ema_decay", "0.99", "--save_every", "0", "--wandb", "disabled", "--no-progress",
                         *RECIPES[name]], env=env, check=True)
         export = out / "export"
         model, _ = models.load(export, kind="dvae")

@@ -50,11 +50,11 @@ def measure(args, variant: str, sync) -> dict:
     x = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size, device=args.device, dtype=dtype)
     x = x.contiguous(memory_format=fmt)
     codes = torch.randint(0, cfg.num_tokens, (args.batch_size, cfg.grid_size, cfg.grid_size), device=args.device)
-    encode, decode = model.encode, model.decode
-    if "onehot" in variant:
-        def decode(c):
-            z = F.one_hot(c, cfg.num_tokens).permute(0, 3, 1, 2).to(dtype).contiguous(memory_format=fmt)
-            return model.decoder(z)
+    def onehot_decode(c):
+        z = F.one_hot(c, cfg.num_tokens).permute(0, 3, 1, 2).to(dtype).contiguous(memory_format=fmt)
+        return model.decoder(z)
+
+    encode, decode = model.encode, onehot_decode if "onehot" in variant else model.decode
     if "compile" in variant:
         encode, decode = torch.compile(encode), torch.compile(decode)
     t_enc = timed(lambda: encode(x), args.repeats, sync)

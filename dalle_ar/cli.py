@@ -1,36 +1,84 @@
 """The command line: every script's flags come from the config dataclasses it uses.
 
 `add_config_args` turns each dataclass field into a flag with the same default as the class, so a flag
-never exists in the class but not the CLI. `resolve` layers the values: class defaults < the script's own
-defaults < (TrainConfig: the run's ds_config.json) < preset < `--config run.json` < flags. `parse` is a
-script's entry; `run_cli` turns config and data errors into one line naming the file and the fix.
+never exists in the class but not the CLI (booleans are --x / --no-x; --help shows each field's comment from
+the dataclass source and the allowed values). `resolve` layers the values: class defaults < the script's own
+defaults < (TrainConfig: the run's ds_config.json) < preset < `--config run.json` < flags; with --init_from EXPORT
+the export's config.json sits above the default preset and below an explicit one. `parse` is a script's entry;
+`run_cli` turns config and data errors into one line naming the file and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import os
+import re
 import sys
+import tokenize
 import typing
 from dataclasses import fields
 from typing import Any
 
 from dalle_ar.config import (PRESETS, ClipConfig, ConfigError, DalleConfig, DataError, DVAEConfig, DVAELossConfig,
-                             SampleConfig, SaveError, TrainConfig, from_dict, load_json)
+                             SampleConfig, SaveError, TrainConfig, ds_config_path, from_dict, load_json)
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def _int(name: str):
+    """int, with the fix in the message: `--top_k 0.9` is a probability mass, which is --top_p."""
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(INT_HINTS.get(name, "expected an integer, got {text!r}").format(text=text))
+    parse.__name__ = "int"
+    return parse
 
 
-def _field_type(cls: type, f: dataclasses.Field):
-    hints = typing.get_type_hints(cls)
-    t = hints[f.name]
-    return _parse_bool if t is bool else t
+INT_HINTS = {"top_k": "--top_k is a number of tokens (an integer, 0 = off), got {text!r}; to sample from the smallest "
+                      "set of tokens whose probabilities sum to {text}, pass --top_p {text} (nucleus sampling). "
+                      "DALLE-pytorch's --top_k 0.9 kept the most likely 10% of the codebook: --top_k 819 of 8192 codes"}
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's `# comment` in the dataclass source: the one after it on its line, else the block of comment
+    lines right above it. The source stays the one place a field is explained; --help shows it."""
+    try:
+        lines = inspect.getsource(cls).splitlines(keepends=True)
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(iter(lines).__next__) if tok.type == tokenize.COMMENT}
+    out = {}
+    for i, line in enumerate(lines, start=1):
+        m = re.match(r"    (\w+)\s*:", line)
+        if not m or m.group(1) not in {f.name for f in fields(cls)}:
+            continue
+        if i in comments:  # the comment after the field
+            text = [comments[i]]
+        else:  # the comment lines right above it
+            text, j = [], i - 1
+            while j in comments and lines[j - 1].lstrip().startswith("#"):
+                text.insert(0, comments[j])
+                j -= 1
+        out[m.group(1)] = " ".join(text)
+    return out
+
+
+def _help(cls: type, f: dataclasses.Field, default) -> str:
+    comment = field_comments(cls).get(f.name, "")
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return (f"{comment} " if comment else "").replace("%", "%%") + f"(default: {shown})"
+
+
+class _Flag(argparse.BooleanOptionalAction):
+    """--compile / --no-compile (each also with dashes); the usage line shows the first pair only."""
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings[:2])
 
 
 # Extra spellings users expect (every field also accepts dashes: --batch-size == --batch_size).
@@ -50,11 +98,19 @@ def add_config_args(parser: argparse.ArgumentParser, *classes: type, defaults: d
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             default = (defaults or {}).get(cls, {}).get(f.name, default)
             names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + ALIASES.get(f.name, [])
-            group.add_argument(*names, dest=f.name, type=_field_type(cls, f), default=None,
-                               metavar=type(default).__name__.upper(), help=f"(default: {default})")
+            t = typing.get_type_hints(cls)[f.name]
+            if t is bool:  # --compile / --no-compile
+                group.add_argument(*names, dest=f.name, action=_Flag, default=None,
+                                   help=_help(cls, f, default))
+            elif typing.get_origin(t) is typing.Literal:
+                group.add_argument(*names, dest=f.name, choices=typing.get_args(t), default=None, help=_help(cls, f, default))
+            else:
+                group.add_argument(*names, dest=f.name, type=_int(f.name) if t is int else t, default=None,
+                                   metavar=type(default).__name__.upper(), help=_help(cls, f, default))
     parser.add_argument("--config", default=None, help="JSON file with values for any of the fields above "
                         "(flat, or nested by section name); flags given here override it")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size preset (default: tiny)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="model size preset (default: tiny; with --init_from, the export's config.json)")
     # The `deepspeed` launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     if TrainConfig in classes:  # DeepSpeed's CLI convention: `--deepspeed --deepspeed_config ds_config.json`
@@ -82,11 +138,25 @@ def ds_config_values(ds: dict) -> dict[str, Any]:
     return out
 
 
+def _export_sections(args: argparse.Namespace, file_data: dict) -> dict:
+    """The --init_from export's config.json (the model's sections are taken from it unless given), or {}."""
+    path = getattr(args, "init_from", None) or file_data.get("init_from") or file_data.get("train", {}).get("init_from")
+    if not path:
+        return {}
+    from dalle_ar.models import export_sections
+
+    return export_sections(path)
+
+
 def resolve(args: argparse.Namespace, *classes: type, defaults: dict[type, dict] | None = None):
     """Build each dataclass from class defaults < script `defaults` < (TrainConfig: ds_config.json)
-    < preset < --config file < flags."""
+    < the default preset < (with --init_from: the export's config.json) < --preset < --config file < flags."""
+    if getattr(args, "preset", None) is None:  # not given: tiny, below what an --init_from export says
+        args.preset, args.preset_given = "tiny", False
+    preset_given = getattr(args, "preset_given", True)
     file_data = load_json(args.config) if args.config else {}
-    out = []
+    export = _export_sections(args, file_data)
+    out, user = [], {}
     for cls in classes:
         section = file_data.get(_SECTION.get(cls, cls.__name__), {})
         flat = {k: v for k, v in file_data.items() if not isinstance(v, dict)}
@@ -94,21 +164,44 @@ def resolve(args: argparse.Namespace, *classes: type, defaults: dict[type, dict]
         values = dict((defaults or {}).get(cls, {}))
         if cls is TrainConfig:
             ds_path = getattr(args, "ds_config", None) or section.get("ds_config") or flat.get("ds_config") or TrainConfig.ds_config
-            ds = load_json(ds_path)
+            ds = load_json(ds_config_path(ds_path))
             values.update(ds_config_values(ds))
-        values.update(PRESETS[args.preset].get(cls, {}))
-        values.update({k: v for k, v in flat.items() if k in names})
-        values.update(section)
-        values.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+        if not preset_given:
+            values.update(PRESETS["tiny"].get(cls, {}))
+        values.update({k: v for k, v in export.get(cls, {}).items() if k in names})
+        if preset_given:
+            values.update(PRESETS[args.preset].get(cls, {}))
+        user[cls] = {k: v for k, v in flat.items() if k in names}
+        user[cls].update(section)
+        user[cls].update({f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
+        values.update(user[cls])
         cfg = from_dict(cls, values, source=args.config or "command line")
         if cls is TrainConfig and cfg.ds_config == ds_path:
             cfg.ds_json = ds  # carried to the engine: the file is read once
         out.append(cfg)
+    if not preset_given and not export:
+        _warn_paper_sizes_with_tiny(user)
     known = set().union(*({f.name for f in fields(c)} for c in classes)) | set(_SECTION.values())
     stray = sorted(k for k in file_data if k not in known and k not in _SECTION.values())
     if stray:
         raise ConfigError(f"{args.config}: unknown field(s) {stray}; valid: {sorted(known)}")
     return out[0] if len(out) == 1 else out
+
+
+def _warn_paper_sizes_with_tiny(user: dict[type, dict]) -> None:
+    """`--image_size 256 --num_tokens 8192` without --preset: the sizes are the paper's, but the rest of the recipe
+    (widths, loss, ...) would silently stay the tiny preset's. Say so once, naming both."""
+    paper, tiny = PRESETS["paper"], PRESETS["tiny"]
+    big = {k: v for cls, given in user.items() for k, v in given.items()
+           if k in paper.get(cls, {}) and paper[cls][k] == v and tiny.get(cls, {}).get(k) != v}
+    if not big:
+        return
+    kept = {k: v for cls, given in user.items() if cls in tiny for k, v in tiny[cls].items()
+            if k not in given and paper.get(cls, {}).get(k, getattr(cls, k, None)) != v}
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {' '.join(f'--{k} {v}' for k, v in big.items())} are the paper's sizes, but no --preset was "
+              f"given, so the tiny preset's recipe still applies ({', '.join(f'{k} {v}' for k, v in kept.items())}); "
+              f"pass --preset paper for the paper's recipe, or --preset tiny to keep this one", file=sys.stderr)
 
 
 def given(args: argparse.Namespace, name: str) -> bool:

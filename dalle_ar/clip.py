@@ -151,6 +151,20 @@ class ClipScorer:
         return self.encode_images(images) @ self.encode_texts(texts).T
 
 
+@torch.no_grad()
+def retrieval(model: nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str]) -> dict:
+    """Top-1 retrieval over a batch of (image i, caption i) pairs, in the model's own dtype and device: "i2t", the
+    fraction of images whose most similar caption is theirs, "t2i" the converse (a caption with the same words counts
+    as theirs), and "best_text", each image's most similar caption index."""
+    p = next(model.parameters())
+    img = model.encode_image(normalize_images(model, images.to(p.device, p.dtype)), normalize=True).float()
+    txt = model.encode_text(tokenizer(list(texts)).to(p.device), normalize=True).float()
+    cosine = (img @ txt.T).cpu()
+    best_text, best_image = cosine.argmax(1).tolist(), cosine.argmax(0).tolist()
+    return {"i2t": sum(texts[j] == texts[i] for i, j in enumerate(best_text)) / len(texts),
+            "t2i": sum(texts[j] == texts[i] for i, j in enumerate(best_image)) / len(texts), "best_text": best_text}
+
+
 def clip_score(cosine: torch.Tensor) -> torch.Tensor:
     """CLIP score (Hessel et al. 2021, CLIPScore with w = 100): 100 * max(cos, 0)."""
     return 100 * cosine.clamp(min=0)

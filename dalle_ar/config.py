@@ -12,7 +12,7 @@ import json
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 from dvae.config import ConfigError, DVAEConfig, DVAELossConfig
 
@@ -27,6 +27,8 @@ class SaveError(OSError):
 
 
 ATTENTION_MASKS = ("full", "row", "column", "conv")
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Offload = Literal["none", "cpu", "nvme"]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class DalleConfig:
     # Attention mask per layer (model/attention.py has the exact rules): "full" (dense causal), "sparse"
     # (the paper's schedule, appendix B.1), or one of full|row|column|conv per layer, comma-separated.
     attention: str = "full"
-    attention_backend: str = "sdpa"  # sdpa: dense boolean masks | flex: FlexAttention block-sparse masks
+    attention_backend: Literal["sdpa", "flex"] = "sdpa"  # sdpa: dense boolean masks; flex: FlexAttention block-sparse masks
     rotary: bool = False             # rotary embeddings on q, k over all slots, on top of the learned positions
     sandwich_norm: bool = False      # LayerNorm at the end of each attention/MLP branch too (CogView)
     null_cond_prob: float = 0.0      # caption dropout: train on the all-pad caption with this probability
@@ -134,7 +136,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    lr_schedule: str = "cosine"      # cosine (after warmup) | plateau (paper transformer: halve on each plateau)
+    lr_schedule: Literal["cosine", "plateau"] = "cosine"  # cosine after warmup; plateau: halve on each plateau (paper transformer)
     plateau_patience: int = 1000     # plateau: steps without a relative improvement of plateau_threshold
     plateau_threshold: float = 0.01
     plateau_halvings: int = 5        # paper: five halvings, ending at lr / 32
@@ -144,23 +146,23 @@ class TrainConfig:
     beta2: float = 0.96
     grad_clip: float = 1.0
     zero_stage: int = 2
-    precision: str = "auto"          # auto: bf16 on CUDA, fp32 on CPU | bf16 | fp16 (dynamic loss scaling, CUDA) | fp32
+    precision: Precision = "auto"    # auto: bf16 on CUDA, fp32 on CPU; fp16: dynamic loss scaling, CUDA
     # fp16 only: a dynamic gradient scale per residual branch (paper appendix D; model/grad_scale.py), starting
     # at 2**initial_scale_power and doubling every loss_scale_window clean steps (ds_config's fp16 section)
     resblock_grad_scaling: bool = False
-    ds_config: str = "ds_config.json"
+    ds_config: str = "ds_config.json"  # DeepSpeed JSON (default: ./ds_config.json, else the copy in the package)
     seed: int = 0
     log_every: int = 10
     save_every: int = 500            # also saved at the end; 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = True              # continue from <out>/checkpoints/latest when it exists
     num_workers: int = 0
-    wandb: str = "offline"           # offline | online | disabled
+    wandb: Literal["offline", "online", "disabled"] = "offline"  # wandb mode (offline: synced later with `wandb sync`)
     wandb_project: str = "dalle-ar"
     wandb_name: str = ""             # run name (default: <trainer>-<out directory name>)
     wandb_entity: str = ""           # team or user (default: wandb's)
     progress: bool = True            # tqdm bar on rank 0
-    offload: str = "none"            # ZeRO offload of optimizer state (and parameters at stage 3): none | cpu | nvme
+    offload: Offload = "none"        # ZeRO offload of optimizer state (and parameters at stage 3)
     nvme_path: str = ""              # with --offload nvme: a local NVMe directory
     activation_checkpointing: bool = False  # recompute block activations in backward (models that support it)
     ema_decay: float = 0.0           # exponential moving average of the weights, exported instead of them; 0 = off
@@ -168,10 +170,13 @@ class TrainConfig:
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples read was skipped as bad data
     max_nonfinite: int = 10          # NaN/Inf losses are skipped and counted; stop after this many in a row
     compile: bool = False            # torch.compile the model (in place: parameter names and checkpoints unchanged)
+    # Start from the weights of an export directory (<out>/export of a run of the same kind): fresh optimizer,
+    # LR schedule and step 0; the model's config comes from its config.json unless given. A resume ignores it.
+    init_from: str = ""
     fused_adamw: bool = True         # torch's fused AdamW kernel on CUDA (one launch for all parameters)
 
-    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "bf16", "fp16", "fp32")
-    OFFLOADS: ClassVar[tuple[str, ...]] = ("none", "cpu", "nvme")
+    PRECISIONS: ClassVar[tuple[str, ...]] = get_args(Precision)
+    OFFLOADS: ClassVar[tuple[str, ...]] = get_args(Offload)
 
     def __post_init__(self):
         if not 0.0 <= self.max_skip_fraction <= 1.0:
@@ -201,7 +206,19 @@ class TrainConfig:
     def ds_json(self) -> dict:
         """The `ds_config` file's contents, read once: `cli.resolve` hands over the copy it read for the
         overlapping fields (assigning fills this cache); a config built in code reads the file on first use."""
-        return load_json(self.ds_config)
+        return load_json(ds_config_path(self.ds_config))
+
+
+# The DeepSpeed JSON shipped inside the package: a copy of the repository's ds_config.json (a test keeps them equal).
+PACKAGED_DS_CONFIG = Path(__file__).parent / "ds_config.json"
+
+
+def ds_config_path(path: str | Path) -> Path:
+    """The DeepSpeed JSON a run reads: `path`; for the default name when the working directory has no such file, the
+    copy in the package, so the scripts and the `dalle-ar` command run from any directory."""
+    if str(path) == TrainConfig.ds_config and not Path(path).exists():
+        return PACKAGED_DS_CONFIG
+    return Path(path)
 
 
 @dataclass
@@ -211,12 +228,14 @@ class SampleConfig:
     num_candidates: int = 16
     top_k_rerank: int = 4
     temperature: float = 1.0
-    top_k: int = 0                   # 0 = off; sample among the k most likely image tokens
-    top_p: float = 0.0               # 0 = off; nucleus sampling
+    # A token count: sample among the k most likely image tokens; 0 = off (a probability mass is --top_p)
+    top_k: int = 0
+    # Nucleus sampling: among the fewest tokens whose probabilities sum to p (e.g. 0.9); 0 = off
+    top_p: float = 0.0
     batch_size: int = 64
     seed: int = 0                    # same seed, batch_size and device -> same images
     cond_scale: float = 1.0          # classifier-free guidance: uncond + s * (cond - uncond); 1 = off
-    rank_by: str = "clip"            # clip | likelihood (the transformer's own log p(image | caption))
+    rank_by: Literal["clip", "likelihood"] = "clip"  # likelihood: the transformer's own log p(image | caption)
     prime_rows: int = 0              # with --prime-image: keep this many top rows of its codes, sample the rest
     inpaint_box: str = ""            # "x0,y0,x1,y1" region to regenerate: grid cells, or fractions in [0, 1]
     inpaint_border: int = 0          # regenerate a border this many grid cells wide
@@ -239,8 +258,8 @@ class DiffusionConfig:
     """Gaussian diffusion of the unCLIP prior / decoder (dalle_ar/unclip/diffusion.py)."""
 
     timesteps: int = 1000            # training steps of the forward process (sampling respaces them)
-    schedule: str = "cosine"         # cosine (improved DDPM) | linear (DDPM)
-    target: str = "eps"              # what the network predicts: eps | x0 | v (the prior script defaults to x0)
+    schedule: Literal["cosine", "linear"] = "cosine"  # cosine (improved DDPM) or linear (DDPM)
+    target: Literal["eps", "x0", "v"] = "eps"  # what the network predicts (the prior script defaults to x0, the decoder to v)
 
 
 @dataclass
@@ -357,6 +376,10 @@ def _checked(cls: type, name: str, value, source: str):
           int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           str: lambda v: isinstance(v, str)}.get(t)
+    if typing.get_origin(t) is Literal:
+        if value not in get_args(t):
+            raise ConfigError(f"{source}: {name} must be one of {', '.join(map(repr, get_args(t)))}, got {value!r}")
+        return value
     if ok is None:
         return value
     if not ok(value):

@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from dalle_ar.checkpoint import load_pretrained
-from dalle_ar.config import ClipConfig, ConfigError, DalleConfig, DVAEConfig, DVAELossConfig, load_json
+from dalle_ar.checkpoint import WEIGHTS, load_pretrained
+from dalle_ar.config import (ClipConfig, ConfigError, DalleConfig, DiffusionConfig, DVAEConfig, DVAELossConfig, PriorConfig,
+                             UnetConfig, config_diff, load_json)
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,60 @@ def train_step(model: nn.Module, config: dict, batch_size: int,
         entry.loss(model, config, batch).backward()
 
     return step
+
+
+# Which config.json section holds which config dataclass (the export format), and the trainer of each kind.
+SECTIONS = {"dvae": DVAEConfig, "loss": DVAELossConfig, "model": DalleConfig, "clip": ClipConfig, "prior": PriorConfig,
+            "unet": UnetConfig, "diffusion": DiffusionConfig}
+TRAINERS = {"dvae": "train/train_dvae.py", "dalle": "train/train_dalle.py", "clip": "train/train_clip.py",
+            "unclip_prior": "train/train_prior.py", "unclip_decoder": "train/train_decoder.py"}
+
+
+def _export_config(path: str | Path) -> tuple[Path, dict]:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"--init_from {path}: no config.json there; pass an export directory a trainer wrote "
+                          f"(<out>/export)")
+    return config_path, load_json(config_path)
+
+
+def export_sections(path: str | Path) -> dict[type, dict]:
+    """An export's config.json as {config dataclass: its values}: what a trainer started --init_from it builds
+    unless the command line says otherwise."""
+    _, config = _export_config(path)
+    return {cls: config[key] for key, cls in SECTIONS.items() if isinstance(config.get(key), dict)}
+
+
+def init_from(model: nn.Module, path: str | Path, export_config: dict) -> None:
+    """Copy the weights of export `path` into `model`, a fresh model whose export config is `export_config` (a
+    trainer's --init_from: weights only; the optimizer, schedule and step start over). The export must be of the
+    same kind and every parameter of the same shape; otherwise a ConfigError names the first difference and the fix."""
+    from safetensors.torch import load_file
+
+    config_path, config = _export_config(path)
+    kind, theirs = export_config.get("kind"), config.get("kind")
+    if kind is not None and theirs != kind:
+        raise ConfigError(f"--init_from {path}: a {theirs} export (kind in {config_path}), but this trainer trains "
+                          f"{kind}; pass the export directory of a {kind} run ({TRAINERS.get(kind, kind)} --out DIR "
+                          f"writes DIR/export)")
+    if not (Path(path) / WEIGHTS).is_file():
+        raise FileNotFoundError(f"--init_from {path}: no {WEIGHTS}; pass an export directory a trainer wrote")
+    state, own = load_file(str(Path(path) / WEIGHTS)), model.state_dict()
+    differs = config_diff({k: v for k, v in config.items() if k in SECTIONS},
+                          {k: v for k, v in export_config.items() if k in SECTIONS})
+    fix = (f"use the same --preset/model flags as the export (see {config_path}"
+           + (f"; differs: {', '.join(differs[:4])}" if differs else "") + ")")
+    for name, tensor in own.items():
+        if name not in state:
+            raise ConfigError(f"--init_from {path}: the export has no {name} (this model has {len(own)} tensors, the "
+                              f"export {len(state)}); {fix}")
+        if state[name].shape != tensor.shape:
+            raise ConfigError(f"--init_from {path}: {name} is {tuple(state[name].shape)} in the export but "
+                              f"{tuple(tensor.shape)} here; {fix}")
+    extra = sorted(state.keys() - own.keys())
+    if extra:
+        raise ConfigError(f"--init_from {path}: the export's {extra[0]} has no place in this model; {fix}")
+    model.load_state_dict(state)
 
 
 def write_dry_run(path: str | Path, config: dict, batch_size: int, grad_accum: int) -> None:

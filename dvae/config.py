@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
+
+
+Reconstruction = Literal["logit_laplace", "mse", "l1"]
 
 
 class ConfigError(ValueError):
@@ -51,7 +54,7 @@ class DVAELossConfig:
     """dVAE objective and schedules (paper appendix A.2). Defaults are the paper's; every anneal length
     is for a `reference_steps`-update run and is scaled by steps / reference_steps (0 = no scaling)."""
 
-    reconstruction: str = "logit_laplace"  # logit_laplace (paper) | mse | l1 (for comparison)
+    reconstruction: Reconstruction = "logit_laplace"  # logit_laplace (paper); mse, l1 for comparison
     # Lower bound on the logit-Laplace scale b (b = exp(ln b) + min_scale; 0 = none, the paper). An
     # experiment knob: on flat synthetic images b -> 0 and the codebook collapses (README, "The dVAE").
     min_scale: float = 0.0
@@ -72,7 +75,7 @@ class DVAELossConfig:
     # (crop / image_size)^2 of the compute: on the 64 px shapes world, 32 px crops reach a given quality ~3x sooner.
     crop_size: int = 0
 
-    RECONSTRUCTIONS: ClassVar[tuple[str, ...]] = ("logit_laplace", "mse", "l1")
+    RECONSTRUCTIONS: ClassVar[tuple[str, ...]] = get_args(Reconstruction)
 
     def __post_init__(self):
         if self.reconstruction not in self.RECONSTRUCTIONS:

@@ -23,7 +23,7 @@ MODEL = ["--dim", "32", "--depth", "1", "--heads", "2"]
 def command(data, out, *extra):
     return [sys.executable, "train/train_dalle.py", "--data", str(data / "tokens"), "--tokenizer", str(data / "tok"),
             "--out", str(out), *MODEL, "--steps", str(STEPS), "--batch_size", "8", "--warmup_steps", "2",
-            "--lr", "3e-3", "--save_every", "3", "--log_every", "1", "--null_cond_prob", "0.2", "--progress", "false",
+            "--lr", "3e-3", "--save_every", "3", "--log_every", "1", "--null_cond_prob", "0.2", "--no-progress",
             *extra]
 
 
@@ -261,9 +261,9 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_stops_with_one_line(tok
 
 
 def test_sigterm_during_compilation_ends_within_seconds(token_data, tmp_path):
-    """--compile true: the first forward spends many seconds in torch.compile; a SIGTERM there stops the run at once."""
+    """--compile: the first forward spends many seconds in torch.compile; a SIGTERM there stops the run at once."""
     out = tmp_path / "run"
-    proc, stdout, stderr, seconds = _sigterm(command(token_data, out, "--compile", "true"), out, delay=3)  # compiling
+    proc, stdout, stderr, seconds = _sigterm(command(token_data, out, "--compile"), out, delay=3)  # compiling
     assert seconds < 30
     if proc.returncode == 128 + signal.SIGTERM:  # stopped in the compilation (the usual case)
         assert "stopped by SIGTERM before the first step" in stdout

@@ -1,7 +1,6 @@
 """Launchers: rank discovery under torchrun / the deepspeed launcher (they set RANK...), SLURM srun and MPI, and a
 refusal of half-set launches (N processes that each think they are rank 0 of 1 would share one --out)."""
 
-import os
 import subprocess
 import sys
 
@@ -47,7 +46,7 @@ def test_srun_style_launch_of_two_processes_is_one_two_rank_run(token_data, tmp_
     out, port = tmp_path / "run", str(free_port())
     cmd = [sys.executable, "train/train_dalle.py", "--data", str(token_data / "tokens"), "--tokenizer",
            str(token_data / "tok"), "--out", str(out), "--dim", "32", "--depth", "1", "--heads", "2", "--steps", "3",
-           "--batch_size", "4", "--save_every", "0", "--log_every", "1", "--progress", "false", "--wandb", "disabled"]
+           "--batch_size", "4", "--save_every", "0", "--log_every", "1", "--no-progress", "--wandb", "disabled"]
     procs = []
     for rank in range(2):
         env = {**script_env(), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",

@@ -35,7 +35,7 @@ CLIP = ClipConfig(image_size=64, embed_dim=32, vision_layers=1, vision_width=64,
 PRIOR = PriorConfig(embed_dim=32, text_len=12, text_vocab_size=64, dim=64, depth=2, heads=4)
 UNET = UnetConfig(image_size=16, channels=16, channel_mult="1,2", num_res_blocks=1, attention_resolutions="8",
                   head_channels=16, embed_dim=32)
-QUIET = ["--wandb", "disabled", "--progress", "false", "--zero_stage", "0"]
+QUIET = ["--wandb", "disabled", "--no-progress", "--zero_stage", "0"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def decoder_run(world):
     out = world["dir"] / "decoder"
     train_decoder(["--data", str(world["shards"]), "--embeddings", str(world["emb"]), "--out", str(out),
                    "--steps", "3", "--batch_size", "4", "--image_size", "16", "--channels", "16", "--channel_mult", "1,2",
-                   "--num_res_blocks", "1", "--use_caption", "true", "--tokenizer", str(world["tokenizer"]),
+                   "--num_res_blocks", "1", "--use_caption", "--tokenizer", str(world["tokenizer"]),
                    "--text_len", "12", "--sample_steps", "2", "--num_samples", "2", *QUIET])
     return out
 

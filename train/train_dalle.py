@@ -4,7 +4,11 @@
   python train/train_dalle.py --data data/tokens --tokenizer runs/tokenizer --out runs/dalle --steps 2000
   deepspeed --num_gpus 8 train/train_dalle.py --preset paper --data 'tokens/{000000..000999}.tar' ...
   torchrun --nproc_per_node 2 train/train_dalle.py ...
-Writes <out>/export (config.json + model.safetensors + tokenizer.json), checkpoints in <out>/checkpoints.
+Writes <out>/export (config.json + model.safetensors + tokenizer.json), checkpoints in <out>/checkpoints, and
+every --sample_every steps and at the end a preview, <out>/samples/step_XXXXXXXX.png (also in wandb): 4 fixed
+captions (held-out prompts in the shapes world, else the data's first captions) x 2 samples through DallePipeline,
+decoded with --dvae (default: the dVAE the token shards' meta.json names). Previews leave the training random
+streams alone: a run with them trains exactly like one without.
 """
 
 from __future__ import annotations
@@ -17,16 +21,22 @@ import torch
 
 from dalle_ar import models
 from dalle_ar.cli import given, parse, run_cli
-from dalle_ar.config import ConfigError, DalleConfig, TrainConfig
+from dalle_ar.config import ConfigError, DalleConfig, SampleConfig, TrainConfig
+from dalle_ar.data import synthetic
 from dalle_ar.data.decode import SkipCounter
 from dalle_ar.data.read import batches, infinite, token_dataset
 from dalle_ar.engine import Trainer, rank
 from dalle_ar.model import DalleTransformer
+from dalle_ar.pipeline import DallePipeline
+from dalle_ar.report import save_grid
 from dalle_ar.text import TextTokenizer, check_vocab
+from dvae.config import DVAEConfig
 
 
 def extra_args(p):
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (or its directory) from train/train_tokenizer.py")
+    p.add_argument("--dvae", default=None, help="dVAE export that decodes the sample previews (default: the one the "
+                   "token shards' meta.json names, written by train/encode.py)")
     p.add_argument("--dry_run", default=None, metavar="PATH", help=models.DRY_RUN_HELP)
 
 
@@ -53,6 +63,35 @@ def token_batches(cfg: TrainConfig, skips: SkipCounter | None = None, model: Dal
     return infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False))
 
 
+PREVIEW_CAPTIONS, PREVIEW_SAMPLES = 4, 2
+
+
+def preview_captions(data: str) -> list[str]:
+    """The previews' fixed captions: held-out shapes-world prompts when the data is the shapes world, else the
+    first captions of the data."""
+    first = next(iter(batches(token_dataset(data), PREVIEW_CAPTIONS)), None)
+    texts = list(first[1]) if first else []
+    if texts and all(synthetic.is_caption(t) for t in texts):
+        return [c for _, c in synthetic.heldout(PREVIEW_CAPTIONS)]
+    return texts
+
+
+def preview_dvae(path: str | None, model: DalleConfig, cfg: TrainConfig) -> tuple[str | None, str]:
+    """(the dVAE export that decodes previews, "") or (None, why previews are off)."""
+    if not path:
+        return None, f"no dVAE to decode them ({Path(cfg.data) / 'meta.json'} names none); pass --dvae EXPORT"
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None, f"the dVAE {path} has no config.json; pass --dvae EXPORT"
+    dvae = DVAEConfig(**json.loads(config.read_text())["dvae"])
+    if (dvae.grid_size, dvae.num_tokens) != (model.image_fmap_size, model.num_image_tokens):
+        return None, (f"the dVAE {path} gives a {dvae.grid_size}x{dvae.grid_size} grid over {dvae.num_tokens} codes, "
+                      f"the model {model.image_fmap_size}x{model.image_fmap_size} over {model.num_image_tokens}")
+    if cfg.zero_stage == 3:
+        return None, "ZeRO-3 keeps only a shard of the weights on each rank"
+    return path, ""
+
+
 def main(argv=None):
     args, (model_cfg, cfg) = parse(__doc__, DalleConfig, TrainConfig, extra=extra_args, argv=argv)
     skips = SkipCounter(source=cfg.data)  # bad samples by reason, and captions longer than text_len
@@ -67,15 +106,34 @@ def main(argv=None):
     export_config = models.export_config("dalle", model, dvae=meta.get("dvae"))
     if args.dry_run:
         return models.write_dry_run(args.dry_run, export_config, cfg.batch_size, cfg.grad_accum)
+    dvae_path, why_not = preview_dvae(args.dvae or meta.get("dvae"), model_cfg, cfg)
+    captions = preview_captions(cfg.data) if dvae_path else []
     trainer = Trainer(model, cfg, name="dalle", export_config=export_config, extra_files={"tokenizer.json": tok_file})
     stream = ((tok.encode(texts), codes.flatten(1)) for codes, texts, _ in token_batches(cfg, skips, model_cfg))
+    if trainer.is_main and not dvae_path:
+        print(f"dalle: sample previews are off: {why_not}", flush=True)
+    pipe = None
+
+    def on_step(t: Trainer) -> None:
+        nonlocal pipe
+        if not (dvae_path and captions and t.is_main and t.preview_due()):
+            return
+        with t.previewing() as module:  # the real sampling path, on the live weights
+            if pipe is None:
+                pipe = DallePipeline(module, TextTokenizer.load(tok_file, model_cfg.text_len),
+                                     models.load(dvae_path, t.device, kind="dvae")[0], device=t.device,
+                                     name="dalle")
+            out = pipe(captions, SampleConfig(num_candidates=PREVIEW_SAMPLES, top_k_rerank=1, seed=0))
+        path = save_grid(out["images"].flatten(0, 1), t.out / "samples" / f"step_{t.step:08d}.png",
+                         nrow=PREVIEW_SAMPLES, row_labels=captions)
+        t.log_image("samples", path)
 
     def loss_fn(engine, batch, step):
         text, codes = batch
         inputs, target = trainer.module.training_inputs(text, codes)  # caption dropout happens here
         return trainer.module.loss_from_output(engine(*inputs), target)
 
-    return trainer.fit(stream, loss_fn, skips=skips)
+    return trainer.fit(stream, loss_fn, on_step=on_step, skips=skips)
 
 
 if __name__ == "__main__":

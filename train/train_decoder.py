@@ -5,7 +5,7 @@
   python train/train_decoder.py --data data/shapes --embeddings data/shapes_clip --out runs/decoder --steps 5000
   python train/train_decoder.py --stage upsampler --data data/shapes --low_res_size 32 --image_size 64 \\
       --out runs/upsampler --steps 5000
-The base decoder reads each image shard beside its embedding shard; `--use_caption true` also conditions on
+The base decoder reads each image shard beside its embedding shard; `--use_caption` also conditions on
 the caption (needs --tokenizer). The upsampler reads only images (no embedding or caption, as in the
 paper). Writes <out>/export (EMA weights with --ema_decay, the default) and sample grids in <out>/samples/
 every --sample_every steps and at the end: originals on top, decoded from their CLIP embeddings below
@@ -35,7 +35,7 @@ STAGES = ("base", "upsampler")
 def extra_args(p):
     p.add_argument("--stage", choices=STAGES, default="base", help="base decoder (default) or upsampler")
     p.add_argument("--embeddings", default=None, help="embedding shards from train/precompute_clip.py (base stage)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (with --use_caption true)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (with --use_caption)")
     p.add_argument("--sample_steps", type=int, default=32, help="DDIM steps for the sample grids (default: 32)")
     p.add_argument("--sample_guidance", type=float, default=3.0, help="guidance scale for the grids (default: 3)")
     p.add_argument("--num_samples", type=int, default=8, help="images in each sample grid (default: 8)")
@@ -67,7 +67,7 @@ def main(argv=None):
         raise ConfigError("--embeddings DIR is required for the base decoder: compute them with "
                           "`python train/precompute_clip.py --clip <clip> --data <shards> --out DIR`")
     if unet_cfg.use_caption and not args.tokenizer:
-        raise ConfigError("--use_caption true needs --tokenizer (the project BPE from train/train_tokenizer.py)")
+        raise ConfigError("--use_caption needs --tokenizer (the project BPE from train/train_tokenizer.py)")
     meta = read_meta(args.embeddings) if base else None
     tok = TextTokenizer.load(args.tokenizer, unet_cfg.text_len) if (unet_cfg.use_caption and base) else None
     unet_cfg = stage_config(args, unet_cfg, meta, tok)
@@ -115,7 +115,7 @@ def main(argv=None):
             tr.log_image("samples", path)
 
     def on_step(tr: Trainer) -> None:
-        if (cfg.sample_every and tr.step % cfg.sample_every == 0) or tr.step == cfg.steps:
+        if tr.preview_due():
             sample_grid(tr)  # the last grid too: inside fit, while wandb is still open
 
     def loss_fn(engine, batch, step):

@@ -55,8 +55,9 @@ def main(argv=None):
         return dvae_loss(engine, batch[0], step, schedule)
 
     def on_step(t: Trainer):
-        if t.is_main and ((cfg.sample_every and t.step % cfg.sample_every == 0) or t.step == cfg.steps):
-            path = reconstruction_grid(t.module, fixed, t.out / "samples" / f"recon_{t.step:08d}.png")
+        if t.is_main and t.preview_due():
+            with t.previewing() as module:
+                path = reconstruction_grid(module, fixed, t.out / "samples" / f"recon_{t.step:08d}.png")
             t.log_image("reconstructions", path)
 
     export = trainer.fit((b[:1] for b in stream), loss_fn, on_step=on_step, show=("tau", "codes_used", "recon_mse"),

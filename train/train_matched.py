@@ -150,7 +150,7 @@ def stage_argv(args, stage: str, runs: Path, embeddings: Path) -> list[str]:
         data = ["--data", str(embeddings)]
     else:
         data = ["--data", args.train_images, "--embeddings", str(embeddings)]
-    quiet = ["--progress", "false"] if args.no_progress else []
+    quiet = ["--no-progress"] if args.no_progress else []
     return [*data, "--tokenizer", args.tokenizer, "--out", str(runs / stage), *shlex.split(RECIPES[stage]), *user, *quiet]
 
 

@@ -126,7 +126,7 @@ class Checkpointer:
         path, state = self.engine.load_checkpoint(str(self.dir), tag=tag)
         if path is None:
             raise RuntimeError(f"{self.dir / tag}: could not load this checkpoint; delete it to resume from "
-                               f"the one before, or pass --resume false to start over")
+                               f"the one before, or pass --no-resume to start over")
         for e in self.entries:
             if e.key is None:
                 e.component.load_state_dict(state)

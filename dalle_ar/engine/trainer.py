@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from dalle_ar import models
 from dalle_ar.config import ConfigError, TrainConfig, save_json
 from dalle_ar.engine import lock
 from dalle_ar.engine.checkpointer import Checkpointer, StateFns
@@ -67,6 +69,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, name: str, export_config: dict,
                  extra_files: dict[str, str] | None = None, lr_decay_steps: int | None = None):
+        if cfg.init_from:  # weights only, checked before anything is set up or written (a resume overrides them)
+            models.init_from(model, cfg.init_from, export_config)
         setup_distributed()
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
@@ -98,12 +102,15 @@ class Trainer:
         self.consumed = 0      # micro-batches taken from the data stream (the data position)
         self.nonfinite = 0     # micro-batches skipped for a NaN/Inf loss
         self.rng = RNGStreams()
+        self.bar_metrics: dict[str, str] = {}  # shown on the progress bar from the step they are set (previews)
         self.checkpointer = self._checkpointer(export_config, extra_files or {})
         self.logger = RunLogger(self.out, enabled=self.is_main)
         if self.is_main:
             self._write_run_files(ds_config)
         if cfg.resume and self.checkpointer.complete_checkpoints():
             self.load()
+        elif cfg.init_from and self.is_main:
+            print(f"{name}: weights from {cfg.init_from}; optimizer, LR schedule and step start at 0", flush=True)
 
     def _prepare_model(self, model: nn.Module, ds_config: dict):
         """Training features applied to the model before DeepSpeed wraps it; returns the fp16 per-resblock
@@ -186,6 +193,26 @@ class Trainer:
     def log_image(self, key: str, path: str | Path) -> None:
         """Log a PNG already written to disk (sample or reconstruction grid)."""
         self.logger.log_image(key, path, self.step)
+
+    # -- previews -----------------------------------------------------------------------------
+    def preview_due(self) -> bool:
+        """Whether this step writes a preview (sample grid, reconstructions, retrieval): every `sample_every`
+        steps and at the last step (the one grid of a run with sample_every 0)."""
+        every = self.cfg.sample_every
+        return bool(every and self.step % every == 0) or self.step == self.cfg.steps
+
+    @contextmanager
+    def previewing(self):
+        """A preview inside the loop: the model in eval mode under no_grad, then back in the mode it was in, and the
+        random streams as they were, so a run with previews trains bit for bit like one without (and resumes so)."""
+        state, was_training = rng_state(), self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                yield self.module
+        finally:
+            self.module.train(was_training)
+            set_rng_state(state)
 
     # -- one step ----------------------------------------------------------------------------
     def micro_step(self, loss: torch.Tensor) -> None:
@@ -279,6 +306,7 @@ class Trainer:
             extra["skipped"] = skips.total
         if self.nonfinite:
             extra["nonfinite"] = self.nonfinite
+        extra.update(self.bar_metrics)
         bar.set_postfix(loss=f"{meter.smoothed:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                         samples_s=f"{rate:.1f}", **extra)
         if self.step % cfg.log_every == 0 or self.step == cfg.steps:
