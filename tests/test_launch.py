@@ -1,7 +1,6 @@
 """Launchers: rank discovery under torchrun / the deepspeed launcher (they set RANK...), SLURM srun and MPI, and a
 refusal of half-set launches (N processes that each think they are rank 0 of 1 would share one --out)."""
 
-import os
 import subprocess
 import sys
 

@@ -367,6 +367,14 @@ def make_example(
     return render(scene, image_size), caption(scene)
 
 
+HELD_OUT_SEED = 12345  # the world seed of held-out prompts (sample/generate.py --synthetic_seed); training uses 0
+
+
+def held_out_captions(n: int, seed: int = HELD_OUT_SEED) -> list[str]:
+    """The first `n` captions of the held-out world: prompts no training shard was drawn from."""
+    return [caption(sample_scene(np.random.default_rng([seed, i]))) for i in range(n)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Checking
 # ---------------------------------------------------------------------------------------------
