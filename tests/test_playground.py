@@ -72,8 +72,9 @@ def test_prompt_gives_kept_images_best_first_with_scores_and_verdicts(client):
         assert all(isinstance(row["check"], bool) for row in kept)  # a shapes-world caption: checked
         for item, row in zip(gallery, kept):
             assert Image.open(item["image"]).size[0] >= 192  # enlarged for the page
-            assert item["caption"].startswith(f"#{row['rank']} · CLIP {row['clip_score']:.1f}")
+            assert item["caption"] == f"#{row['rank']} CLIP {row['clip_score']:.1f} {'✓' if row['check'] else '✗'}"
     assert "**AR**: 4 candidates in" in status and "s per image" in status and "shapes-world check" in status
+    assert "| #1 | " in status and "| #2 | " in status  # the table of kept images
     assert info["prompt"] == prompt and info["seed"] == 0
 
 
@@ -99,7 +100,7 @@ def test_priming_and_variations_start_from_an_uploaded_image(client, picture):
     assert len(unclip) == 3 and "3 variations" in status
     cosines = [row["clip_cosine"] for row in info["unCLIP"]["kept"]]
     assert cosines == sorted(cosines, reverse=True)
-    assert unclip[0]["caption"].startswith("#1 · CLIP") and "to the image" in unclip[0]["caption"]
+    assert unclip[0]["caption"].startswith("#1 CLIP") and "ranked by CLIP cosine to the uploaded image" in status
 
 
 @pytest.mark.parametrize("request_, message", [

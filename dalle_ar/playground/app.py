@@ -205,31 +205,42 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST) if factor > 1 else pil
 
 
-def caption_of(row: dict, scored_against: str) -> str:
+def caption_of(row: dict) -> str:
+    """A kept image's short label in the gallery: rank, CLIP score, and the check verdict (the table has the rest)."""
     parts = [f"#{row['rank']}"]
     if "clip_score" in row:
-        parts.append(f"CLIP {row['clip_score']:.1f} (cos {row['clip_cosine']:.3f}{scored_against})")
+        parts.append(f"CLIP {row['clip_score']:.1f}")
     if "check" in row:
-        parts.append("✓ matches the caption" if row["check"] else f"✗ {row['problems'][0]}")
-    return " · ".join(parts)
+        parts.append("✓" if row["check"] else "✗")
+    return " ".join(parts)
 
 
 def summary(results: dict, scorer_name: str | None, variations: bool = False) -> str:
-    lines = []
+    """The status panel: per backend the time taken and how the kept images were chosen, then a table of them."""
+    parts = []
     for backend, r in results.items():
-        n, k = r["num_candidates"], len(r["kept"])
+        n, kept = r["num_candidates"], r["kept"]
         line = (f"**{backend}**: {n} {'variations' if variations else 'candidates'} in {r['seconds']:.2f} s "
                 f"({r['seconds'] / n:.3f} s per image)")
-        if not variations:
-            line += (f", kept the {k} best by CLIP ({scorer_name})" if "clip_score" in r["kept"][0]
-                     else f", kept the first {k} (no CLIP loaded: pass --clip to rank)")
-        else:
+        scored = "clip_score" in kept[0]
+        if variations:
             line += ", ranked by CLIP cosine to the uploaded image"
-        checks = [row["check"] for row in r["kept"] if "check" in row]
+        else:
+            line += (f", kept the {len(kept)} best by CLIP ({scorer_name})" if scored
+                     else f", kept the first {len(kept)} (no CLIP loaded: pass --clip to rank)")
+        checks = [row["check"] for row in kept if "check" in row]
         if checks:
             line += f"; shapes-world check: {sum(checks)} of {len(checks)} kept match the caption"
-        lines.append(line)
-    return "\n\n".join(lines)
+        rows = ["| rank | CLIP score | cosine |" + (" check |" if checks else ""),
+                "|---|---|---|" + ("---|" if checks else "")]
+        for row in kept:
+            cells = [f"#{row['rank']}", f"{row['clip_score']:.1f}" if scored else "-",
+                     f"{row['clip_cosine']:.3f}" if scored else "-"]
+            if checks:
+                cells.append("✓ matches" if row["check"] else f"✗ {row['problems'][0]}")
+            rows.append("| " + " | ".join(cells) + " |")
+        parts.append(line + "\n\n" + "\n".join(rows))
+    return "\n\n".join(parts)
 
 
 def details(results: dict, **request) -> dict:
@@ -251,11 +262,11 @@ def build_app(play: Playground, batch_size: int = 64):
         return gr.Error(f"internal error ({e.__class__.__name__}: {e}); the server log has the details",
                         print_exception=False)
 
-    def gallery(results: dict, backend: str, scored_against: str = ""):
+    def gallery(results: dict, backend: str):
         r = results.get(backend)
         if r is None:
             return []
-        return [(to_pil(im), caption_of(row, scored_against)) for im, row in zip(r["images"], r["kept"])]
+        return [(to_pil(im), caption_of(row)) for im, row in zip(r["images"], r["kept"])]
 
     def on_generate(prompt, backend, num_candidates, keep, temperature, top_k, top_p, cond_scale, seed,
                     prior_steps, decoder_steps, decoder_guidance, image, prime_mode, prime_rows, inpaint_box,
@@ -280,7 +291,7 @@ def build_app(play: Playground, batch_size: int = 64):
                                       decoder_guidance=decoder_guidance, progress=lambda f, desc: progress(f, desc=desc))
         except BaseException as e:
             raise fail(e) from None
-        return (gr.skip(), gallery(results, "unCLIP", " to the image"), summary(results, None, variations=True),
+        return (gr.skip(), gallery(results, "unCLIP"), summary(results, None, variations=True),
                 details(results, seed=int(seed), backend="unCLIP variations"))
 
     def on_upload(image):
@@ -335,9 +346,9 @@ def build_app(play: Playground, batch_size: int = 64):
             with gr.Column(scale=3):
                 status = gr.Markdown("Type a prompt and press Generate.", elem_id="status")
                 with gr.Row():
-                    ar_gallery = gr.Gallery(label="AR (DALL-E transformer)", columns=4, height="auto",
+                    ar_gallery = gr.Gallery(label="AR (DALL-E transformer)", columns=2, height="auto", object_fit="contain",
                                             visible=has_ar, elem_id="ar_gallery")
-                    unclip_gallery = gr.Gallery(label="unCLIP", columns=4, height="auto", visible=has_unclip,
+                    unclip_gallery = gr.Gallery(label="unCLIP", columns=2, height="auto", object_fit="contain", visible=has_unclip,
                                                 elem_id="unclip_gallery")
                 with gr.Accordion("Scores (JSON)", open=False):
                     info = gr.JSON(label="Request and scores")
