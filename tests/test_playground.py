@@ -155,6 +155,15 @@ def test_startup_refuses_what_is_not_an_export_in_one_line(exports, tmp_path):
         Playground.load(str(exports["dvae"]))
 
 
+def test_a_port_in_use_is_a_one_line_error(play):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--host 127.0.0.1 --port {port}: cannot serve there .*; pass another --port"):
+            launch(build_app(play), "127.0.0.1", port, block=False)
+
+
 # -- what the page needs from the pipelines --------------------------------------------------------------------
 def test_progress_callback_counts_every_token_and_leaves_the_images_alone(play):
     pipe: DallePipeline = play.dalle

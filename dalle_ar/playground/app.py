@@ -303,6 +303,7 @@ def build_app(play: Playground, batch_size: int = 64):
             raise fail(e) from None
 
     has_ar, has_unclip = play.dalle is not None, play.unclip is not None
+    columns = 2 if has_ar and has_unclip else 4  # side by side: two half-width galleries
     with gr.Blocks(title="dalle-ar playground", analytics_enabled=False) as demo:
         gr.Markdown("# dalle-ar playground\nText to image with the DALL-E transformer (AR, reranked by CLIP) and the "
                     "unCLIP baseline. One request runs at a time; others wait in the queue, their place shown on "
@@ -346,9 +347,9 @@ def build_app(play: Playground, batch_size: int = 64):
             with gr.Column(scale=3):
                 status = gr.Markdown("Type a prompt and press Generate.", elem_id="status")
                 with gr.Row():
-                    ar_gallery = gr.Gallery(label="AR (DALL-E transformer)", columns=2, height="auto", object_fit="contain",
+                    ar_gallery = gr.Gallery(label="AR (DALL-E transformer)", columns=columns, height="auto", object_fit="contain",
                                             visible=has_ar, elem_id="ar_gallery")
-                    unclip_gallery = gr.Gallery(label="unCLIP", columns=2, height="auto", object_fit="contain", visible=has_unclip,
+                    unclip_gallery = gr.Gallery(label="unCLIP", columns=columns, height="auto", object_fit="contain", visible=has_unclip,
                                                 elem_id="unclip_gallery")
                 with gr.Accordion("Scores (JSON)", open=False):
                     info = gr.JSON(label="Request and scores")
