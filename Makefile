@@ -1,5 +1,6 @@
 # `make demo`: set up and run the whole pipeline on the synthetic shapes world (CPU: ~15 min).
 # `make test`: set up and run the test suite. See README.md.
+# `make play`: the browser playground on the demo's models (runs `make demo` first when they are missing).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,10 +11,12 @@ SEEDS  ?= 0 1 2
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13
 MATCHED ?= outputs/compare_matched_$(BUDGET)
+HOST    ?= 127.0.0.1
+PORT    ?= 7860
 # a demo stage, timed into $(DEMO)/stages.json
 STAGE   = $(PY) -m bench.stage --log $(DEMO)/stages.json --name
 
-.PHONY: setup demo demo-seeds test bench clean compare compare-models compare-matched
+.PHONY: setup demo demo-seeds test test-browser play bench clean compare compare-models compare-matched
 
 setup: $(STAMP)
 
@@ -23,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,play]'
 	# OpenAI's own dall_e package, so the tests convert pickles made by their code (its requirements list pins
 	# test tools and blobfile we do not need; what it imports, attrs and requests, comes with [test] and wandb)
 	$(PY) -m pip install -q --no-deps dall-e==0.1
@@ -106,6 +109,23 @@ compare-matched: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# `make test-browser`: tests/browser drives the playground in a real headless chromium (Debian's chromium and
+# chromium-driver, installed here when missing; selenium is pointed at /usr/bin/chromedriver, nothing is downloaded).
+test-browser: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,play,browser]'
+	$(PY) -m pytest -q -o addopts=-ra tests/browser
+
+# `make play [HOST=127.0.0.1 PORT=7860]`: serve the playground on the demo's transformer and CLIP (and on the unCLIP
+# prior + decoder of `make compare-models` when they are there); prints the URL. Ctrl+C stops it.
+play: setup
+	@test -d $(DEMO)/runs/dalle/export -a -d $(DEMO)/runs/clip/export || $(MAKE) demo
+	$(PY) -m dalle_ar.playground --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
+		$$(test -d $(COMPARE)/runs/prior/export -a -d $(COMPARE)/runs/decoder/export && \
+		   echo --prior $(COMPARE)/runs/prior/export --decoder $(COMPARE)/runs/decoder/export) \
+		--host $(HOST) --port $(PORT)
 
 bench: setup
 	$(PY) -m bench.train_throughput --out bench/results/train_throughput_$$(hostname).json

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,10 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: prime/inpaint image not found; pass --prime-image with an existing PNG/JPEG")
-    image = ImageOps.fit(Image.open(p).convert("RGB"), (size, size), Image.BICUBIC)
+    try:
+        image = ImageOps.fit(Image.open(p).convert("RGB"), (size, size), Image.BICUBIC)
+    except OSError as e:  # PIL.UnidentifiedImageError (not an image), a truncated file
+        raise ConfigError(f"{p.name}: not an image that can be read ({e.__class__.__name__}); pass a PNG or JPEG") from None
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
 
 
@@ -68,6 +71,11 @@ class DallePipeline:
     @property
     def grid_size(self) -> int:
         return self.transformer.config.image_fmap_size
+
+    def check_prompt(self, prompt: str) -> None:
+        """ConfigError for a caption the transformer cannot read whole (empty, or over its text slots); sampling
+        itself truncates an overlong caption (and counts it)."""
+        self.tokenizer.check_fits(prompt)
 
     # -- priming and inpainting ---------------------------------------------------------------------------
     def known_region(self, cfg: SampleConfig, image: str | Path | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -107,14 +115,18 @@ class DallePipeline:
 
     def sample_chunks(self, text: torch.Tensor, rows: int, generator: torch.Generator, *, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 0.0, cond_scale: float = 1.0, compile: bool = False,
-                      known_codes: torch.Tensor | None = None,
-                      known_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-        """Image codes (rows, h, w) for `rows` token rows at a time, in order, all drawn from `generator`."""
+                      known_codes: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+                      callback: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
+        """Image codes (rows, h, w) for `rows` token rows at a time, in order, all drawn from `generator`.
+        `callback(tokens)` after each decode step: image tokens drawn so far over all rows."""
+        done = 0
         for chunk in text.split(rows):
+            step = None if callback is None else (lambda i, done=done, b=len(chunk): callback(done + b * i))
             yield generate_codes(self.transformer, chunk, temperature=temperature, top_k=top_k, top_p=top_p,
                                  generator=generator, cond_scale=cond_scale, compile=compile,
                                  known_codes=None if known_codes is None else known_codes.expand(len(chunk), -1, -1),
-                                 known_mask=known_mask)
+                                 known_mask=known_mask, callback=step)
+            done += len(chunk) * self.transformer.config.image_seq_len
 
     def decode(self, codes: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Codes (B, h, w) -> fp32 CPU images (B, 3, H, W) in [0, 1], `batch_size` at a time."""
@@ -126,12 +138,14 @@ class DallePipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], cfg: SampleConfig, known_codes: torch.Tensor | None = None,
-                 known_mask: torch.Tensor | None = None, progress: bool = False, likelihood: bool | None = None) -> dict:
+                 known_mask: torch.Tensor | None = None, progress: bool = False, likelihood: bool | None = None,
+                 callback: Callable[[int, int], None] | None = None) -> dict:
         """cfg.num_candidates images per prompt: {"images": (P, N, 3, H, W) in [0, 1], "seconds": sampling +
         decoding time, "likelihood": (P, N) when `likelihood` (default: cfg.rank_by == "likelihood") else None,
         "clip_cosine": (P, N) under the pipeline's CLIP, or None without one}. cfg.batch_size rows run at once
         (guidance: 2 rows per candidate). The likelihood is a teacher-forced pass: it draws nothing, so asking for
-        it leaves the images as they are."""
+        it leaves the images as they are. `callback(done, total)` follows the sampling in image tokens drawn (for a
+        progress display: the playground's bar)."""
         if cfg.cond_scale != 1.0 and self.transformer.config.null_cond_prob == 0:
             print(f"warning: {self.name} was trained without caption dropout (null_cond_prob 0): its unconditional "
                   f"branch is untrained and --cond-scale {cfg.cond_scale} may hurt; retrain with --null_cond_prob 0.1")
@@ -142,9 +156,11 @@ class DallePipeline:
         codes, images = [], []
         bar = tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not progress)
         start, done = time.perf_counter(), 0
+        total = len(text) * self.transformer.config.image_seq_len
+        step = None if callback is None else (lambda tokens: callback(tokens, total))
         for c in self.sample_chunks(text, rows, gen, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                     cond_scale=cfg.cond_scale, compile=cfg.compile, known_codes=known_codes,
-                                    known_mask=known_mask):
+                                    known_mask=known_mask, callback=step):
             codes.append(c)
             images.append(self.dvae.decode(c).float().cpu())
             done += len(c)

@@ -19,6 +19,7 @@ wraps the step in torch.compile (CUDA graphs on CUDA: one captured graph replays
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,13 +128,15 @@ def reusable_cache(model: DalleTransformer, batch: int):
 def generate_codes(model: DalleTransformer, text: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 0.0, generator: torch.Generator | None = None, cond_scale: float = 1.0,
                    known_codes: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-                   compile: bool = False, return_logits: bool = False, forced: torch.Tensor | None = None):
+                   compile: bool = False, return_logits: bool = False, forced: torch.Tensor | None = None,
+                   callback: Callable[[int], None] | None = None):
     """text (B, L) -> image codes (B, h, w).
 
     cond_scale: classifier-free guidance; 1 is plain conditional sampling (no unconditional pass).
     known_codes (B, N) or (B, h, w) with known_mask (h, w), (N,) or (B, ...): teacher-force those cells.
     forced (B, N): teacher-force every token through the per-token decode step (checks the cache).
-    return_logits: also return the (guided) logits each token was drawn from, (B, N, Vi) fp32."""
+    return_logits: also return the (guided) logits each token was drawn from, (B, N, Vi) fp32.
+    callback(i): after each drawn token, with the number of image positions filled per row (for progress bars)."""
     model.eval()
     cfg = model.config
     B, N, device = text.shape[0], cfg.image_seq_len, text.device
@@ -173,6 +176,8 @@ def generate_codes(model: DalleTransformer, text: torch.Tensor, *, temperature: 
         if known_codes is not None:
             token = torch.where(known_mask[:, i], known_codes[:, i], token)
         codes[:, i] = token
+        if callback is not None:
+            callback(i + 1)
         if i + 1 < N:
             if compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()

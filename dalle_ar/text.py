@@ -76,6 +76,16 @@ class TextTokenizer:
     def null_caption(self, batch: int = 1, device=None) -> torch.Tensor:
         return null_caption(self.vocab_size, self.text_len, batch, device)
 
+    def check_fits(self, text: str) -> None:
+        """ConfigError unless `text` is a caption that fits the text slots whole (not empty, at most text_len BPE
+        tokens): for interactive prompts, where silent truncation would sample an image of another caption."""
+        clean = text.encode("utf-8", "replace").decode("utf-8").strip()
+        if not clean:
+            raise ConfigError("empty prompt: type a caption, e.g. 'a small red circle on the left'")
+        n = len(self.tokenizer.encode(clean).ids)
+        if n > self.text_len:
+            raise ConfigError(f"prompt too long: {n} BPE tokens, the model reads at most {self.text_len}; shorten it")
+
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
         """(B, text_len) long ids; overlong captions are truncated (and counted)."""
         if isinstance(texts, str):

@@ -75,8 +75,7 @@ def load_images(args, size: int) -> list[torch.Tensor]:
 def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     pipe = UnclipPipeline.load(args.prior, args.decoder, args.clip, args.device, args.upsampler)
-    pre = pipe.clip.model.visual.preprocess_cfg["size"]
-    images = load_images(args, pre if isinstance(pre, int) else pre[0])  # CLIP sees them at its own size
+    images = load_images(args, pipe.input_size)  # CLIP sees them at its own size
     common = dict(seed=args.seed, guidance=args.decoder_guidance)
     if args.op == "variations":
         out = pipe.variations(images[0], args.n, steps=args.decoder_steps, eta=args.eta, **common)

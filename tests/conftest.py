@@ -1,5 +1,6 @@
 """Test setup: CPU only, no network, wandb offline into a temp dir, DeepSpeed without MPI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,54 @@ def token_data(tmp_path_factory) -> Path:
     write.write_token_shards(examples, d / "tokens", samples_per_shard=32)
     TextTokenizer(train_bpe([c for _, _, c in examples], vocab_size=300), 16).save(d / "tok" / "tokenizer.json")
     return d
+
+
+def tiny_exports(d: Path, vocab_size: int = 120, text_len: int = 12, image_fmap_size: int = 4) -> dict:
+    """Untrained tiny exports in `d`, built in a second: a dVAE (32 px, 4x4 codes over 32) and a DALL-E transformer
+    with their BPE, two different CLIPs (clip, eval_clip), an unCLIP prior and decoder (16 px) on the first CLIP.
+    Returns their export directories by name (and "dir"). The default BPE (byte-level, 120 asked) truncates most
+    captions to `text_len`; vocab_size=400, text_len=16 reads every shapes-world caption whole. The dVAE codes a
+    32 px image as 16x16: image_fmap_size=16 makes the transformer's grid agree (for priming from an image)."""
+    import torch
+
+    from dalle_ar.checkpoint import save_pretrained
+    from dalle_ar.clip import build_clip, clip_export_config, export_files
+    from dalle_ar.config import ClipConfig, DalleConfig, DiffusionConfig, PriorConfig, UnetConfig
+    from dalle_ar.data import synthetic
+    from dalle_ar.model import DalleTransformer
+    from dalle_ar.text import TextTokenizer, train_bpe
+    from dalle_ar.unclip.decoder import UnetDecoder
+    from dalle_ar.unclip.prior import DiffusionPrior
+    from dvae import DiscreteVAE
+    from dvae.config import DVAEConfig
+
+    def export(model, run_dir, config, extra=None, steps=5, batch_size=2):
+        """An export plus the train_config.json a trainer writes beside it (for the FLOP accounting)."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_config.json").write_text(json.dumps({"steps": steps, "batch_size": batch_size, "grad_accum": 1}))
+        return save_pretrained(model, run_dir / "export", config, extra)
+
+    torch.manual_seed(0)
+    tok = TextTokenizer(train_bpe([synthetic.make_example(i)[1] for i in range(200)], vocab_size=vocab_size), text_len)
+    tok.save(d / "tokenizer.json")
+    dvae_cfg = DVAEConfig(image_size=32, num_tokens=32, group_count=2, n_hid=8, n_blk_per_group=1, n_init=8)
+    dvae = export(DiscreteVAE(dvae_cfg), d / "dvae", {"kind": "dvae", "dvae": dvae_cfg.__dict__,
+                                                      "loss": {"reconstruction": "mse", "kl_weight": 0.0}})
+    dalle_cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=text_len, num_image_tokens=32, image_fmap_size=image_fmap_size,
+                            dim=32, depth=1, heads=2)
+    dalle = export(DalleTransformer(dalle_cfg), d / "dalle", {"kind": "dalle", "dvae": str(dvae), "model": dalle_cfg.__dict__},
+                   {"tokenizer.json": str(d / "tokenizer.json")})
+    clips = {}
+    for name, seed, patch in (("clip", 0, 16), ("eval_clip", 1, 8)):  # another seed and architecture
+        torch.manual_seed(seed)
+        cfg = ClipConfig(image_size=32, embed_dim=16, vision_layers=1, vision_width=64, patch_size=patch,
+                         context_length=16, text_width=32, text_heads=2, text_layers=1)
+        clips[name] = export(build_clip(cfg), d / name, clip_export_config(cfg), export_files(cfg, d / f"{name}_oc"))
+    prior = DiffusionPrior(PriorConfig(embed_dim=16, text_len=text_len, text_vocab_size=tok.vocab_size, dim=32, depth=1, heads=2),
+                           DiffusionConfig(target="x0"))
+    prior_dir = export(prior, d / "prior", prior.export_config(clip=str(clips["clip"])),
+                       {"tokenizer.json": str(d / "tokenizer.json")})
+    decoder = UnetDecoder(UnetConfig(image_size=16, channels=8, channel_mult="1,2", num_res_blocks=1,
+                                     attention_resolutions="8", head_channels=8, embed_dim=16), DiffusionConfig())
+    decoder_dir = export(decoder, d / "decoder", decoder.export_config(stage="base", clip=str(clips["clip"])))
+    return {"dir": d, "dvae": dvae, "dalle": dalle, "prior": prior_dir, "decoder": decoder_dir, **clips}

@@ -8,20 +8,11 @@ import json
 import runpy
 
 import pytest
-import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_exports
 
 from dalle_ar import metrics
-from dalle_ar.checkpoint import save_pretrained
-from dalle_ar.clip import build_clip, clip_export_config, export_files
-from dalle_ar.config import ClipConfig, ConfigError, DalleConfig, DiffusionConfig, PriorConfig, UnetConfig
+from dalle_ar.config import ConfigError
 from dalle_ar.data import synthetic, write
-from dalle_ar.model import DalleTransformer
-from dalle_ar.text import TextTokenizer, train_bpe
-from dalle_ar.unclip.decoder import UnetDecoder
-from dalle_ar.unclip.prior import DiffusionPrior
-from dvae import DiscreteVAE
-from dvae.config import DVAEConfig
 
 script = runpy.run_path(str(ROOT / "sample/compare.py"))
 compare = script["main"]
@@ -29,40 +20,9 @@ matched = runpy.run_path(str(ROOT / "train/train_matched.py"))
 train_matched = matched["main"]
 
 
-def export(model, run_dir, config, extra=None, steps=5, batch_size=2):
-    """An export plus the train_config.json a trainer writes beside it (for the FLOP accounting)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.json").write_text(json.dumps({"steps": steps, "batch_size": batch_size, "grad_accum": 1}))
-    return save_pretrained(model, run_dir / "export", config, extra)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("compare")
-    torch.manual_seed(0)
-    tok = TextTokenizer(train_bpe([synthetic.make_example(i)[1] for i in range(200)], vocab_size=120), 12)
-    tok.save(d / "tokenizer.json")
-    dvae_cfg = DVAEConfig(image_size=32, num_tokens=32, group_count=2, n_hid=8, n_blk_per_group=1, n_init=8)
-    dvae = export(DiscreteVAE(dvae_cfg), d / "dvae", {"kind": "dvae", "dvae": dvae_cfg.__dict__,
-                                                      "loss": {"reconstruction": "mse", "kl_weight": 0.0}})
-    dalle_cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=12, num_image_tokens=32, image_fmap_size=4,
-                            dim=32, depth=1, heads=2)
-    dalle = export(DalleTransformer(dalle_cfg), d / "dalle", {"kind": "dalle", "dvae": str(dvae), "model": dalle_cfg.__dict__},
-                   {"tokenizer.json": str(d / "tokenizer.json")})
-    clips = {}
-    for name, seed, patch in (("clip", 0, 16), ("eval_clip", 1, 8)):  # another seed and architecture
-        torch.manual_seed(seed)
-        cfg = ClipConfig(image_size=32, embed_dim=16, vision_layers=1, vision_width=64, patch_size=patch,
-                         context_length=16, text_width=32, text_heads=2, text_layers=1)
-        clips[name] = export(build_clip(cfg), d / name, clip_export_config(cfg), export_files(cfg, d / f"{name}_oc"))
-    prior = DiffusionPrior(PriorConfig(embed_dim=16, text_len=12, text_vocab_size=tok.vocab_size, dim=32, depth=1, heads=2),
-                           DiffusionConfig(target="x0"))
-    prior_dir = export(prior, d / "prior", prior.export_config(clip=str(clips["clip"])),
-                       {"tokenizer.json": str(d / "tokenizer.json")})
-    decoder = UnetDecoder(UnetConfig(image_size=16, channels=8, channel_mult="1,2", num_res_blocks=1,
-                                     attention_resolutions="8", head_channels=8, embed_dim=16), DiffusionConfig())
-    decoder_dir = export(decoder, d / "decoder", decoder.export_config(stage="base", clip=str(clips["clip"])))
-    return {"dir": d, "dvae": dvae, "dalle": dalle, "prior": prior_dir, "decoder": decoder_dir, **clips}
+    return tiny_exports(tmp_path_factory.mktemp("compare"))
 
 
 def args(m, out, *extra):

@@ -367,12 +367,17 @@ def make_example(
     return render(scene, image_size), caption(scene)
 
 
-HELDOUT_SEED = 12345  # the world seed of held-out prompts and images (training shards are made with seed 0)
+HELDOUT_SEED = 12345  # the world seed of held-out prompts and images (sample/generate.py --synthetic_seed); training uses 0
 
 
 def heldout(n: int, image_size: int = 64) -> list[tuple[Image.Image, str]]:
     """The first `n` held-out examples (the prompts sample/generate.py --synthetic_prompts uses)."""
     return [make_example(i, seed=HELDOUT_SEED, image_size=image_size) for i in range(n)]
+
+
+def heldout_captions(n: int) -> list[str]:
+    """The captions of `heldout(n)`, without rendering: prompts no training shard was drawn from."""
+    return [caption(sample_scene(np.random.default_rng([HELDOUT_SEED, i]))) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,16 @@ class UnclipPipeline:
     def image_size(self) -> int:
         return (self.upsampler or self.decoder).config.image_size
 
+    @property
+    def input_size(self) -> int:
+        """The side CLIP sees images at: load the inputs of variations, interpolations and text diffs at it."""
+        pre = self.clip.model.visual.preprocess_cfg["size"]
+        return pre if isinstance(pre, int) else pre[0]
+
+    def check_prompt(self, prompt: str) -> None:
+        """ConfigError for a caption the prior cannot read whole (empty, or over its text slots)."""
+        self.tokenizer.check_fits(prompt)
+
     # -- the stages ----------------------------------------------------------------------------------
     def _decoder_text(self, captions: Sequence[str] | None) -> torch.Tensor | None:
         if captions is None or self.decoder_tokenizer is None:
@@ -114,12 +124,12 @@ class UnclipPipeline:
 
     @torch.no_grad()
     def variations(self, image: torch.Tensor, n: int = 8, *, seed: int = 0, steps: int = 64, guidance: float = 3.0,
-                   eta: float = 1.0) -> torch.Tensor:
+                   eta: float = 1.0, progress: bool = False) -> torch.Tensor:
         """n images with the same CLIP image embedding as `image` (3, H, W) (paper section 3.1: DDIM with
         eta > 0, so the noise makes them differ in what CLIP does not encode). (n, 3, H', W')."""
         z = self.image_embed(image[None]).expand(n, -1)
         return self.decode(z, steps=steps, guidance=guidance, eta=eta,
-                           generator=torch.Generator().manual_seed(seed)).cpu()
+                           generator=torch.Generator().manual_seed(seed), progress=progress).cpu()
 
     @torch.no_grad()
     def interpolate(self, image_a: torch.Tensor, image_b: torch.Tensor, steps: int = 8, *, seed: int = 0,
