@@ -45,7 +45,7 @@ demo: setup
 	$(STAGE) transformer -- $(PY) train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
 		--steps 800 --batch_size 32 --lr 1e-3 --warmup_steps 50 --seed $(SEED)
 	$(STAGE) clip -- $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/clip \
-		--steps 200 --batch_size 64 --lr 1e-3 --warmup_steps 20 --seed $(SEED)
+		--steps 400 --batch_size 64 --lr 1e-3 --warmup_steps 20 --hard_negatives 4 --seed $(SEED)
 	$(STAGE) grid -- $(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
 		--synthetic_prompts 8 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --seed $(SEED) --out $(DEMO)
 	$(STAGE) eval -- $(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \

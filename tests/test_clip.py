@@ -105,3 +105,31 @@ def test_unknown_arch_is_a_config_error(tmp_path):
         load_clip(f"NoSuchNet:{weights}")
     with pytest.raises(FileNotFoundError, match="--clip-checkpoint"):
         load_clip(f"ViT-B-32:{tmp_path / 'missing.pt'}")
+
+
+def test_sin_cos_positions_stay_fixed_through_training_and_export(tmp_path):
+    """vision_pos_embed="sin_cos_2d" (the tiny preset's): open_clip's fixed 2D sine-cosine patch positions, untouched
+    by training, written into the export's open_clip config and loaded back with the same outputs."""
+    import dataclasses
+
+    from dalle_ar import models
+    from dalle_ar.clip import clip_export_config, export_files
+
+    cfg = dataclasses.replace(CFG, vision_pos_embed="sin_cos_2d")
+    torch.manual_seed(0)
+    model = build_clip(cfg)
+    fixed = model.visual.positional_embedding.detach().clone()
+    assert not model.visual.positional_embedding.requires_grad
+    images, texts = examples(64, seed=0)
+    tok = clip_tokenizer(cfg)
+    train = TrainConfig(out=str(tmp_path), steps=3, batch_size=32, lr=1e-2, warmup_steps=0, zero_stage=1,
+                        wandb="disabled", progress=False)
+    trainer = Trainer(model, train, name="clip", export_config=clip_export_config(cfg),
+                      extra_files=export_files(cfg, tmp_path / "oc"))
+    export = trainer.fit(iter([(images[:32], tok(texts[:32]))] * 3),
+                         lambda e, b, s: contrastive_loss(e, normalize_images(trainer.module, b[0]), b[1]))
+    loaded, _ = load_clip(str(export))
+    assert torch.equal(loaded.visual.positional_embedding, fixed)
+    assert models.load(export, kind="clip")[0].visual.positional_embedding.requires_grad is False
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(loaded.encode_image(x), trainer.module.eval().encode_image(x), atol=1e-5)

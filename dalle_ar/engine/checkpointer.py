@@ -146,6 +146,11 @@ class Checkpointer:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state = get_fp32_state_dict_from_zero_checkpoint(str(self.dir), tag=tag)
+            # the optimizer's shards hold only trainable parameters: frozen ones (e.g. a CLIP's fixed sine-cosine
+            # positions) are whole on every rank under ZeRO 1-2 and come from the module
+            for k, v in self.engine.module.state_dict().items():
+                if k not in state and v.numel():
+                    state[k] = v.detach().float().cpu()
         if self.ema is not None:
             state.update(self.ema.state_dict())
         return state
