@@ -330,8 +330,7 @@ PRESETS: dict[str, dict[type, dict[str, Any]]] = {
                              reference_steps=1000, kl_anneal_steps=100, temperature_anneal_steps=1000,
                              lr_anneal_steps=1000),
         DalleConfig: dict(text_len=16, num_image_tokens=512, image_fmap_size=8, dim=256, depth=4, heads=4),
-        # captions of the shapes world are at most 14 CLIP tokens: 16 slots halve the text tower of a 32-slot one
-        ClipConfig: dict(image_size=64, vision_pos_embed="sin_cos_2d", context_length=16),
+        ClipConfig: dict(image_size=64, vision_pos_embed="sin_cos_2d"),
         PriorConfig: dict(dim=128, depth=2, heads=4),
         UnetConfig: dict(image_size=32, channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="8"),
     },
