@@ -1,4 +1,4 @@
-# `make demo`: set up and run the whole pipeline on the synthetic shapes world (2-core CPU: ~20 min).
+# `make demo`: set up and run the whole pipeline on the synthetic shapes world (2-core CPU: ~30 min).
 # `make test`: set up and run the test suite. See README.md.
 # `make play`: the browser playground on the demo's models (runs `make demo` first when they are missing).
 PYTHON ?= python3
@@ -43,7 +43,7 @@ demo: setup
 		--out $(DEMO)/dvae_quality.json
 	$(STAGE) encode -- $(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens
 	$(STAGE) transformer -- $(PY) train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
-		--steps 800 --batch_size 32 --lr 1e-3 --warmup_steps 50 --seed $(SEED)
+		--steps 1600 --batch_size 32 --lr 1e-3 --warmup_steps 50 --seed $(SEED)
 	$(STAGE) clip -- $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/clip \
 		--steps 400 --batch_size 64 --lr 1e-3 --warmup_steps 20 --hard_negatives 4 --seed $(SEED)
 	$(STAGE) grid -- $(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
@@ -54,7 +54,7 @@ demo: setup
 	@echo "demo finished in $$(cat $(DEMO)/.seconds) s ($$(cat $(DEMO)/machine.json)): see $(DEMO)/grid.png, $(DEMO)/eval/scores.json"
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
-# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~20 min per seed.
+# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~30 min per seed.
 demo-seeds: setup
 	for s in $(SEEDS); do $(MAKE) demo DEMO=outputs/demo_seed$$s SEED=$$s || exit 1; done
 	$(PY) -m bench.demo_spread $(foreach s,$(SEEDS),outputs/demo_seed$(s)) --out bench/results/demo_seeds_cpu.json
