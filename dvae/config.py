@@ -72,7 +72,8 @@ class DVAELossConfig:
     entropy_cell_weight: float = 1.0
     # Train on random crops of this side (a multiple of the grid cell, 0 = whole images; not in the paper). The
     # dVAE is fully convolutional and each code sees a few cells around it, so crops teach the same codes at
-    # (crop / image_size)^2 of the compute: on the 64 px shapes world, 32 px crops reach a given quality ~3x sooner.
+    # (crop / image_size)^2 of the convolutions: on the 64 px shapes world, 3,000 steps on 32 px crops pass the
+    # reconstruction check 89% of the time, 1,000 whole-image steps 37%, in ~1.7x the time (README, "The dVAE").
     crop_size: int = 0
 
     RECONSTRUCTIONS: ClassVar[tuple[str, ...]] = get_args(Reconstruction)
