@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dvae", default=None, help="dVAE export (default: the transformer's)")
     p.add_argument("--clip", required=True, help="CLIP export directory or ARCH:/local/weights")
     p.add_argument("--prompts", type=int, default=64, help="held-out shapes-world prompts")
-    p.add_argument("--synthetic_seed", type=int, default=12345, help="world seed of the prompts (not a training seed)")
+    p.add_argument("--synthetic_seed", type=int, default=synthetic.HELDOUT_SEED, help="world seed of the prompts (not a training seed)")
     p.add_argument("--candidates", type=int, default=32)
     p.add_argument("--top-of", "--top_of", dest="top_of", default="8,32", help="rerank pools (first n candidates)")
     p.add_argument("--cond-scales", "--cond_scales", dest="cond_scales", default="1,3")

@@ -65,7 +65,8 @@ def caption_report(images: torch.Tensor | Sequence, prompts: Sequence[str],
 
 
 @torch.no_grad()
-def clip_discrimination(scorer, num_scenes: int = 256, seed: int = 12345, image_size: int = 64) -> dict:
+def clip_discrimination(scorer, num_scenes: int = 256, seed: int = synthetic.HELDOUT_SEED,
+                        image_size: int = 64) -> dict:
     """Pairwise accuracy of a CLIP (`clip.ClipScorer`) on the shapes world: for each held-out scene (world `seed`,
     not the training seed) and each attribute it can change, is cos(render(scene), caption) greater than
     cos(render(scene with that attribute changed), caption)? Returns the overall accuracy, per attribute, and the

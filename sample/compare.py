@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prompts", default=None, help="text file, one prompt per line (added to --synthetic-prompts)")
     a("--synthetic-prompts", "--synthetic_prompts", dest="synthetic_prompts", type=int, default=32,
       help="held-out shapes-world captions (default: 32)")
-    a("--synthetic-seed", "--synthetic_seed", dest="synthetic_seed", type=int, default=12345,
-      help="world seed of the held-out prompts (default: 12345, as sample/generate.py)")
+    a("--synthetic-seed", "--synthetic_seed", dest="synthetic_seed", type=int, default=synthetic.HELDOUT_SEED,
+      help="world seed of the held-out prompts (default: %(default)s, synthetic.HELDOUT_SEED, as sample/generate.py)")
     a("--real-images", "--real_images", dest="real_images", type=int, default=512,
       help="held-out real images for fd/kid (world seed --synthetic-seed + 1; default: 512)")
     a("--samples-per-prompt", "--samples_per_prompt", dest="samples_per_prompt", type=int, default=4,

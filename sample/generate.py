@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, one prompt per line")
     p.add_argument("--synthetic_prompts", "--synthetic-prompts", type=int, default=0,
                    help="add N held-out shapes-world captions")
-    p.add_argument("--synthetic_seed", "--synthetic-seed", type=int, default=12345, help="world seed for --synthetic_prompts")
+    p.add_argument("--synthetic_seed", "--synthetic-seed", type=int, default=synthetic.HELDOUT_SEED, help="world seed for --synthetic_prompts")
     p.add_argument("--prime-image", "--prime_image", dest="prime_image", default=None,
                    help="input image for --prime-rows / --inpaint-box / --inpaint-border")
     p.add_argument("--out", default="outputs/samples", help="output directory (default: outputs/samples)")
