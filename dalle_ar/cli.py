@@ -228,8 +228,12 @@ def parse(description: str, *classes: type, extra=None, argv=None, defaults: dic
 
 
 def run_cli(main) -> None:
-    """Script entry point: a config or missing-file error is one line naming the file and the fix."""
+    """Script entry point: a config or missing-file error is one line naming the file and the fix; SIGTERM outside
+    a Trainer's loop exits 143, or 0 once the run has completed (`engine.signals.script_handlers`)."""
+    from dalle_ar.engine.signals import done_handlers, script_handlers
+    script_handlers()
     try:
         main()
     except (ConfigError, DataError, SaveError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    done_handlers()  # the work is done; the interpreter's teardown (~1 s with torch) is not killed by a SIGTERM

@@ -226,6 +226,27 @@ def test_sigterm_mid_step_saves_the_step_boundary_and_resumes_exactly(token_data
     assert_same_run(straight, out)
 
 
+def test_sigterm_after_the_run_completed_exits_0(token_data, straight, tmp_path):
+    """A stop that lands after the run's export is written (a scheduler stopping the job as it ends) loses nothing:
+    exit 0 and a complete run, not a process killed by the signal (it used to be -15)."""
+    out = tmp_path / "run"
+    proc = run(token_data, out, fault="SIGTERM@finished")  # as `fit` returns
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(straight, out)
+    # while the interpreter shuts down (about a second with torch loaded): 0.3 s after the run's last line
+    out = tmp_path / "again"
+    proc = subprocess.Popen(command(token_data, out), cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("dalle: done at step"):
+            time.sleep(0.3)  # past the script's return, into the teardown
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    assert_same_run(straight, out)
+
+
 def test_a_second_run_on_a_live_run_directory_is_refused_and_a_dead_ones_lock_is_taken_over(token_data, tmp_path):
     out = tmp_path / "run"
     first = _start(command(token_data, out, "--steps", "4000"), out)

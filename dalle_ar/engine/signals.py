@@ -6,6 +6,10 @@ A signal that arrives while the loop waits for data or computes a step that has 
 is checkpointed (unless it already is) and the run exits. One that arrives during an optimizer update or a save lets
 it complete first. Exit status: 0 when the run can resume from where it stopped (the same command continues it),
 128 + the signal number (143 for SIGTERM) when it stopped before its first step (nothing to save).
+
+Outside a Trainer's `fit` the script-wide handler (`script_handlers`, installed by `cli.run_cli`) decides: a SIGTERM
+before any run completed exits with 143 (`finally` blocks run, so the run lock is released); one after a run
+completed (its export written: a scheduler's stop that lands as the job ends) exits 0, since nothing is left to lose.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 from contextlib import contextmanager
 
 FAULT_ENV = "DALLE_AR_FAULT"
@@ -26,9 +31,46 @@ def fault_point(name: str) -> None:
     fault = os.environ.get(FAULT_ENV, "")
     if fault == name:
         os.kill(os.getpid(), signal.SIGKILL)
-    if fault.endswith(f"@{name}"):
+    if fault == f"SIGTERM@{name}":  # a stop signal that lands exactly there
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif fault.endswith(f"@{name}"):
         code = getattr(errno, fault.split("@")[0])
         raise OSError(code, os.strerror(code))
+
+
+_completed = False  # set by `mark_completed` once a run's export is written
+
+
+def mark_completed() -> None:
+    """A run in this process has completed: from now on the script-wide handler exits 0 on SIGTERM."""
+    global _completed
+    _completed = True
+
+
+def _script_stop(signum, frame):
+    if _completed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    raise SystemExit(128 + signum)
+
+
+def script_handlers() -> None:
+    """The SIGTERM handler of a whole script (`cli.run_cli`); a Trainer's own `StopSignal` replaces it while it
+    trains and puts it back when `fit` ends."""
+    try:
+        signal.signal(signal.SIGTERM, _script_stop)
+    except ValueError:  # not the main thread
+        pass
+
+
+def done_handlers() -> None:
+    """A script whose work is done ignores SIGTERM: Python puts the default action back for its own handlers while
+    the interpreter shuts down (about a second with torch loaded), and a signal then would kill a finished run."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:
+        pass
 
 
 class Interrupted(BaseException):

@@ -29,7 +29,7 @@ from dalle_ar.engine.logger import RunLogger
 from dalle_ar.engine.optim import param_groups
 from dalle_ar.engine.rng import RNGStreams, rng_state, set_rng_state
 from dalle_ar.engine.schedules import PlateauHalving, lr_factor
-from dalle_ar.engine.signals import Interrupted, StopSignal, Stopped, fault_point
+from dalle_ar.engine.signals import Interrupted, StopSignal, Stopped, fault_point, mark_completed
 from dalle_ar.model import DalleTransformer
 from dalle_ar.model.parallelize import apply_activation_checkpointing, apply_resblock_grad_scaling
 
@@ -381,11 +381,14 @@ class Trainer:
             except Interrupted:
                 self._stop(self.stop, bar)
             bar.close()
-            return self._finish(skips, meter)
+            export = self._finish(skips, meter)
+            mark_completed()  # a SIGTERM from here on (teardown) finds nothing to save: exit 0
         finally:
             self.stop.restore()
             if self.is_main:
                 lock.release(self.out)
+        fault_point("finished")
+        return export
 
     def _loop(self, it: Iterator, loss_fn: LossFn, items, on_step, show, skips, stop: StopSignal, bar, meter) -> None:
         cfg = self.cfg
