@@ -7,6 +7,9 @@ the reranker separately (DALL-E section 2.6: sample many, keep the one CLIP like
   oracle             fraction of prompts with at least one correct candidate (what a perfect reranker could keep)
   top1[<ranking>]    fraction of prompts whose best-ranked candidate is correct (CLIP, likelihood, sampling order)
   rerank_efficiency  top1 / oracle per ranking: how often the reranker finds a correct candidate when one exists
+  pairwise           per ranking, over pairs (correct candidate, wrong candidate) of one prompt: how often the ranking
+                     puts the correct one first ("all"), and by what the wrong one gets wrong when it is one attribute
+                     (e.g. "shape") or "several": which mistakes the reranker cannot see (0.5 is chance)
   attributes         per attribute (colour, shape, size, count, position, relation): fraction of candidates right
                      about it (`synthetic.attributes`), so a failure is named, not just counted
   by_objects         the same figures for one-object and two-object prompts
@@ -39,9 +42,25 @@ def _summary(passed: np.ndarray, orders: Mapping[str, np.ndarray], attrs: Sequen
         "prompts": int(passed.shape[0]), "candidates": int(passed.size),
         "per_candidate": float(passed.mean()), "oracle": oracle, "top1": top1,
         "rerank_efficiency": {name: (acc / oracle if oracle else None) for name, acc in top1.items()},
+        "pairwise": {name: _pairwise(passed, order, attrs) for name, order in orders.items()},
         "attributes": {name: float(np.mean(v)) for name, v in sorted(per_attribute.items(),
                                                                       key=lambda kv: synthetic.ATTRIBUTES.index(kv[0]))},
     }
+
+
+def _pairwise(passed: np.ndarray, order: np.ndarray, attrs: Sequence[Sequence[dict]]) -> dict:
+    """{"all" | <the one attribute a wrong candidate gets wrong> | "several": {"accuracy", "pairs"}}: over the
+    (correct, wrong) candidate pairs of each prompt, how often `order` ranks the correct one first."""
+    position = np.argsort(order, axis=1)  # position[p, n]: where candidate n comes in prompt p's order
+    wins: dict[str, list[bool]] = {"all": []}
+    for p in range(len(passed)):
+        good = np.flatnonzero(passed[p])
+        for bad in np.flatnonzero(~passed[p]):
+            wrong = [name for name, ok in attrs[p][bad].items() if not ok]
+            first = (position[p, good] < position[p, bad]).tolist()
+            wins["all"] += first
+            wins.setdefault(wrong[0] if len(wrong) == 1 else "several", []).extend(first)
+    return {key: {"accuracy": float(np.mean(v)) if v else None, "pairs": len(v)} for key, v in wins.items()}
 
 
 def caption_report(images: torch.Tensor | Sequence, prompts: Sequence[str],

@@ -38,6 +38,11 @@ def test_caption_report_separates_generator_and_reranker():
     assert r["top1"] == {"clip": pytest.approx(2 / 4), "sampling": pytest.approx(3 / 4)}
     assert r["rerank_efficiency"]["clip"] == pytest.approx(2 / 3) and r["rerank_efficiency"]["sampling"] == pytest.approx(1)
     assert r["attributes"]["colour"] == pytest.approx(3 / 12)
+    # (right, wrong) pairs: 2 in each of prompts 0-2; the clip order puts the right one first in 5 of the 6
+    assert r["pairwise"]["clip"]["all"] == {"accuracy": pytest.approx(5 / 6), "pairs": 6}
+    assert r["pairwise"]["sampling"]["all"] == {"accuracy": 1.0, "pairs": 6}
+    named = {k: v["pairs"] for k, v in r["pairwise"]["clip"].items() if k != "all"}
+    assert sum(named.values()) == 6 and set(named) <= {"colour", "several"}
     assert r["by_objects"]["1"]["oracle"] == 1.0 and r["by_objects"]["2"]["oracle"] == pytest.approx(0.5)
     assert r["by_objects"]["1"]["attributes"].keys() == {"colour", "shape", "size", "count", "position"}
     assert r["check"][0] == [True, False, False] and r["check"][3] == [False, False, False]
