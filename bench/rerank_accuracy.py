@@ -8,6 +8,15 @@ CLIP top-1 of 8 and of 32, likelihood top-1 of 8 and of 32 -- with and without c
 Each prompt gets `--candidates` samples per guidance scale; "top-1 of n" ranks the first n of them, "no
 rerank" is the mean over all candidates (the accuracy of an unranked pick). Prints one JSON object with
 a markdown table under "table".
+
+Several CLIPs (`--clip A --clip B`) rank the same candidates, so reranker recipes are compared on what they will
+face; each also gets `pairwise` over all candidates (`evaluation.caption_report`: how often it puts a correct
+candidate above a wrong one, by what the wrong one gets wrong). `--first_prompt 64` takes held-out prompts after the
+demo's 64 (a development set: choose a recipe there, report it on the 64):
+
+  python -m bench.rerank_accuracy --dalle outputs/demo/runs/dalle/export --clip outputs/demo/runs/clip/export \\
+      --clip runs/clip_b/export --first_prompt 64 --prompts 128 --candidates 16 --top-of 16 --cond-scales 1 \\
+      --temperature 0.7
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from bench.common import emit
-from dalle_ar.clip import ClipScorer
+from dalle_ar.clip import ClipScorer, best_first
 from dalle_ar.data import synthetic
+from dalle_ar.evaluation import caption_report
 from dalle_ar.pipeline import DallePipeline
 from dalle_ar.report import device_name
 
@@ -29,8 +39,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dalle", required=True, help="transformer export (trained with --null_cond_prob > 0 for guidance)")
     p.add_argument("--dvae", default=None, help="dVAE export (default: the transformer's)")
-    p.add_argument("--clip", required=True, help="CLIP export directory or ARCH:/local/weights")
+    p.add_argument("--clip", required=True, action="append",
+                   help="CLIP export directory or ARCH:/local/weights (repeat to compare CLIPs on the same candidates)")
     p.add_argument("--prompts", type=int, default=64, help="held-out shapes-world prompts")
+    p.add_argument("--first_prompt", type=int, default=0,
+                   help="index of the first held-out prompt (64: a development set disjoint from the demo's 64)")
     p.add_argument("--synthetic_seed", type=int, default=synthetic.HELDOUT_SEED, help="world seed of the prompts (not a training seed)")
     p.add_argument("--candidates", type=int, default=32)
     p.add_argument("--top-of", "--top_of", dest="top_of", default="8,32", help="rerank pools (first n candidates)")
@@ -47,10 +60,12 @@ def main(argv=None) -> dict:
         p.error(f"--top-of {args.top_of}: pools larger than --candidates {args.candidates}")
 
     pipe = DallePipeline.load(args.dalle, dvae=args.dvae, device=args.device)
-    scorer = ClipScorer.load(args.clip, args.device)
-    prompts = [synthetic.make_example(i, seed=args.synthetic_seed)[1] for i in range(args.prompts)]
+    scorers = {spec: ClipScorer.load(spec, args.device) for spec in args.clip}
+    names = {spec: "clip" if len(args.clip) == 1 else f"clip{k}" for k, spec in enumerate(args.clip)}
+    first = args.first_prompt
+    prompts = [synthetic.make_example(i, seed=args.synthetic_seed)[1] for i in range(first, first + args.prompts)]
     N = args.candidates
-    results, start = {}, time.perf_counter()
+    results, pairwise, start = {}, {}, time.perf_counter()
     for scale in (float(s) for s in args.cond_scales.split(",")):
         text = pipe.encode(prompts, N)
         gen = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -60,17 +75,20 @@ def main(argv=None) -> dict:
         images = pipe.decode(codes, args.batch_size)
         ll = pipe.likelihood(text, codes, args.batch_size).cpu().view(len(prompts), N)
         images = images.view(len(prompts), N, *images.shape[1:])
-        passed, cos = [], []
-        for prompt, cands in zip(prompts, images):
-            passed.append(synthetic.check_batch(cands, [prompt] * N))
-            cos.append(scorer.scores(cands, [prompt])[:, 0].cpu())
-        passed, cos = torch.tensor(passed, dtype=torch.float), torch.stack(cos)
-        row = {"no_rerank": round(float(passed.mean()), 4)}
+        scores = {names[spec]: torch.stack([scorer.scores(cands, [prompt])[:, 0].cpu()
+                                            for prompt, cands in zip(prompts, images)])
+                  for spec, scorer in scorers.items()}
+        scores["likelihood"] = ll
+        report = caption_report(images, prompts, {name: torch.stack([best_first(s) for s in score])
+                                                  for name, score in scores.items()})
+        passed = torch.tensor(report["check"], dtype=torch.float)
+        row = {"no_rerank": round(float(passed.mean()), 4), "oracle": round(report["oracle"], 4)}
         for n in pools:
-            for name, score in (("clip", cos), ("likelihood", ll)):
+            for name, score in scores.items():
                 best = score[:, :n].argmax(1)
                 row[f"{name}_top1_of_{n}"] = round(float(passed[torch.arange(len(prompts)), best].mean()), 4)
         results[f"cond_scale={scale:g}"] = row
+        pairwise[f"cond_scale={scale:g}"] = report["pairwise"]
 
     columns = list(next(iter(results.values())))
     table = ["| | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -78,7 +96,8 @@ def main(argv=None) -> dict:
               for k, v in results.items()]
     result = {"bench": "rerank_accuracy", "device": device_name(args.device), "dalle": args.dalle, "clip": args.clip,
               "null_cond_prob": pipe.transformer.config.null_cond_prob, "prompts": len(prompts), "candidates": N,
-              "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "results": results,
+              "clips": names, "first_prompt": first, "temperature": args.temperature, "top_k": args.top_k,
+              "seed": args.seed, "results": results, "pairwise": pairwise,
               "seconds": round(time.perf_counter() - start, 1), "table": "\n".join(table)}
     print("\n".join(table))
     return emit(result, args.out)
