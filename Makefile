@@ -59,15 +59,19 @@ demo-seeds: setup
 	for s in $(SEEDS); do $(MAKE) demo DEMO=outputs/demo_seed$$s SEED=$$s || exit 1; done
 	$(PY) -m bench.demo_spread $(foreach s,$(SEEDS),outputs/demo_seed$(s)) --out bench/results/demo_seeds_cpu.json
 
+# The evaluator CLIP of the comparisons: the demo CLIP's architecture, its own seed, trained 2.5x longer (1,000 steps,
+# ~16 min on the 2-core CPU) so that it tells a render from a one-attribute-changed render (bench.clip_discrimination:
+# bench/results/clip_discrimination_eval_cpu.json); the 150-step CLIP it replaces was not shown to discriminate.
+EVAL_CLIP = $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE)/runs/eval_clip --seed 1 \
+	--steps 1000 --batch_size 64 --lr 1e-3 --warmup_steps 20 --hard_negatives 4 --save_every 0
+
 # `make compare`: AR (the demo's dVAE + transformer) versus unCLIP (a tiny prior + decoder trained here on the
 # same shards and the same CLIP) on held-out shapes prompts, scored by a second, independently trained
-# evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing). CPU: ~15 min after the demo.
+# evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing). CPU: ~30 min after the demo.
 compare-models: setup
 	@test -d $(DEMO)/runs/dalle/export || $(MAKE) demo
 	mkdir -p $(COMPARE) && date +%s > $(COMPARE)/.start
-	$(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE)/runs/eval_clip --seed 1 \
-		--embed_dim 64 --vision_layers 2 --vision_width 96 --text_layers 1 --text_width 64 \
-		--steps 150 --batch_size 64 --lr 2e-3 --warmup_steps 10 --save_every 0
+	$(EVAL_CLIP)
 	$(PY) train/precompute_clip.py --clip $(DEMO)/runs/clip/export --data '$(DEMO)/data/shapes/00000{0..2}.tar' \
 		--out $(COMPARE)/data/shapes_clip --num_workers 0
 	$(PY) train/train_prior.py --data $(COMPARE)/data/shapes_clip --tokenizer $(DEMO)/runs/tokenizer \
@@ -97,9 +101,7 @@ compare: compare-models
 compare-matched: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(MATCHED) && date +%s > $(MATCHED)/.start
-	@test -d $(COMPARE)/runs/eval_clip/export || $(PY) train/train_clip.py --data $(DEMO)/data/shapes \
-		--out $(COMPARE)/runs/eval_clip --seed 1 --embed_dim 64 --vision_layers 2 --vision_width 96 --text_layers 1 \
-		--text_width 64 --steps 150 --batch_size 64 --lr 2e-3 --warmup_steps 10 --save_every 0
+	@test -d $(COMPARE)/runs/eval_clip/export || $(EVAL_CLIP)
 	$(PY) train/train_matched.py --train-budget-flops $(BUDGET) --train-images $(DEMO)/data/shapes \
 		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
 		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 16 \
