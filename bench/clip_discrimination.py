@@ -17,6 +17,7 @@ import argparse
 
 from bench.common import emit
 from dalle_ar.clip import ClipScorer
+from dalle_ar.data import synthetic
 from dalle_ar.evaluation import clip_discrimination
 from dalle_ar.report import device_name
 
@@ -25,7 +26,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clip", required=True, action="append", help="CLIP export directory or ARCH:/local/weights")
     p.add_argument("--scenes", type=int, default=256, help="held-out scenes (each gives 4 pairs)")
-    p.add_argument("--seed", type=int, default=12345, help="world seed of the scenes (not a training seed)")
+    p.add_argument("--seed", type=int, default=synthetic.HELDOUT_SEED,
+                   help="world seed of the scenes (not a training seed)")
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="also write the JSON here")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """dVAE reconstruction quality on a held-out split: PSNR, SSIM, codebook usage and perplexity.
 
-  python -m bench.dvae_quality --dvae runs/dvae/export --synthetic 1024 --seed 12345
+  python -m bench.dvae_quality --dvae runs/dvae/export --synthetic 1024
   python -m bench.dvae_quality --dvae runs/openai_dvae --data 'val/{000000..000009}.tar'
 Reconstructions use hard codes (argmax -> decode), as the transformer sees them. Codebook usage is the
 fraction of the K codes that occur anywhere in the split; perplexity is exp(entropy of their histogram).
@@ -18,6 +18,7 @@ import torch
 from bench.common import dvae_quality, emit, synthetic_batches
 from dalle_ar import models
 from dalle_ar.cli import run_cli
+from dalle_ar.data import synthetic
 from dalle_ar.data.read import batches, image_text_dataset
 from dalle_ar.report import device_name
 
@@ -29,7 +30,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dvae", required=True, help="dVAE export directory (config.json + model.safetensors)")
     p.add_argument("--data", default=None, help="held-out image shards (dir, glob or brace pattern)")
     p.add_argument("--synthetic", type=int, default=1024, help="without --data: this many held-out shapes-world images")
-    p.add_argument("--seed", type=int, default=12345, help="shapes-world seed of the held-out split (training uses 0)")
+    p.add_argument("--seed", type=int, default=synthetic.HELDOUT_SEED,
+                   help="shapes-world seed of the held-out split (training uses 0)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--grid", default=None, help="also save original | reconstruction pairs here (PNG)")

@@ -19,6 +19,7 @@ import torch
 
 from bench.common import dvae_quality, emit, synthetic_batches
 from dalle_ar import models
+from dalle_ar.data import synthetic
 from dalle_ar.report import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of: " + ", ".join(RECIPES))
-    p.add_argument("--heldout", type=int, default=512, help="held-out synthetic images (seed 12345)")
+    p.add_argument("--heldout", type=int, default=512, help="held-out synthetic images (world seed synthetic.HELDOUT_SEED)")
     p.add_argument("--work", default="runs/dvae_recipes")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
         model, _ = models.load(export, kind="dvae")
         with torch.no_grad():
             results[name] = {"flags": " ".join(RECIPES[name]),
-                             **dvae_quality(model, synthetic_batches(args.heldout, 12345, model.config.image_size, 128), "cpu")}
+                             **dvae_quality(model, synthetic_batches(args.heldout, synthetic.HELDOUT_SEED, model.config.image_size, 128), "cpu")}
         print(name, results[name], flush=True)
     return emit({"bench": "dvae_recipes", "device": device_name("cpu"), "steps": args.steps, "lr": args.lr,
                  "data": args.data, "recipes": results}, args.out)
