@@ -95,7 +95,7 @@ compare: compare-models
 # (images, and their tokens for AR), for the steps that bring each backend's training FLOPs to $(BUDGET): the
 # demo's dVAE counts in AR's, the prior gets 2% of unCLIP's (make compare's split). Same model recipes as `make
 # compare`, and the same evaluation (it then runs sample/compare.py on the exports); reuses the demo's dVAE, tokenizer
-# and CLIP and compare-models' evaluator CLIP (trained here when missing). The default budget is about the demo's AR
+# and CLIP and compare-models' evaluator CLIP (trained here when missing: +16 min). The default budget is about the demo's AR
 # (dVAE + ~800 transformer steps; the report in docs/compare predates the 3,000-step crop dVAE). Rerunning skips finished runs. 2-core CPU, quiet: ~15 min after the demo
 # (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5).
 compare-matched: setup
