@@ -242,6 +242,8 @@ def test_sigterm_after_the_run_completed_exits_0(token_data, straight, tmp_path)
             time.sleep(0.3)  # past the script's return, into the teardown
             proc.send_signal(signal.SIGTERM)
             break
+    else:
+        pytest.fail("the run never printed its last line ('dalle: done at step ...')")
     proc.stdout.read()
     assert proc.wait(timeout=120) == 0
     assert_same_run(straight, out)
