@@ -55,22 +55,23 @@ def _script_stop(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _on_sigterm(handler) -> None:
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: the default behaviour stays
+        pass
+
+
 def script_handlers() -> None:
     """The SIGTERM handler of a whole script (`cli.run_cli`); a Trainer's own `StopSignal` replaces it while it
     trains and puts it back when `fit` ends."""
-    try:
-        signal.signal(signal.SIGTERM, _script_stop)
-    except ValueError:  # not the main thread
-        pass
+    _on_sigterm(_script_stop)
 
 
 def done_handlers() -> None:
     """A script whose work is done ignores SIGTERM: Python puts the default action back for its own handlers while
     the interpreter shuts down (about a second with torch loaded), and a signal then would kill a finished run."""
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    except ValueError:
-        pass
+    _on_sigterm(signal.SIG_IGN)
 
 
 class Interrupted(BaseException):
