@@ -346,3 +346,22 @@ def test_generate_script_with_the_unclip_backend(world, prior_run, decoder_run, 
     assert (out / "grid.png").exists() and (out / "prompts" / "001" / "rank_01.png").exists()
     with pytest.raises(SystemExit):  # likelihood ranking is the transformer's
         generate(["--backend", "unclip", "--prior", "p", "--decoder", "d", "--rank-by", "likelihood", "--prompt", "x"])
+
+
+def test_unclip_accuracy_bench_splits_prior_and_decoder(prior_run, decoder_run, tmp_path):
+    """bench/unclip_accuracy.py: caption accuracy of text -> prior -> decoder and of the decoder alone from the renders'
+    own embeddings, by number of objects, at the world's 64 px (the 16 px decoder's images are resized)."""
+    from bench.unclip_accuracy import main as unclip_accuracy
+
+    r = unclip_accuracy(["--prior", str(prior_run / "export"), "--decoder", str(decoder_run / "export"), "--prompts", "3",
+                         "--candidates", "2", "--guidance", "1,2", "--steps", "2", "--grid", str(tmp_path / "g.png"),
+                         "--out", str(tmp_path / "r.json")])
+    assert r["image_size"] == 16 and r["resized"] and r["checked_at"] == 64
+    for part in ("text", "decoder_only"):
+        assert list(r[part]) == ["g=1", "g=2"]
+        s = r[part]["g=2"]
+        assert s["candidates"] == 6 and 0 <= s["per_candidate"] <= s["oracle"] <= 1
+        assert sum(b["prompts"] for b in s["by_objects"].values()) == 3
+    assert set(r["text"]["g=1"]["top1"]) == {"clip", "sampling"}
+    assert -1 <= r["prior_cos"] <= 1 and (tmp_path / "g.png").stat().st_size > 500
+    assert json.loads((tmp_path / "r.json").read_text())["prompts"] == 3

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Caption accuracy of unCLIP (prior + decoder [+ upsampler]) on held-out shapes-world prompts, one- and two-object
+prompts apart, and where its errors come from:
+
+  text       caption -> prior -> decoder: what a user gets (per candidate, oracle, CLIP top-1 of the candidates)
+  decoder    the decoder alone, from the true CLIP image embedding of a render of the same caption: the ceiling
+             the prior can reach (a wrong image here is the decoder's fault, or the embedding's)
+  prior_cos  cosine between the prior's image embedding and the render's true one (the prior's fit)
+
+  python -m bench.unclip_accuracy --prior runs/prior/export --decoder runs/decoder/export \\
+      --prompts 64 --candidates 4 --guidance 1,3 --out bench/results/unclip_accuracy_cpu.json
+
+Images smaller than the world's 64 px are resized to 64 (bilinear) before `synthetic.check`, and the record says so.
+The prompts are the demo's (`synthetic.heldout`, the first --prompts; --first_prompt 64 gives a development set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.common import emit
+from dalle_ar.data import synthetic
+from dalle_ar.evaluation import caption_report
+from dalle_ar.report import device_name, save_grid
+from dalle_ar.unclip.pipeline import UnclipPipeline
+
+WORLD_SIZE = 64
+
+
+def summary(report: dict) -> dict:
+    """The figures of evaluation.caption_report that judge unCLIP, overall and by number of objects."""
+    keys = ("prompts", "candidates", "per_candidate", "oracle", "top1", "attributes")
+    out = {k: report[k] for k in keys}
+    out["by_objects"] = {n: {k: r[k] for k in keys} for n, r in report["by_objects"].items()}
+    return out
+
+
+def at_world_size(images: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) -> (..., 3, 64, 64): bilinear when the model makes another size."""
+    if images.shape[-1] == WORLD_SIZE:
+        return images
+    flat = images.flatten(0, -4)
+    flat = F.interpolate(flat, size=(WORLD_SIZE, WORLD_SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+    return flat.view(*images.shape[:-2], WORLD_SIZE, WORLD_SIZE)
+
+
+def clip_order(pipe: UnclipPipeline, images: torch.Tensor, prompts: list[str]) -> np.ndarray:
+    """(P, N) candidate indices by CLIP similarity to the prompt, best first."""
+    p, n = images.shape[:2]
+    img = pipe.clip.encode_images(images.flatten(0, 1).to(pipe.device)).view(p, n, -1)
+    txt = pipe.clip.encode_texts(prompts).to(img.device)
+    return torch.argsort((img * txt[:, None]).sum(-1), dim=1, descending=True).cpu().numpy()
+
+
+@torch.no_grad()
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prior", required=True, help="prior export (train/train_prior.py)")
+    p.add_argument("--decoder", required=True, help="decoder export (train/train_decoder.py)")
+    p.add_argument("--upsampler", default=None, help="upsampler export (train/train_decoder.py --stage upsampler)")
+    p.add_argument("--clip", default=None, help="the CLIP the embeddings came from (default: the prior's config)")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--first_prompt", type=int, default=0, help="64: held-out prompts after the demo's 64 (development)")
+    p.add_argument("--candidates", type=int, default=4, help="images per prompt and setting")
+    p.add_argument("--guidance", default="1,3", help="decoder guidance scales")
+    p.add_argument("--prior_guidance", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=32, help="DDIM steps of the prior and the decoder")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grid", default=None, help="PNG: per prompt (first 8) its text candidates at the last guidance")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    pipe = UnclipPipeline.load(args.prior, args.decoder, args.clip, args.device, args.upsampler)
+    examples = synthetic.heldout(args.first_prompt + args.prompts)[args.first_prompt:]
+    prompts = [c for _, c in examples]
+    renders = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im, _ in examples]).float() / 255
+    n = args.candidates
+    result = {"bench": "unclip_accuracy", "device": device_name(args.device), "prior": args.prior,
+              "decoder": args.decoder, "upsampler": args.upsampler, "image_size": pipe.image_size,
+              "checked_at": WORLD_SIZE, "resized": pipe.image_size != WORLD_SIZE, "prompts": args.prompts,
+              "first_prompt": args.first_prompt, "candidates": n, "steps": args.steps, "seed": args.seed,
+              "prior_guidance": args.prior_guidance, "text": {}, "decoder_only": {}}
+    start = time.perf_counter()
+
+    # the prior's fit: its embedding against the true embedding of a render of the caption
+    true_embed = pipe.image_embed(renders).cpu()
+    g = torch.Generator().manual_seed(args.seed)
+    z = pipe.prior.sample(pipe.tokenizer.encode(prompts).to(pipe.device), pipe.clip.encode_texts(prompts).to(pipe.device),
+                          steps=args.steps, guidance=args.prior_guidance, candidates=2, generator=g).cpu()
+    result["prior_cos"] = float(F.cosine_similarity(z, true_embed).mean())
+    result["text_embed_cos"] = float(F.cosine_similarity(pipe.clip.encode_texts(prompts).cpu(), true_embed).mean())
+
+    for scale in [float(s) for s in args.guidance.split(",")]:
+        images = at_world_size(pipe.generate(prompts, n, seed=args.seed, prior_steps=args.steps,
+                                             decoder_steps=args.steps, prior_guidance=args.prior_guidance,
+                                             decoder_guidance=scale, batch_size=args.batch_size))
+        orders = {"clip": clip_order(pipe, images, prompts), "sampling": np.tile(np.arange(n), (len(prompts), 1))}
+        result["text"][f"g={scale:g}"] = summary(caption_report(images, prompts, orders))
+        # the decoder alone, from the renders' own embeddings (same noise seed)
+        g = torch.Generator().manual_seed(args.seed)
+        rows = [pipe.decode(true_embed[i:i + args.batch_size].repeat_interleave(n, 0).to(pipe.device),
+                            [c for c in prompts[i:i + args.batch_size] for _ in range(n)], steps=args.steps,
+                            guidance=scale, generator=g).cpu() for i in range(0, len(prompts), args.batch_size)]
+        decoded = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
+        result["decoder_only"][f"g={scale:g}"] = summary(caption_report(
+            decoded, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))}))
+        if args.grid:
+            save_grid(images[:8].flatten(0, 1), args.grid, nrow=n)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
