@@ -11,12 +11,15 @@ SEEDS  ?= 0 1 2
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13
 MATCHED ?= outputs/compare_matched_$(BUDGET)
+BUDGETS ?= 2e13,4e13,8e13
+SCALING ?= outputs/compare_scaling
 HOST    ?= 127.0.0.1
 PORT    ?= 7860
 # a demo stage, timed into $(DEMO)/stages.json
 STAGE   = $(PY) -m bench.stage --log $(DEMO)/stages.json --name
 
-.PHONY: setup demo demo-seeds test test-browser play bench clean compare compare-models compare-matched
+.PHONY: setup demo demo-seeds test test-browser play bench clean compare compare-models compare-matched \
+	compare-scaling
 
 setup: $(STAMP)
 
@@ -108,6 +111,22 @@ compare-matched: setup
 		--samples-per-prompt 4 --seed 0 --ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 \
 		--unclip-steps 16,64 --real-images 256 --out $(MATCHED)
 	@echo "compare-matched finished in $$(( $$(date +%s) - $$(cat $(MATCHED)/.start) )) s: see $(MATCHED)/report.md"
+
+# `make compare-scaling [BUDGETS=2e13,4e13,8e13]`: compare-matched at each budget in $(BUDGETS) (train/compare_scaling.py
+# runs train/train_matched.py per budget into $(SCALING)/budget_<B>, all on one CLIP-embedding precompute), then each
+# backend's best setting per budget side by side: caption accuracy (all, 1-shape and 2-shape prompts), evaluator CLIP
+# score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
+# docs/compare/scaling. Same demo models and evaluator CLIP as compare-matched; rerunning skips finished budgets.
+compare-scaling: setup
+	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
+	mkdir -p $(SCALING) && date +%s > $(SCALING)/.start
+	@test -d $(COMPARE)/runs/eval_clip/export || $(EVAL_CLIP)
+	$(PY) train/compare_scaling.py --budgets $(BUDGETS) --train-images $(DEMO)/data/shapes \
+		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
+		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 32 \
+		--samples-per-prompt 4 --seed 0 --ar-rerank 1,16 --ar-temperature 0.7 --ar-top-k 16 --unclip-guidance 1,3 \
+		--unclip-steps 16,64 --real-images 256 --out $(SCALING) --report docs/compare/scaling
+	@echo "compare-scaling finished in $$(( $$(date +%s) - $$(cat $(SCALING)/.start) )) s: see docs/compare/scaling/report.md"
 
 test: setup
 	$(PY) -m pytest -q

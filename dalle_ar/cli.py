@@ -5,7 +5,8 @@ never exists in the class but not the CLI (booleans are --x / --no-x; --help sho
 the dataclass source and the allowed values). `resolve` layers the values: class defaults < the script's own
 defaults < (TrainConfig: the run's ds_config.json) < preset < `--config run.json` < flags; with --init_from EXPORT
 the export's config.json sits above the default preset and below an explicit one. `parse` is a script's entry;
-`run_cli` turns config and data errors into one line naming the file and the fix.
+`run_cli` turns config and data errors into one line naming the file and the fix; `run_script` runs another script
+as a process of its own (train/train_matched.py runs each trainer so, train/compare_scaling.py each budget).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import functools
 import inspect
 import os
 import re
+import subprocess
 import sys
 import tokenize
 import typing
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from dalle_ar.config import (PRESETS, ClipConfig, ConfigError, DalleConfig, DataError, DVAEConfig, DVAELossConfig,
@@ -237,3 +240,15 @@ def run_cli(main) -> None:
     except (ConfigError, DataError, SaveError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     done_handlers()  # the work is done; the interpreter's teardown (~1 s with torch) is not killed by a SIGTERM
+
+
+# A launcher's (or an earlier in-process trainer's) rendezvous variables: a script run by `run_script` is a run of its
+# own, one process on a port of its own; inheriting them would make it join (or collide with) this process's group.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_script(root: Path, script: str, argv: list[str]) -> int:
+    """python <root>/<script> argv in its own process (`root` first on its path); its exit status."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, str(Path(root) / script), *argv], env=env).returncode

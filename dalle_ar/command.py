@@ -24,6 +24,7 @@ SCRIPTS = {
     "train-prior": "train.train_prior",
     "train-decoder": "train.train_decoder",
     "train-matched": "train.train_matched",
+    "compare-scaling": "train.compare_scaling",
     "generate": "sample.generate",
     "unclip-edit": "sample.unclip_edit",
     "compare": "sample.compare",

@@ -82,8 +82,19 @@ def score(images: torch.Tensor, prompts: list[str], evaluator: ClipScorer, text_
     if rows:
         passed = np.array([synthetic.check_batch(images[i], [prompts[i]] * k) for i in rows], dtype=float)  # (P', K)
         out.update(caption_accuracy=round(float(passed.mean()), 4),
-                   caption_accuracy_ci=interval(passed.mean(1), np.mean, bootstrap, 5))
+                   caption_accuracy_ci=interval(passed.mean(1), np.mean, bootstrap, 5),
+                   caption_accuracy_by_objects=accuracy_by_objects(passed, [prompts[i] for i in rows], bootstrap, 10))
     return out
+
+
+def accuracy_by_objects(passed: np.ndarray, prompts: list[str], bootstrap: int, seed: int) -> dict:
+    """Caption accuracy per number of shapes the prompt names: {"1": {"accuracy", "ci", "prompts"}, "2": ...};
+    `passed` holds the pixel checks of the shapes-world `prompts`, (P,) or (P, K); intervals over prompts."""
+    per_prompt = passed.reshape(len(prompts), -1).mean(1)
+    objects = np.array([len(synthetic.parse_caption(p).shapes) for p in prompts])
+    return {str(n): {"accuracy": round(float(per_prompt[objects == n].mean()), 4),
+                     "ci": interval(per_prompt[objects == n], np.mean, bootstrap, seed + n),
+                     "prompts": int((objects == n).sum())} for n in sorted(set(objects.tolist()))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,11 +158,17 @@ AR: the dVAE's run counts first, the transformer gets the rest; unCLIP: the prio
 {b['prior_share']:g} of the budget, the decoder the rest (the shared CLIP is in neither). Steps are whole, so each
 backend ends below its budget by less than one step of its last stage. Planned: FlopCounterMode over one step of
 each model as its trainer builds it, before training; counted: the same on the exports afterwards, as in the table
-above. Runs in `{Path(b['embeddings']).parent}`.
+above. Runs in `{b.get('runs') or Path(b['embeddings']).parent}`, CLIP embeddings in `{b['embeddings']}`.
 
 {table}
 
 {chr(10).join(lines)}"""
+
+
+def by_objects_cells(row: dict, objects: list[str]) -> dict:
+    """Table cells obj<n>: caption accuracy [95% CI] on the prompts that name n shapes."""
+    split = row.get("caption_accuracy_by_objects") or {}
+    return {f"obj{n}": fmt_ci(split[n]["accuracy"], split[n]["ci"], 3) if n in split else "-" for n in objects}
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -178,22 +195,23 @@ def write_report(out: Path, report: dict) -> None:
                      path=out / "accuracy_vs_seconds.png", xlabel="seconds per kept image",
                      ylabel="caption accuracy (synthetic.check)", title="caption accuracy vs sampling time")
 
+    real = report["real"]
+    objects = sorted({n for r in [*rows, real] for n in r.get("caption_accuracy_by_objects") or {}}, key=int)
     table = [{
         "setting": r["setting"], "clip": fmt_ci(r["clip_score"], r["clip_score_ci"]),
-        "acc": fmt_ci(r.get("caption_accuracy"), r.get("caption_accuracy_ci"), 3),
+        "acc": fmt_ci(r.get("caption_accuracy"), r.get("caption_accuracy_ci"), 3), **by_objects_cells(r, objects),
         "fd": fmt_ci(r["fd"], r["fd_ci"], 4), "kid": f"{r['kid']:.4f} ± {r['kid_std']:.4f}",
         "div": fmt_ci(r.get("diversity"), r.get("diversity_ci"), 3),
         "s1": f"{r['seconds_per_image_batch1']:.4f}", "sb": f"{r['seconds_per_image']:.4f}",
         "nfe": f"{r['nfe_calls']} / {r['nfe_rows']}"} for r in rows]
-    real = report["real"]
     table.append({"setting": "real (held-out renders)", "clip": fmt_ci(real["clip_score"], real["clip_score_ci"]),
                   "acc": fmt_ci(real.get("caption_accuracy"), real.get("caption_accuracy_ci"), 3),
-                  "fd": f"{real['fd_floor']:.4f} (2nd real set)", "kid": f"{real['kid_floor']:.4f}", "div": "-",
-                  "s1": "-", "sb": "-", "nfe": "-"})
+                  **by_objects_cells(real, objects), "fd": f"{real['fd_floor']:.4f} (2nd real set)",
+                  "kid": f"{real['kid_floor']:.4f}", "div": "-", "s1": "-", "sb": "-", "nfe": "-"})
     quality = markdown_table(table, [
-        ("setting", "setting"), ("CLIP score [95% CI]", "clip"), ("caption accuracy", "acc"), ("FD", "fd"),
-        ("KID", "kid"), ("diversity", "div"), ("s/img batch 1", "s1"), (f"s/img batch {report['batch_size']}", "sb"),
-        ("NFE calls / rows", "nfe")])
+        ("setting", "setting"), ("CLIP score [95% CI]", "clip"), ("caption accuracy", "acc"),
+        *[(f"{n}-obj acc.", f"obj{n}") for n in objects], ("FD", "fd"), ("KID", "kid"), ("diversity", "div"),
+        ("s/img batch 1", "s1"), (f"s/img batch {report['batch_size']}", "sb"), ("NFE calls / rows", "nfe")])
 
     cost_rows = []
     for backend in ("ar", "unclip"):
@@ -228,10 +246,10 @@ kept images per setting, sampling seed {report['seed']} for every setting. Evalu
 {quality}
 
 CLIP score: 100 x max(cos, 0) under the evaluator CLIP, 95% bootstrap interval over prompts. Caption accuracy:
-fraction of kept images whose pixels match the caption (`synthetic.check`). FD / KID: evaluator-CLIP image
-features vs held-out real renders (lower is better; FD interval over generated images). Diversity: mean pairwise
-cosine distance of a prompt's kept images. NFE calls = sequential network forwards per kept image, rows = batch
-rows (AR rerank N costs N candidates per kept image).
+fraction of kept images whose pixels match the caption (`synthetic.check`); n-obj: the same on the prompts that
+name n shapes. FD / KID: evaluator-CLIP image features vs held-out real renders (lower is better; FD interval over
+generated images). Diversity: mean pairwise cosine distance of a prompt's kept images. NFE calls = sequential
+network forwards per kept image, rows = batch rows (AR rerank N costs N candidates per kept image).
 
 ## Training cost
 

@@ -18,7 +18,8 @@ reranked or conditioned with would grade its own homework; the script refuses):
   fd, kid          Frechet distance and KID (unbiased, cubic kernel) of image features against --real-images
                    held-out real shapes-world images (a different world seed than the prompts' renders)
   diversity        mean pairwise cosine distance (1 - cos) among the K kept images of a prompt, over prompts
-  caption_accuracy shapes-world prompts: fraction of kept images that `synthetic.check` accepts from pixels
+  caption_accuracy shapes-world prompts: fraction of kept images that `synthetic.check` accepts from pixels;
+                   caption_accuracy_by_objects: the same per number of shapes the prompt names ("1", "2")
 With --bootstrap B percentile 95% intervals: over prompts for clip_score / diversity / caption_accuracy,
 over generated images for fd / kid. The row `real` scores held-out real renders of the same captions (the
 ceiling) and fd of a second real set (the noise floor at this sample size).
@@ -318,7 +319,9 @@ def main(argv=None) -> dict:
         rcs = clip_score((rfeat * text_feats[real_rows]).sum(-1)).numpy()
         acc = np.array(synthetic.check_batch(rimg, [prompts[i] for i in real_rows]), dtype=float)
         real.update(clip_score=round(float(rcs.mean()), 3), clip_score_ci=comparison.interval(rcs, np.mean, args.bootstrap, 6),
-                    caption_accuracy=round(float(acc.mean()), 4), caption_accuracy_ci=comparison.interval(acc, np.mean, args.bootstrap, 7))
+                    caption_accuracy=round(float(acc.mean()), 4), caption_accuracy_ci=comparison.interval(acc, np.mean, args.bootstrap, 7),
+                    caption_accuracy_by_objects=comparison.accuracy_by_objects(acc, [prompts[i] for i in real_rows],
+                                                                               args.bootstrap, 20))
     else:
         real.update(clip_score=None, clip_score_ci=None)
     floor_images, _ = comparison.real_set(len(prompts) * k, args.synthetic_seed + 2)

@@ -2,22 +2,26 @@
 export, a prior + decoder export, and two different CLIPs; and it refuses an evaluator equal to the rerank CLIP.
 train/train_matched.py --train-budget-flops trains tiny models on tiny shards so that each backend's counted training
 FLOPs come to the budget, then reports on them with compare.py (the planner, metrics.plan_steps, is checked against
-hand-computed values)."""
+hand-computed values). train/compare_scaling.py runs train_matched.py at two budgets that share one CLIP-embedding
+precompute and aggregates the reports; its verdict (dalle_ar.scaling.verdict) is checked on hand-made rows."""
 
 import json
 import runpy
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, tiny_exports
 
-from dalle_ar import metrics
+from dalle_ar import comparison, metrics, scaling
 from dalle_ar.config import ConfigError
-from dalle_ar.data import synthetic, write
+from dalle_ar.data import embeddings, synthetic, write
 
 script = runpy.run_path(str(ROOT / "sample/compare.py"))
 compare = script["main"]
 matched = runpy.run_path(str(ROOT / "train/train_matched.py"))
 train_matched = matched["main"]
+compare_scaling = runpy.run_path(str(ROOT / "train/compare_scaling.py"))["main"]
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +58,30 @@ def test_report_builds_end_to_end(models, tmp_path):
         assert all(s["steps"] == 5 and s["flops"] == 5 * s["flops_per_step"] > 0 for s in stages.values())
         assert cost[backend]["training_flops"] == sum(s["flops"] for s in stages.values())
     assert saved["real"]["caption_accuracy"] == 1.0  # the world's own renders pass its checker
+    objects = {str(len(synthetic.parse_caption(p).shapes)) for p in saved["prompts"]}
+    for r in [*saved["settings"], saved["real"]]:  # caption accuracy split by the number of shapes a prompt names
+        split = r["caption_accuracy_by_objects"]
+        assert set(split) == objects and sum(v["prompts"] for v in split.values()) == 2
+        assert sum(v["accuracy"] * v["prompts"] for v in split.values()) / 2 == pytest.approx(r["caption_accuracy"],
+                                                                                              abs=1e-3)
+    assert all(v["accuracy"] == 1.0 for v in saved["real"]["caption_accuracy_by_objects"].values())
     assert saved["best"]["ar"] in ("AR N=1 T=1", "AR N=2 T=1") and report["best"] == saved["best"]
     md = (out / "report.md").read_text()
     assert "| AR N=2 T=1 |" in md and "## Training cost" in md and "![side by side](side_by_side.png)" in md
+    assert all(f"| {n}-obj acc. |" in md for n in objects)
     for png in ("quality_vs_training_flops.png", "quality_vs_seconds.png", "clip_score_vs_diversity.png",
                 "accuracy_vs_seconds.png", "side_by_side.png"):
         assert (out / png).stat().st_size > 1000, png
+
+
+def test_caption_accuracy_by_objects_splits_prompts_by_their_shape_count():
+    prompts = ["a large purple triangle at the top", "a large purple circle below a large red square",
+               "a large green square on the right", "a large orange square to the left of a small green circle"]
+    passed = np.array([[1, 1], [0, 1], [1, 0], [0, 0]], dtype=float)  # (P, K) pixel checks
+    split = comparison.accuracy_by_objects(passed, prompts, bootstrap=0, seed=0)
+    assert split == {"1": {"accuracy": 0.75, "ci": None, "prompts": 2}, "2": {"accuracy": 0.25, "ci": None, "prompts": 2}}
+    lo, hi = comparison.accuracy_by_objects(passed, prompts, bootstrap=50, seed=0)["1"]["ci"]
+    assert 0.5 <= lo <= 0.75 <= hi <= 1.0  # over prompts: per-prompt means 1.0 and 0.5
 
 
 def test_evaluator_equal_to_the_rerank_clip_is_refused(models, tmp_path):
@@ -122,18 +144,30 @@ TINY = ["--transformer-args", "--dim 32 --depth 1 --heads 2 --batch_size 4 --war
 BUDGET = 2e9  # tiny models: the fixture's dVAE run (5 steps) + 5-20 steps of each trained stage
 
 
+def training_args(m, data, out, *extra):
+    """train_matched.py's flags but the budget (and, through it, compare.py's)."""
+    return ["--train-images", data["images"], "--train-tokens", data["tokens"], "--tokenizer", str(m["dir"] / "tokenizer.json"),
+            "--clip", str(m["clip"]), "--eval-clip", str(m["eval_clip"]), "--budget-prior-share", "0.1", *TINY,
+            "--synthetic-prompts", "2", "--samples-per-prompt", "2", "--real-images", "8", "--bootstrap", "10",
+            "--timing-images", "1", "--ar-rerank", "1", "--unclip-guidance", "3", "--unclip-steps", "2",
+            "--batch-size", "8", "--no-progress", "--out", str(out), *extra]
+
+
 def budget_args(m, data, out, *extra):
-    return ["--train-budget-flops", f"{BUDGET:g}", "--train-images", data["images"], "--train-tokens", data["tokens"],
-            "--tokenizer", str(m["dir"] / "tokenizer.json"), "--clip", str(m["clip"]), "--eval-clip", str(m["eval_clip"]),
-            "--budget-prior-share", "0.1", *TINY, "--synthetic-prompts", "2", "--samples-per-prompt", "2",
-            "--real-images", "8", "--bootstrap", "10", "--timing-images", "1", "--ar-rerank", "1",
-            "--unclip-guidance", "3", "--unclip-steps", "2", "--batch-size", "8", "--no-progress", "--out", str(out),
-            *extra]
+    return ["--train-budget-flops", f"{BUDGET:g}", *training_args(m, data, out, *extra)]
 
 
-def test_matched_budget_trains_both_backends_to_the_budget(models, training_data, tmp_path):
-    out = tmp_path / "report"
-    report = train_matched(budget_args(models, training_data, out))
+@pytest.fixture(scope="module")
+def scaling_run(models, training_data, tmp_path_factory):
+    """train/compare_scaling.py at BUDGET and 2 x BUDGET: train_matched.py at each, in <out>/budget_2e9 and
+    <out>/budget_4e9, on one CLIP-embedding precompute in <out>/clip_embeddings."""
+    out = tmp_path_factory.mktemp("scaling")
+    argv = ["--budgets", f"{2 * BUDGET:g},{BUDGET:g}", *training_args(models, training_data, out)]
+    return {"out": out, "argv": argv, "result": compare_scaling(argv)}
+
+
+def test_matched_budget_trains_both_backends_to_the_budget(models, training_data, scaling_run):
+    out = scaling_run["out"] / "budget_2e9"  # train_matched.py --train-budget-flops 2e9, run by compare_scaling
     saved = json.loads((out / "report.json").read_text())
     budget, cost = saved["train_budget"], saved["cost"]
     assert budget["budget_flops"] == BUDGET
@@ -149,16 +183,18 @@ def test_matched_budget_trains_both_backends_to_the_budget(models, training_data
     assert cost["ar"]["training"]["dvae"]["flops"] == budget["ar"]["spent"]["dvae"] > 0
     prior = budget["unclip"]["stages"]["prior"]
     assert prior["flops"] <= 0.1 * BUDGET < prior["flops"] + prior["flops_per_step"]
-    assert report["models"]["ar"] == str(out / "runs" / "transformer" / "export")
+    assert saved["models"]["ar"] == str(out / "runs" / "transformer" / "export")
     md = (out / "report.md").read_text()
     assert "## Matched training budget" in md and "`--train-budget-flops 2e+09`" in md
 
     # the same command again: every run is finished, so nothing is retrained (only planned and checked)
-    args = matched["parse"](budget_args(models, training_data, out))[0]
+    shared = ["--embeddings", str(scaling_run["out"] / "clip_embeddings")]
+    args = matched["parse"](budget_args(models, training_data, out, *shared))[0]
     plan = matched["train_matched"](args)
     assert not any(p["trained_now"] for backend in ("ar", "unclip") for p in plan[backend]["stages"].values())
+    assert not plan["embeddings_computed"]
     # another budget over the same runs is refused rather than mixed into them
-    args = matched["parse"](budget_args(models, training_data, out))[0]
+    args = matched["parse"](budget_args(models, training_data, out, *shared))[0]
     args.train_budget_flops = 2 * BUDGET
     with pytest.raises(ConfigError, match="trained under another plan"):
         matched["train_matched"](args)
@@ -186,3 +222,121 @@ def test_budget_mode_refuses_exports_and_missing_inputs(models, training_data, t
         del only_ar[i:i + 2]
     with pytest.raises(ConfigError, match="--unclip-prior, --unclip-decoder missing: pass the trained exports"):
         compare(only_ar)
+
+
+# ------------------------------------------------------------------------------------------------
+# train/compare_scaling.py and dalle_ar.scaling
+# ------------------------------------------------------------------------------------------------
+
+def test_scaling_trains_each_budget_on_one_embedding_precompute_and_reports(scaling_run, capsys):
+    out, result = scaling_run["out"], scaling_run["result"]
+    saved = json.loads((out / "report" / "scaling.json").read_text())
+    assert saved["budgets"] == [BUDGET, 2 * BUDGET] and saved["verdict"] == result["verdict"]
+    assert [(r["budget"], r["backend"]) for r in saved["rows"]] == [(b, k) for b in (BUDGET, 2 * BUDGET)
+                                                                    for k in ("ar", "unclip")]
+    for r in saved["rows"]:
+        report = json.loads(Path(r["report"]).read_text())
+        plan = report["train_budget"][r["backend"]]
+        last = list(plan["stages"].values())[-1]["flops_per_step"]
+        assert r["training_flops"] == report["cost"][r["backend"]]["training_flops"]
+        assert 0 <= r["budget"] - r["training_flops"] < last  # each backend within one step of each budget
+        best = max((s for s in report["settings"] if s["backend"] == r["backend"]),
+                   key=lambda s: (s["caption_accuracy"], s["clip_score"]))
+        assert r["setting"] == best["setting"] and r["caption_accuracy"] == best["caption_accuracy"]
+        assert r["caption_accuracy_by_objects"] == best["caption_accuracy_by_objects"]
+    # the embeddings were computed once, by the first budget, in the shared directory; the second reused them
+    budgets = [json.loads((out / f"budget_{b}" / "runs" / "budget.json").read_text()) for b in ("2e9", "4e9")]
+    assert [b["embeddings_computed"] for b in budgets] == [True, False]
+    assert {b["embeddings"] for b in budgets} == {str(out / "clip_embeddings")}
+    assert not list(out.glob("budget_*/runs/clip_embeddings"))
+    md = (out / "report" / "report.md").read_text()
+    assert saved["verdict"] in md and "At 2e9 FLOPs: " in md and "At 4e9 FLOPs: " in md
+    assert "[../budget_2e9/report.md](../budget_2e9/report.md)" in md and "python train/compare_scaling.py" in md
+    for png in ("scaling.png", "scaling_by_objects.png"):
+        assert (out / "report" / png).stat().st_size > 1000, png
+
+    # the same command again: both budgets are done, so nothing is trained or evaluated; the report is rebuilt
+    capsys.readouterr()
+    again = compare_scaling([*scaling_run["argv"], "--report", str(out / "again")])
+    assert capsys.readouterr().out.count("already made by this command; skipped") == 2
+    assert again["rows"] == result["rows"] and (out / "again" / "report.md").exists()
+
+
+def test_embeddings_from_another_clip_or_other_images_are_refused(models, training_data, scaling_run, tmp_path):
+    shared = scaling_run["out"] / "clip_embeddings"
+    for flag, value in (("clip", str(models["eval_clip"])), ("train_images", training_data["tokens"])):
+        args = matched["parse"](budget_args(models, training_data, tmp_path / "r", "--embeddings", str(shared)))[0]
+        setattr(args, flag, value)
+        with pytest.raises(ConfigError, match=rf"meta.json: made from .*, not --{flag.replace('_', '-')} .*; pass "
+                                              r"another --embeddings directory") as e:
+            matched["train_matched"](args)
+        assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
+    # the same CLIP directory holding other weights; and a directory that holds only part of the shards
+    meta = json.loads((shared / "meta.json").read_text())
+    other = tmp_path / "emb"
+    other.mkdir()
+    (other / "meta.json").write_text(json.dumps({**meta, "clip_sha256": "0" * 64}))
+    with pytest.raises(ConfigError, match="made from other weights than --clip"):
+        embeddings.reusable(other, str(models["clip"]), training_data["images"])
+    (other / "meta.json").write_text(json.dumps(meta))
+    assert embeddings.reusable(shared, str(models["clip"]), training_data["images"])
+    assert not embeddings.reusable(other, str(models["clip"]), training_data["images"])  # precompute_clip resumes it
+
+
+@pytest.mark.parametrize("budgets", ["2e9", "2e9,2e9", "0,2e9", "2e9,lots"])
+def test_scaling_needs_two_distinct_positive_budgets(budgets, tmp_path):
+    with pytest.raises(ConfigError, match=rf"--budgets {budgets}: .*pass e.g. --budgets 2e13,4e13,8e13") as e:
+        compare_scaling(["--budgets", budgets, "--out", str(tmp_path / "s")])
+    assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
+    with pytest.raises(ConfigError, match="--train-budget-flops: --budgets sets each run's budget; drop it"):
+        compare_scaling(["--budgets", "2e9,4e9", "--train-budget-flops", "2e9", "--out", str(tmp_path / "s")])
+
+
+def row(budget, backend, acc, ci, one=None, two=None, seconds=0.01):
+    """A hand-made scaling row; one/two: (accuracy, ci) on 1- and 2-shape prompts (8 prompts each)."""
+    split = {n: {"accuracy": v[0], "ci": v[1], "prompts": 8} for n, v in (("1", one), ("2", two)) if v}
+    return {"budget": budget, "backend": backend, "caption_accuracy": acc, "caption_accuracy_ci": ci,
+            "caption_accuracy_by_objects": split, "seconds_per_image": seconds}
+
+
+@pytest.mark.parametrize("ar, unclip, says, outcome", [
+    ((0.50, [0.40, 0.60]), (0.10, [0.05, 0.20]), "AR ahead (95% CIs separate), caption accuracy AR 0.50 [0.40, 0.60] vs "
+                                                 "unCLIP 0.10 [0.05, 0.20]", "AR ahead at 1"),
+    ((0.30, [0.20, 0.40]), (0.25, [0.15, 0.35]), "within noise (CIs overlap; AR higher)", "within noise or without "
+                                                                                          "intervals at 1"),
+    ((0.10, [0.00, 0.20]), (0.60, [0.50, 0.70]), "unCLIP ahead (95% CIs separate)", "unCLIP ahead at 1"),
+    ((0.10, None), (0.20, None), "unCLIP higher (no intervals to judge the noise", "within noise or without "
+                                                                                   "intervals at 1"),
+    ((0.20, [0.10, 0.30]), (0.20, [0.10, 0.30]), "tied, caption accuracy AR 0.20", "tied at 1"),
+])
+def test_verdict_says_who_leads_at_a_budget_and_whether_the_intervals_separate(ar, unclip, says, outcome):
+    text = scaling.verdict([row(1e13, "ar", *ar), row(1e13, "unclip", *unclip)])
+    assert f"At 1e13 FLOPs: {says}" in text and outcome in text and "one budget, no trend" in text
+
+
+def test_verdict_trend_objects_and_cost_are_computed_from_the_rows():
+    rows = [row(1e13, "ar", 0.30, [0.22, 0.40], seconds=0.01), row(1e13, "unclip", 0.10, [0.05, 0.20], seconds=0.14),
+            row(4e13, "ar", 0.60, [0.50, 0.70], one=(0.80, [0.70, 0.90]), two=(0.40, [0.30, 0.50]), seconds=0.02),
+            row(4e13, "unclip", 0.15, [0.05, 0.25], one=(0.20, [0.05, 0.35]), two=(0.10, [0.00, 0.20]), seconds=0.14)]
+    text = scaling.verdict(rows)
+    assert "At 1e13 FLOPs: AR ahead" in text and "At 4e13 FLOPs: AR ahead" in text
+    assert "AR ahead at 2, unCLIP ahead at 0" in text
+    assert ("AR: caption accuracy 0.30 (1e13) -> 0.60 (4e13): up 0.30 from the first to the last budget, beyond noise "
+            "(the first and last budgets' CIs separate)") in text
+    assert "unCLIP: caption accuracy 0.10 (1e13) -> 0.15 (4e13): up 0.05 from the first to the last budget, within noise" in text
+    assert ("AR at 4e13: 1-shape prompts 0.80 [0.70, 0.90] (n=8) vs 2-shape 0.40 [0.30, 0.50] (n=8): 1-shape higher by "
+            "0.40 (CIs separate)") in text
+    assert "unCLIP at 4e13: 1-shape prompts 0.20 [0.05, 0.35] (n=8) vs 2-shape 0.10 [0.00, 0.20] (n=8): 1-shape higher by 0.10 (within noise, CIs overlap)" in text
+    assert "1e13: AR 0.01 s, unCLIP 0.14 s (unCLIP 14.0x AR's); 4e13: AR 0.02 s, unCLIP 0.14 s (unCLIP 7.0x AR's)" in text
+    rows[3]["caption_accuracy_by_objects"].pop("2")
+    assert "unCLIP at 4e13: no 2-shape prompts, no gap to report." in scaling.verdict(rows)
+
+
+def test_best_setting_is_the_highest_caption_accuracy_then_clip_score():
+    settings = [{"backend": "ar", "setting": "a", "caption_accuracy": 0.5, "clip_score": 80},
+                {"backend": "ar", "setting": "b", "caption_accuracy": 0.5, "clip_score": 90},
+                {"backend": "ar", "setting": "c", "caption_accuracy": 0.4, "clip_score": 99},
+                {"backend": "unclip", "setting": "d", "caption_accuracy": 0.9, "clip_score": 99}]
+    assert scaling.best_setting(settings, "ar")["setting"] == "b"
+    with pytest.raises(ConfigError, match="pass --synthetic-prompts N"):
+        scaling.best_setting([{**settings[0], "caption_accuracy": None}], "ar")

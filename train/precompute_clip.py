@@ -5,13 +5,12 @@
 Each input shard NAME.tar becomes <out>/NAME.tar holding KEY.img_emb.npy, KEY.txt_emb.npy (unit-norm
 float32) and KEY.txt, in the image shard's order. Finished shards are recorded in <out>/progress/, so
 rerunning the same command after a crash computes only the shards not yet done; <out>/meta.json names
-the CLIP and the embedding width (both trainers read it).
+the CLIP (path and sha256 of its weights), the image shards and the embedding width (both trainers read it).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,19 +20,8 @@ import torch
 from dalle_ar.clip import ClipScorer
 from dalle_ar.cli import run_cli
 from dalle_ar.config import save_json
-from dalle_ar.data.embeddings import META, EmbeddingShards
+from dalle_ar.data.embeddings import META, EmbeddingShards, clip_fingerprint, source
 from dalle_ar.data.read import shard_urls
-
-
-def clip_fingerprint(spec: str) -> str:
-    """sha256 over the CLIP's weight files (an export directory, or ARCH:/path/weights)."""
-    path = Path(spec)
-    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".pt", ".bin")) if path.is_dir() \
-        else [Path(spec.partition(":")[2])]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def main(argv=None) -> Path:
@@ -55,7 +43,8 @@ def main(argv=None) -> Path:
     device = torch.device(args.device)
     embed_dim = None
 
-    with EmbeddingShards(args.out, urls, args.clip, clip_fingerprint(args.clip)) as out:
+    fingerprint = clip_fingerprint(args.clip)
+    with EmbeddingShards(args.out, urls, args.clip, fingerprint) as out:
         def embed(url, images, captions, keys):
             nonlocal embed_dim
             zi = scorer.encode_images(images.float().div_(255))
@@ -68,9 +57,9 @@ def main(argv=None) -> Path:
     if embed_dim is None:  # nothing new computed: the width from a previous run's metadata
         embed_dim = json.loads((Path(args.out) / META).read_text())["embed_dim"] if (Path(args.out) / META).exists() \
             else scorer.encode_texts(["x"]).shape[-1]
-    meta = {"num_samples": totals["num_samples"], "clip": str(Path(args.clip).resolve()) if Path(args.clip).is_dir()
-            else args.clip, "embed_dim": int(embed_dim), "image_size": size, "skipped": totals["skipped"],
-            "num_shards": totals["num_shards"], "images": args.data}
+    meta = {"num_samples": totals["num_samples"], "clip": source(args.clip), "clip_sha256": fingerprint,
+            "embed_dim": int(embed_dim), "image_size": size, "skipped": totals["skipped"],
+            "num_shards": totals["num_shards"], "images": source(args.data)}
     save_json(Path(args.out) / META, meta)
     print(json.dumps(meta))
     return Path(args.out)

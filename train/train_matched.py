@@ -19,9 +19,11 @@ on the exports. Each stage trains with make compare's recipe (RECIPES below: the
 compare-models' prior and decoder) followed by --transformer-args / --prior-args / --decoder-args, flags of that
 trainer (later flags win), e.g. --decoder-args "--channels 64 --batch_size 64".
 
-Each trainer runs as its own process (python train/<trainer>.py) under <out>/runs/<stage> (+ <out>/runs/
-clip_embeddings, <out>/runs/plan.json, <out>/runs/budget.json); the same command again skips finished runs and
-resumes unfinished ones from their checkpoints; a run made under another plan is refused, not mixed. Then
+Each trainer runs as its own process (python train/<trainer>.py) under <out>/runs/<stage> (+ <out>/runs/plan.json,
+<out>/runs/budget.json); the same command again skips finished runs and resumes unfinished ones from their checkpoints;
+a run made under another plan is refused, not mixed. The CLIP embeddings go to --embeddings DIR (default <out>/runs/
+clip_embeddings): computed there when DIR does not hold all of them, reused when it does (several budgets share one
+precompute: train/compare_scaling.py), refused when DIR's meta.json names another --clip or other --train-images. Then
 sample/compare.py evaluates the three exports with every other flag given here (--synthetic-prompts, --ar-rerank,
 --unclip-steps, ...; see its --help) and writes the report to --out.
 """
@@ -30,16 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
-from dalle_ar import metrics, models
+from dalle_ar import cli, metrics, models
 from dalle_ar.cli import run_cli
 from dalle_ar.config import ConfigError, load_json, save_json
-from dalle_ar.data.embeddings import read_meta
+from dalle_ar.data.embeddings import read_meta, reusable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="token shards of the same images from train/encode.py with --dvae (the AR transformer reads them)")
     a("--tokenizer", default=None, help="tokenizer.json or its directory (train/train_tokenizer.py)")
     a("--dvae", default=None, help="the dVAE export --train-tokens was encoded with (default: the one its meta.json names)")
+    a("--embeddings", default=None,
+      help="directory of the CLIP embeddings of --train-images under --clip: computed there unless it holds them all "
+           "(then reused); refused when made from another --clip or other images (default: <out>/runs/clip_embeddings)")
     a("--budget-prior-share", "--budget_prior_share", dest="budget_prior_share", type=float, default=0.02,
       help="fraction of unCLIP's budget for the prior; the decoder gets the rest (default: 0.02, the split of "
            "`make compare`: prior 500 steps, decoder 1500)")
@@ -158,16 +160,9 @@ def stage_argv(args, stage: str, runs: Path, embeddings: Path) -> list[str]:
 # planning and training
 # ------------------------------------------------------------------------------------------------
 
-# A launcher's (or an earlier in-process trainer's) rendezvous variables: each stage is a run of its own, one process
-# on a port of its own; inheriting them would make it join (or collide with) this process's group.
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def run_script(script: str, argv: list[str]) -> int:
-    """python <script> argv in its own process (this repo first on its path); its exit status."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, str(ROOT / script), *argv], env=env).returncode
+    """python <script> argv in its own process, each stage a run of its own (cli.run_script); its exit status."""
+    return cli.run_script(ROOT, script, argv)
 
 
 def step_flops(stage: str, argv: list[str], plans: Path, device: str) -> int:
@@ -221,7 +216,8 @@ def train_matched(args) -> dict:
     check_training_inputs(args)
     budget, device = args.train_budget_flops, args.device
     runs = Path(args.out) / "runs"
-    embeddings, plans = runs / "clip_embeddings", runs / "dry_run"
+    embeddings, plans = Path(args.embeddings) if args.embeddings else runs / "clip_embeddings", runs / "dry_run"
+    reuse = reusable(embeddings, args.clip, args.train_images)  # another CLIP's embeddings fail here, before training
     flag = f"--train-budget-flops {budget:.3g}"
 
     dvae, dvae_cfg = models.load(args.dvae, device, kind="dvae")
@@ -237,8 +233,11 @@ def train_matched(args) -> dict:
     except ValueError as e:
         raise ConfigError(f"{flag} (AR: dVAE {args.dvae} + transformer): {e}") from None
 
-    if run_script("train/precompute_clip.py", ["--clip", args.clip, "--data", args.train_images, "--out", str(embeddings),
-                                               "--num_workers", "0", "--device", device]) != 0:
+    if reuse:
+        print(f"clip embeddings: {embeddings} already holds those of {args.train_images} under {args.clip}; reused",
+              flush=True)
+    elif run_script("train/precompute_clip.py", ["--clip", args.clip, "--data", args.train_images, "--out",
+                                                 str(embeddings), "--num_workers", "0", "--device", device]) != 0:
         raise SystemExit("error: train/precompute_clip.py failed; see its output above")
     tokens, images = load_json(Path(args.train_tokens) / "meta.json"), read_meta(embeddings)
     if tokens["num_samples"] != images["num_samples"]:
@@ -266,8 +265,9 @@ def train_matched(args) -> dict:
             exports[stage], p["trained_now"] = train_stage(stage, argv[stage], p["steps"])
             p["run"], p["argv"] = str(exports[stage].parent), argv[stage]
     args.ar, args.unclip_prior, args.unclip_decoder = (str(exports[s]) for s in ("transformer", "prior", "decoder"))
-    return {"budget_flops": budget, "prior_share": args.budget_prior_share, "embeddings": str(embeddings),
-            "images": args.train_images, "tokens": args.train_tokens, **planned}
+    return {"budget_flops": budget, "prior_share": args.budget_prior_share, "runs": str(runs),
+            "embeddings": str(embeddings), "embeddings_computed": not reuse, "images": args.train_images,
+            "tokens": args.train_tokens, **planned}
 
 
 def main(argv=None) -> dict:

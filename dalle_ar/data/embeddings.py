@@ -4,12 +4,15 @@ Each image shard `.../NAME.tar` gets `<emb>/NAME.tar` with, per sample that deco
 and `KEY.txt_emb.npy` (unit-norm float32 CLIP embeddings) and `KEY.txt` (the caption). Keys and order are
 those of the image shard, so the decoder reads an image shard and its embedding shard side by side
 (`image_embedding_dataset`); the prior needs only the embedding shards (`embedding_dataset`).
+`<emb>/meta.json` names the CLIP (its path and the sha256 of its weights) and the image shards they came from, so
+`reusable` can tell whether a directory already holds the embeddings a run needs (train/train_matched.py --embeddings).
 Writing, resuming and progress records are `write.TokenShards`' (one record per finished shard); reading
 composes an embedding decode stage on `read.raw_dataset`, as `read.image_text_dataset` does for images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from functools import partial
 from pathlib import Path
@@ -24,6 +27,43 @@ from dalle_ar.data.read import MAX_SKIPS_IN_A_ROW, FluidPipeline, decoded, image
 from dalle_ar.data.write import TokenShards, token_shard_name
 
 META = "meta.json"
+
+
+def source(spec: str) -> str:
+    """How meta.json names a CLIP or an image shard set: the absolute path when `spec` is a local file or directory,
+    else `spec` as given (a glob, a brace pattern, a URL, ARCH:/weights)."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def clip_fingerprint(spec: str) -> str:
+    """sha256 over the CLIP's weight files (an export directory, or ARCH:/path/weights)."""
+    path = Path(spec)
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".pt", ".bin")) if path.is_dir() \
+        else [Path(spec.partition(":")[2])]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def reusable(embeddings: str | Path, clip: str, images: str) -> bool:
+    """Whether `embeddings` already holds the finished embeddings of every shard of `images` under `clip`: True when
+    it does; False when it holds none or only part of them (train/precompute_clip.py resumes those); a ConfigError
+    when its meta.json says they came from another CLIP (path or weights) or other image shards."""
+    out = Path(embeddings)
+    if not (out / META).exists():
+        return False
+    meta = load_json(out / META)
+    made = {"--clip": (meta.get("clip"), source(clip)), "--train-images": (meta.get("images"), source(images))}
+    for flag, (recorded, given) in made.items():
+        if recorded is not None and source(recorded) != given:
+            raise ConfigError(f"{out / META}: made from {recorded}, not {flag} {given}; pass another --embeddings "
+                              f"directory, or delete {out} to recompute them")
+    if meta.get("clip_sha256") not in (None, clip_fingerprint(clip)):
+        raise ConfigError(f"{out / META}: made from other weights than --clip {clip} holds now (sha256 differs); "
+                          f"pass another --embeddings directory, or delete {out} to recompute them")
+    names = [token_shard_name(url) for url in shard_urls(images)]
+    return all((out / name).exists() and (out / "progress" / (name[:-len(".tar")] + ".json")).exists() for name in names)
 
 
 def embedding_sample(key: str, image_embed: np.ndarray, text_embed: np.ndarray, caption: str) -> dict:
