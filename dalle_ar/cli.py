@@ -195,13 +195,11 @@ def _warn_paper_sizes_with_tiny(user: dict[type, dict]) -> None:
     """`--image_size 256 --num_tokens 8192` without --preset: the sizes are the paper's, but the rest of the recipe
     (widths, loss, ...) would silently stay the tiny preset's. Say so once, naming both."""
     paper, tiny = PRESETS["paper"], PRESETS["tiny"]
-    big = {k: v for cls, given in user.items() for k, v in given.items()
-           if k in paper.get(cls, {}) and paper[cls][k] == v and tiny.get(cls, {}).get(k) != v}
-    if not big:
-        return
+    big = {k: v for cls, given in user.items() for k, v in given.items()  # sizes, not switches such as --use_caption
+           if not isinstance(v, bool) and k in paper.get(cls, {}) and paper[cls][k] == v and tiny.get(cls, {}).get(k) != v}
     kept = {k: v for cls, given in user.items() if cls in tiny for k, v in tiny[cls].items()
             if k not in given and paper.get(cls, {}).get(k, getattr(cls, k, None)) != v}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if big and kept and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: {' '.join(f'--{k} {v}' for k, v in big.items())} are the paper's sizes, but no --preset was "
               f"given, so the tiny preset's recipe still applies ({', '.join(f'{k} {v}' for k, v in kept.items())}); "
               f"pass --preset paper for the paper's recipe, or --preset tiny to keep this one", file=sys.stderr)

@@ -88,6 +88,13 @@ def test_paper_sizes_without_a_preset_warn_that_the_tiny_recipe_still_applies(mo
     err = capsys.readouterr().err
     assert "warning: --image_size 256 --num_tokens 8192 are the paper's sizes" in err
     assert "n_hid 16" in err and "reconstruction mse" in err and "pass --preset paper" in err
+    from dalle_ar.cli import _warn_paper_sizes_with_tiny
+    from dalle_ar.config import UnetConfig
+
+    _warn_paper_sizes_with_tiny({UnetConfig: {"use_caption": True}})  # a switch the paper also sets is not a size
+    assert "warning" not in capsys.readouterr().err
+    _warn_paper_sizes_with_tiny({UnetConfig: {"image_size": 64}})
+    assert "warning: --image_size 64 are the paper's sizes" in capsys.readouterr().err
     with pytest.raises(Built) as built:  # the paper's recipe, and no warning, when the preset is named
         train_dvae.main([*argv, "--preset", "paper"])
     assert built.value.args[0].n_hid == 256 and "warning" not in capsys.readouterr().err
