@@ -11,7 +11,7 @@ SEEDS  ?= 0 1 2
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13
 MATCHED ?= outputs/compare_matched_$(BUDGET)
-BUDGETS ?= 2e13,4e13,8e13
+BUDGETS ?= 2.2e13,4.4e13,8.8e13
 SCALING ?= outputs/compare_scaling
 HOST    ?= 127.0.0.1
 PORT    ?= 7860
@@ -112,7 +112,7 @@ compare-matched: setup
 		--unclip-steps 16,64 --real-images 256 --out $(MATCHED)
 	@echo "compare-matched finished in $$(( $$(date +%s) - $$(cat $(MATCHED)/.start) )) s: see $(MATCHED)/report.md"
 
-# `make compare-scaling [BUDGETS=2e13,4e13,8e13]`: compare-matched at each budget in $(BUDGETS) (train/compare_scaling.py
+# `make compare-scaling [BUDGETS=2.2e13,4.4e13,8.8e13]`: compare-matched at each budget in $(BUDGETS) (train/compare_scaling.py
 # runs train/train_matched.py per budget into $(SCALING)/budget_<B>, all on one CLIP-embedding precompute), then each
 # backend's best setting per budget side by side: caption accuracy (all, 1-shape and 2-shape prompts), evaluator CLIP
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
@@ -125,7 +125,7 @@ compare-scaling: setup
 		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
 		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 32 \
 		--samples-per-prompt 4 --seed 0 --ar-rerank 1,16 --ar-temperature 0.7 --ar-top-k 16 --unclip-guidance 1,3 \
-		--unclip-steps 16,64 --real-images 256 --out $(SCALING) --report docs/compare/scaling
+		--unclip-steps 16,64 --real-images 256 --decoder-args=--use_caption --out $(SCALING) --report docs/compare/scaling
 	@echo "compare-scaling finished in $$(( $$(date +%s) - $$(cat $(SCALING)/.start) )) s: see docs/compare/scaling/report.md"
 
 test: setup

@@ -9,7 +9,7 @@ score), the training FLOPs counted on its exports, and that setting's figures wi
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
 
 from dalle_ar.comparison import fmt_ci
@@ -255,10 +255,16 @@ def plot(rows: list[dict], real: dict, out: Path) -> list[Path]:
     return [out / "scaling.png", out / "scaling_by_objects.png"]
 
 
-def link(target: str | Path, start: Path) -> str:
-    """`target` relative to `start` when both lie under one tree other than the filesystem root, else as given."""
-    a, b = Path(target).resolve(), Path(start).resolve()
-    return os.path.relpath(a, b) if Path(os.path.commonpath([a, b])) != Path(a.anchor) else str(target)
+def copy_budget_report(src: Path, out: Path, budget: float) -> str:
+    """A budget's report (report.md, report.json and its plots and side-by-side grid; not its runs or sample grids)
+    copied into <out>/budget_<B>, so that the report directory stands on its own (e.g. committed under docs/).
+    Returns the link to its report.md, relative to `out`."""
+    dst = out / f"budget_{budget_name(budget)}"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and (f.suffix == ".png" or f.name in ("report.md", "report.json")):
+            shutil.copyfile(f, dst / f.name)
+    return f"{dst.name}/report.md"
 
 
 def _objects_cell(row: dict, n: str) -> str:
@@ -288,7 +294,7 @@ def write_report(out: Path, scaling: dict) -> None:
     device = (next(iter(devices)) if len(devices) == 1 else
               "; ".join(f"{d} ({b})" for b, d in scaling["devices"].items()) + " (timings differ by device)")
     reports = "\n".join(f"- {budget_name(r['budget'])}: [{path}]({path})" for r in rows if r["backend"] == "ar"
-                        for path in [link(Path(r["report"]).with_name("report.md"), out)])
+                        for path in [copy_budget_report(Path(r["report"]).parent, out, r["budget"])])
     md = f"""# AR versus unCLIP at matched training budgets
 
 Command: `{scaling['command']}`

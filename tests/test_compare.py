@@ -251,7 +251,11 @@ def test_scaling_trains_each_budget_on_one_embedding_precompute_and_reports(scal
     assert not list(out.glob("budget_*/runs/clip_embeddings"))
     md = (out / "report" / "report.md").read_text()
     assert saved["verdict"] in md and "At 2e9 FLOPs: " in md and "At 4e9 FLOPs: " in md
-    assert "[../budget_2e9/report.md](../budget_2e9/report.md)" in md and "python train/compare_scaling.py" in md
+    assert "[budget_2e9/report.md](budget_2e9/report.md)" in md and "python train/compare_scaling.py" in md
+    for b in ("2e9", "4e9"):  # each budget's report is copied beside it (not its runs): the directory stands alone
+        copied = out / "report" / f"budget_{b}"
+        assert (copied / "report.md").read_text() == (out / f"budget_{b}" / "report.md").read_text()
+        assert (copied / "side_by_side.png").exists() and not (copied / "runs").exists()
     for png in ("scaling.png", "scaling_by_objects.png"):
         assert (out / "report" / png).stat().st_size > 1000, png
 
