@@ -12,11 +12,12 @@ import json
 import shutil
 from pathlib import Path
 
-from dalle_ar.comparison import fmt_ci
+from dalle_ar.comparison import by_objects_cells, fmt_ci
 from dalle_ar.config import ConfigError
 from dalle_ar.report import markdown_table
 
 BACKENDS = {"ar": "AR", "unclip": "unCLIP"}
+OBJECTS = ["1", "2"]  # the shapes world names one or two shapes per caption
 FIGURES = ("caption_accuracy", "clip_score", "fd")  # copied with their "<name>_ci" intervals
 
 
@@ -267,28 +268,23 @@ def copy_budget_report(src: Path, out: Path, budget: float) -> str:
     return f"{dst.name}/report.md"
 
 
-def _objects_cell(row: dict, n: str) -> str:
-    split = (row.get("caption_accuracy_by_objects") or {}).get(n)
-    return fmt_ci(split["accuracy"], split["ci"], 3) if split else "-"
-
-
 def write_report(out: Path, scaling: dict) -> None:
     """report.md and scaling.json (plots beside them) in `out`."""
     rows, real = scaling["rows"], scaling["real"]
     plot(rows, real, out)
     table = [{"budget": budget_name(r["budget"]), "backend": BACKENDS[r["backend"]], "setting": r["setting"],
               "flops": f"{r['training_flops']:.4g}" if r["training_flops"] is not None else "-",
-              "acc": fmt_ci(r["caption_accuracy"], r["caption_accuracy_ci"], 3), "one": _objects_cell(r, "1"),
-              "two": _objects_cell(r, "2"), "clip": fmt_ci(r["clip_score"], r["clip_score_ci"]),
+              "acc": fmt_ci(r["caption_accuracy"], r["caption_accuracy_ci"], 3), **by_objects_cells(r, OBJECTS),
+              "clip": fmt_ci(r["clip_score"], r["clip_score_ci"]),
               "fd": fmt_ci(r["fd"], r["fd_ci"], 4), "s": f"{r['seconds_per_image']:.4f} (batch {r['batch_size']})"}
              for r in rows]
     table.append({"budget": budget_name(real["budget"]), "backend": "real renders", "setting": "held-out renders",
                   "flops": "-", "acc": fmt_ci(real.get("caption_accuracy"), real.get("caption_accuracy_ci"), 3),
-                  "one": _objects_cell(real, "1"), "two": _objects_cell(real, "2"),
+                  **by_objects_cells(real, OBJECTS),
                   "clip": fmt_ci(real.get("clip_score"), real.get("clip_score_ci")),
                   "fd": f"{real['fd_floor']:.4f} (2nd real set)", "s": "-"})
     columns = [("budget", "budget"), ("backend", "backend"), ("best setting", "setting"), ("training FLOPs", "flops"),
-               ("caption accuracy [95% CI]", "acc"), ("1-obj acc.", "one"), ("2-obj acc.", "two"),
+               ("caption accuracy [95% CI]", "acc"), *[(f"{n}-obj acc.", f"obj{n}") for n in OBJECTS],
                ("CLIP score", "clip"), ("FD", "fd"), ("s/img", "s")]
     devices = set(scaling["devices"].values())
     device = (next(iter(devices)) if len(devices) == 1 else
