@@ -70,14 +70,11 @@ def budget_rows(budget: float, report: dict, path: str) -> list[dict]:
 def aggregate(reports: dict[float, Path]) -> dict:
     """scaling.json's content from {budget: its report.json}: rows, the real renders of the largest budget (the
     ceiling, and FD's floor), the device of each budget, and the verdict."""
-    rows, devices = [], {}
-    for budget in sorted(reports):
-        report = json.loads(Path(reports[budget]).read_text())
-        rows += budget_rows(budget, report, str(reports[budget]))
-        devices[budget_name(budget)] = report["device"]
-    largest = json.loads(Path(reports[max(reports)]).read_text())
+    loaded = {budget: json.loads(Path(reports[budget]).read_text()) for budget in sorted(reports)}
+    rows = [row for budget, report in loaded.items() for row in budget_rows(budget, report, str(reports[budget]))]
+    devices = {budget_name(budget): report["device"] for budget, report in loaded.items()}
     return {"budgets": sorted(reports), "devices": devices, "rows": rows,
-            "real": {"budget": max(reports), **largest["real"]}, "verdict": verdict(rows)}
+            "real": {"budget": max(reports), **loaded[max(reports)]["real"]}, "verdict": verdict(rows)}
 
 
 # ------------------------------------------------------------------------------------------------
