@@ -18,3 +18,47 @@ def test_train_throughput_prints_json_with_the_flop_convention(tmp_path):
     # the 6N + 12*L*d*seq convention and FlopCounterMode over a real step agree within 20% here
     step_tflop = v["model_flop_per_token"] * 2 * (v["config"]["text_len"] + v["config"]["image_fmap_size"] ** 2) / 1e12
     assert abs(v["counted_tflop_per_step"] - step_tflop) < 0.2 * step_tflop
+
+
+def test_transformer_recipes_trains_each_recipe_and_scores_its_candidates(tmp_path, capsys):
+    """bench/transformer_recipes.py: each recipe through the real trainer (its flags reach the run), each sampled on
+    held-out prompts and checked from pixels; two at once; a rerun scores the finished runs without training again."""
+    import runpy
+
+    import pytest
+
+    from conftest import ROOT, tiny_exports
+    from dalle_ar.data import synthetic, write
+
+    from bench.transformer_recipes import main as recipes
+
+    m = tiny_exports(tmp_path / "m")
+    write.write_image_shards(((f"{i:09d}", *synthetic.make_example(i, image_size=32)) for i in range(24)),
+                             tmp_path / "images", samples_per_shard=12)
+    runpy.run_path(str(ROOT / "train/encode.py"))["main"](
+        ["--dvae", str(m["dvae"]), "--data", str(tmp_path / "images"), "--out", str(tmp_path / "tokens"), "--num_workers", "0"])
+    argv = ["--tokens", str(tmp_path / "tokens"), "--tokenizer", str(m["dir"] / "tokenizer.json"), "--steps", "3",
+            "--common", "--batch_size 4 --warmup_steps 1 --dim 32 --depth 1 --heads 2 --seed 0 "
+            "--image_fmap_size 16 --num_image_tokens 32",
+            "--recipe", "lr 1e-3=--lr 1e-3", "--recipe", "lr 5e-3=--lr 5e-3", "--prompts", "2", "--candidates", "2",
+            "--jobs", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r.json")]
+    r = recipes(argv)
+    assert r == json.loads((tmp_path / "r.json").read_text()) and r["threads_per_job"] >= 1
+    assert list(r["recipes"]) == ["lr 1e-3", "lr 5e-3"]
+    for name, lr, flags in (("lr 1e-3", 1e-3, "--lr 1e-3"), ("lr 5e-3", 5e-3, "--lr 5e-3")):
+        row, run = r["recipes"][name], tmp_path / "work" / name.replace(" ", "_")
+        assert json.loads((run / "train_config.json").read_text())["lr"] == lr and row["flags"] == flags
+        assert 0 <= row["per_candidate"] <= row["oracle"] <= 1 and {"top1.likelihood", "top1.sampling"} <= set(row)
+        assert {"train_s", "eval_s"} <= set(row) and row["last_loss"] > 0
+        assert any(k.startswith("by_objects.") and k.endswith(".per_candidate") for k in row)
+    export = tmp_path / "work" / "lr_1e-3" / "export" / "model.safetensors"
+    before = export.stat().st_mtime_ns
+    again = recipes(argv)  # nothing retrained, the same figures (the machine's GFLOP/s are read again)
+    assert again["recipes"] == r["recipes"] and export.stat().st_mtime_ns == before
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        recipes([*argv[:4], "--recipe", "no flags here"])
+    assert "write NAME=FLAGS" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"recipe 'bad': train/train_dalle.py failed \(exit 2\): .*--no_such_flag.*\n"
+                                         r"whole output: .*bad.train.log"):
+        recipes([*argv[:4], "--recipe", "bad=--no_such_flag 1", "--work", str(tmp_path / "work")])
