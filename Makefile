@@ -1,4 +1,4 @@
-# `make demo`: set up and run the whole pipeline on the synthetic shapes world (2-core CPU: ~30 min).
+# `make demo`: set up and run the whole pipeline on the synthetic shapes world (2-core CPU: 22-54 min, by machine).
 # `make test`: set up and run the test suite. See README.md.
 # `make play`: the browser playground on the demo's models (runs `make demo` first when they are missing).
 PYTHON ?= python3
@@ -61,7 +61,7 @@ demo: setup
 	@echo "demo finished in $$(cat $(DEMO)/.seconds) s ($$(cat $(DEMO)/machine.json)): see $(DEMO)/grid.png, $(DEMO)/eval/scores.json"
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
-# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~30 min per seed.
+# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. 22-54 min per seed.
 demo-seeds: setup
 	for s in $(SEEDS); do $(MAKE) demo DEMO=outputs/demo_seed$$s SEED=$$s || exit 1; done
 	$(PY) -m bench.demo_spread $(foreach s,$(SEEDS),outputs/demo_seed$(s)) --out bench/results/demo_seeds_cpu.json
