@@ -1,8 +1,12 @@
-"""The training-throughput benchmark runs end to end through the real engine and prints its JSON."""
+"""The training benchmarks run end to end through the real engine and print their JSON: throughput, and the transformer
+recipes scored as generators."""
 
 import json
+import runpy
 
-from conftest import run_script
+import pytest
+
+from conftest import ROOT, run_script, tiny_exports
 
 
 def test_train_throughput_prints_json_with_the_flop_convention(tmp_path):
@@ -23,14 +27,8 @@ def test_train_throughput_prints_json_with_the_flop_convention(tmp_path):
 def test_transformer_recipes_trains_each_recipe_and_scores_its_candidates(tmp_path, capsys):
     """bench/transformer_recipes.py: each recipe through the real trainer (its flags reach the run), each sampled on
     held-out prompts and checked from pixels; two at once; a rerun scores the finished runs without training again."""
-    import runpy
-
-    import pytest
-
-    from conftest import ROOT, tiny_exports
-    from dalle_ar.data import synthetic, write
-
     from bench.transformer_recipes import main as recipes
+    from dalle_ar.data import synthetic, write
 
     m = tiny_exports(tmp_path / "m")
     write.write_image_shards(((f"{i:09d}", *synthetic.make_example(i, image_size=32)) for i in range(24)),

@@ -82,7 +82,6 @@ def test_resampled_stream_is_reproducible_across_runs_and_distinct_per_rank(shap
     assert stream(0, 1) != first and stream(1, 0) != first
 
 
-
 def test_one_loader_worker_reads_the_training_stream_of_none(shapes_shards):
     """`--num_workers 1` moves decoding into a second process and changes nothing else: the trainers' resampled,
     shuffled stream arrives in the same batches, pixels and all (the demo decodes so, next to its training)."""
@@ -96,6 +95,7 @@ def test_one_loader_worker_reads_the_training_stream_of_none(shapes_shards):
     inline, worker = first(0), first(1)
     assert [b[2] for b in worker] == [b[2] for b in inline]
     assert all(torch.equal(w[0], i[0]) and w[1] == i[1] for w, i in zip(worker, inline))
+
 
 def _folder(tmp_path, n=4):
     src = tmp_path / "src"
