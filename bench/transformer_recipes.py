@@ -9,8 +9,8 @@ number of objects.
       --steps 800 --recipe "lr 1e-3=--lr 1e-3" --recipe "lr 2e-3=--lr 2e-3" --recipe "lr 3e-3=--lr 3e-3" \\
       --jobs 3 --out bench/results/transformer_lr_cpu.json
 
-A recipe is NAME=FLAGS: train_dalle.py flags added to --common (the demo's batch, warmup and seed; --lr 1e-3 unless a
-recipe sets it). --jobs runs that many recipes at once, each on cpu_count / jobs threads: on a 2-core CPU three
+A recipe is NAME=FLAGS: train_dalle.py flags added after --common (default: the demo's batch, lr 2e-3, warmup and seed),
+so a recipe's flags win. --jobs runs that many recipes at once, each on cpu_count / jobs threads: on a 2-core CPU three
 one-thread runs train this small model faster in all than one after another on two threads. The seconds recorded are
 then those of runs sharing the CPU, comparable with each other only. Rerunning skips recipes whose eval exists.
 """
@@ -32,7 +32,7 @@ from bench.machine import matmul_gflops
 from dalle_ar.report import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_FLAGS = "--batch_size 32 --lr 1e-3 --warmup_steps 50 --seed 0"
+DEMO_FLAGS = "--batch_size 32 --lr 2e-3 --warmup_steps 50 --seed 0"  # make demo's transformer
 # the figures kept from sample/generate.py's caption report (scores.json "summary.caption")
 KEPT = ("per_candidate", "oracle")
 
