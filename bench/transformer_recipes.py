@@ -21,14 +21,13 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import emit
 from bench.machine import matmul_gflops
+from dalle_ar.cli import run_script
 from dalle_ar.report import device_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +62,7 @@ def last_loss(run: Path) -> float | None:
 
 def script(name: str, log: Path, env: dict, path: str, *argv: str) -> None:
     """Run a repo script with its output in `log`; a failure stops the bench with its last line and the log's path."""
-    with open(log, "w") as f:
-        code = subprocess.run([sys.executable, str(ROOT / path), *argv], env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    code = run_script(ROOT, path, list(argv), env=env, log=log)
     if code:
         lines = log.read_text().strip().splitlines() or ["(no output)"]
         raise SystemExit(f"recipe {name!r}: {path} failed (exit {code}): {lines[-1]}\nwhole output: {log}")
@@ -73,8 +71,7 @@ def script(name: str, log: Path, env: dict, path: str, *argv: str) -> None:
 def run_recipe(name: str, flags: list[str], args, threads: int) -> dict:
     run = Path(args.work) / name.replace(" ", "_").replace("/", "_")
     scores = run / "eval" / "scores.json"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     timing = run / "bench_seconds.json"
     if not scores.exists():
         run.mkdir(parents=True, exist_ok=True)

@@ -245,8 +245,13 @@ def run_cli(main) -> None:
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_script(root: Path, script: str, argv: list[str]) -> int:
-    """python <root>/<script> argv in its own process (`root` first on its path); its exit status."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, str(Path(root) / script), *argv], env=env).returncode
+def run_script(root: Path, script: str, argv: list[str], env: dict | None = None, log: Path | None = None) -> int:
+    """python <root>/<script> argv in its own process (`root` first on its path, `env` added to this process's
+    environment, stdout and stderr into `log` when given); its exit status."""
+    full = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS} | (env or {})
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    if log is None:
+        return subprocess.run([sys.executable, str(Path(root) / script), *argv], env=full).returncode
+    with open(log, "w") as f:
+        return subprocess.run([sys.executable, str(Path(root) / script), *argv], env=full, stdout=f,
+                              stderr=subprocess.STDOUT).returncode
