@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -75,6 +76,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--grid", default=None, help="PNG: per prompt (first 8) its text candidates at the last guidance")
     p.add_argument("--out", default=None)
+    p.add_argument("--no_progress", action="store_true", help="no progress bars (they go to stderr)")
     args = p.parse_args(argv)
     pipe = UnclipPipeline.load(args.prior, args.decoder, args.clip, args.device, args.upsampler)
     examples = synthetic.heldout(args.first_prompt + args.prompts)[args.first_prompt:]
@@ -82,7 +84,8 @@ def main(argv=None) -> dict:
     renders = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im, _ in examples]).float() / 255
     n = args.candidates
     result = {"bench": "unclip_accuracy", "device": device_name(args.device), "prior": args.prior,
-              "decoder": args.decoder, "upsampler": args.upsampler, "image_size": pipe.image_size,
+              "decoder": args.decoder, "decoder_config": asdict(pipe.decoder.config), "upsampler": args.upsampler,
+              "image_size": pipe.image_size,
               "checked_at": WORLD_SIZE, "resized": pipe.image_size != WORLD_SIZE, "prompts": args.prompts,
               "first_prompt": args.first_prompt, "candidates": n, "steps": args.steps, "seed": args.seed,
               "prior_guidance": args.prior_guidance, "text": {}, "decoder_only": {}}
@@ -99,14 +102,16 @@ def main(argv=None) -> dict:
     for scale in [float(s) for s in args.guidance.split(",")]:
         images = at_world_size(pipe.generate(prompts, n, seed=args.seed, prior_steps=args.steps,
                                              decoder_steps=args.steps, prior_guidance=args.prior_guidance,
-                                             decoder_guidance=scale, batch_size=args.batch_size))
+                                             decoder_guidance=scale, batch_size=args.batch_size,
+                                             progress=not args.no_progress))
         orders = {"clip": clip_order(pipe, images, prompts), "sampling": np.tile(np.arange(n), (len(prompts), 1))}
         result["text"][f"g={scale:g}"] = summary(caption_report(images, prompts, orders))
         # the decoder alone, from the renders' own embeddings (same noise seed)
         g = torch.Generator().manual_seed(args.seed)
         rows = [pipe.decode(true_embed[i:i + args.batch_size].repeat_interleave(n, 0).to(pipe.device),
                             [c for c in prompts[i:i + args.batch_size] for _ in range(n)], steps=args.steps,
-                            guidance=scale, generator=g).cpu() for i in range(0, len(prompts), args.batch_size)]
+                            guidance=scale, generator=g, progress=not args.no_progress).cpu()
+                for i in range(0, len(prompts), args.batch_size)]
         decoded = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
         result["decoder_only"][f"g={scale:g}"] = summary(caption_report(
             decoded, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))}))

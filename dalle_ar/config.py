@@ -299,6 +299,10 @@ class UnetConfig:
     num_res_blocks: int = 2
     attention_resolutions: str = "8"  # feature-map sides with self-attention (+ context tokens)
     head_channels: int = 32
+    # Where a pixel is, told to its attention layers: "none" (ADM/GLIDE: only the convolutions' zero padding says it)
+    # or a fixed 2D sine-cosine table added to each attention layer's normalised input, so that a caption's "top
+    # left" can select pixels
+    attention_pos_embed: Literal["none", "sin_cos_2d"] = "none"
     dropout: float = 0.0
     embed_dim: int = 128             # CLIP image embedding width (0 = unconditional, e.g. the upsampler)
     clip_tokens: int = 4             # extra context tokens projected from the image embedding (paper: 4)

@@ -20,7 +20,7 @@ from dalle_ar.data import read
 from dalle_ar.data.embeddings import embedding_dataset
 from dalle_ar.text import TextTokenizer, train_bpe
 from dalle_ar.unclip import loop
-from dalle_ar.unclip.decoder import UnetDecoder
+from dalle_ar.unclip.decoder import AttentionBlock, UnetDecoder, sin_cos_2d
 from dalle_ar.unclip.diffusion import GaussianDiffusion, alphas_cumprod, conditional, guided
 from dalle_ar.unclip.pipeline import UnclipPipeline, slerp
 from dalle_ar.unclip.prior import DiffusionPrior
@@ -200,6 +200,35 @@ def test_decoder_overfits_a_few_images():
     assert after < 0.35 * before, (before, after)  # measured: 0.17 after 30 steps
 
 
+def test_attention_position_table_tells_every_pixel_where_it_is():
+    table = sin_cos_2d(16, 8)
+    assert table.shape == (16, 64) and table.abs().max() <= 1
+    assert len({tuple(col.round(decimals=5).tolist()) for col in table.T}) == 64  # no two pixels share a code
+    # a uniform feature map stays uniform through attention without the table: nothing says where a pixel is, so
+    # "top left" in the caption cannot pick pixels; with it, the pixels differ
+    torch.manual_seed(0)
+    x = torch.ones(1, 16, 8, 8) + torch.randn(1, 16, 1, 1)
+    context = torch.randn(1, 3, 24)
+    for side, uniform in ((0, True), (8, False)):
+        block = AttentionBlock(16, 8, context_dim=24, side=side)
+        torch.nn.init.normal_(block.proj.weight)  # the residual branch starts at zero (ADM); open it
+        out = block(x, context)
+        assert torch.allclose(out, out[..., :1, :1].expand_as(out), atol=1e-5) == uniform
+
+
+def test_decoder_position_table_is_fixed_and_keeps_exports_loadable():
+    plain = UnetDecoder(UNET, DiffusionConfig())
+    with_pos = UnetDecoder(UnetConfig(**{**asdict(UNET), "attention_pos_embed": "sin_cos_2d"}), DiffusionConfig())
+    assert plain.state_dict().keys() == with_pos.state_dict().keys()  # not saved: computed from the config
+    with_pos.load_state_dict(plain.state_dict())
+    assert UnetConfig(**{k: v for k, v in asdict(UNET).items() if k != "attention_pos_embed"}).attention_pos_embed == "none"
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    cond = {"image_embed": F.normalize(torch.randn(2, 32), dim=-1)}
+    assert with_pos(x, t, cond).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="run the decoder at its configured image_size"):
+        with_pos(torch.randn(1, 3, 32, 32), t[:1], {"image_embed": cond["image_embed"][:1]})
+
+
 def test_upsampler_conditions_on_a_blurred_low_res_image():
     model = UnetDecoder(UnetConfig(**{**asdict(UNET), "image_size": 16, "low_res_size": 8, "embed_dim": 0}), DiffusionConfig())
     images = torch.rand(2, 3, 16, 16)
@@ -357,6 +386,7 @@ def test_unclip_accuracy_bench_splits_prior_and_decoder(prior_run, decoder_run, 
                          "--candidates", "2", "--guidance", "1,2", "--steps", "2", "--grid", str(tmp_path / "g.png"),
                          "--out", str(tmp_path / "r.json")])
     assert r["image_size"] == 16 and r["resized"] and r["checked_at"] == 64
+    assert r["decoder_config"]["image_size"] == 16 and r["decoder_config"]["attention_pos_embed"] == "none"
     for part in ("text", "decoder_only"):
         assert list(r[part]) == ["g=1", "g=2"]
         s = r[part]["g=2"]

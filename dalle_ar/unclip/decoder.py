@@ -67,21 +67,43 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
+def sin_cos_2d(channels: int, side: int) -> torch.Tensor:
+    """(channels, side * side) fixed position table, row-major over a side x side map: the first half of the
+    channels encodes the row, the second the column, each as sines and cosines of geometric frequencies."""
+    if channels % 4:
+        raise ValueError(f"a 2D sine-cosine position table needs channels divisible by 4, got {channels}")
+    quarter = channels // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    angles = torch.arange(side, dtype=torch.float64)[:, None] * freqs[None]  # (side, quarter)
+    one_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (side, channels / 2)
+    rows = one_axis[:, None, :].expand(side, side, -1)
+    cols = one_axis[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, channels).T.float().contiguous()
+
+
 class AttentionBlock(nn.Module):
     """Self-attention over the feature map; context tokens (CLIP tokens, caption) are concatenated to
-    the keys and values (GLIDE / unCLIP)."""
+    the keys and values (GLIDE / unCLIP). With `side`, a 2D sine-cosine position table (fixed, not saved) is added
+    to the normalised input (UnetConfig.attention_pos_embed)."""
 
-    def __init__(self, channels: int, head_channels: int, context_dim: int):
+    def __init__(self, channels: int, head_channels: int, context_dim: int, side: int = 0):
         super().__init__()
         self.heads = max(1, channels // head_channels)
         self.norm = group_norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
         self.proj = zero_init(nn.Conv1d(channels, channels, 1))
+        self.register_buffer("pos", sin_cos_2d(channels, side) if side else None, persistent=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         b, c, hh, ww = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x).flatten(2)), "b (three h d) n -> three b h n d", three=3, h=self.heads)
+        h = self.norm(x).flatten(2)
+        if self.pos is not None:
+            if self.pos.shape[1] != hh * ww:
+                raise ValueError(f"this attention layer's position table is for {self.pos.shape[1]} pixels, got a "
+                                 f"{hh}x{ww} map: run the decoder at its configured image_size")
+            h = h + self.pos.to(h.dtype)
+        q, k, v = rearrange(self.qkv(h), "b (three h d) n -> three b h n d", three=3, h=self.heads)
         if context is not None and self.context_kv is not None:
             ck, cv = rearrange(self.context_kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
             k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
@@ -143,6 +165,10 @@ class UnetDecoder(nn.Module):
 
         in_ch = 6 if cfg.low_res_size else 3
         mults, attn_sides = cfg.mults, set(cfg.attention_sides)
+
+        def pos(side: int) -> int:  # the side an attention layer's position table covers (0: none)
+            return side if cfg.attention_pos_embed == "sin_cos_2d" else 0
+
         self.input_conv = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down, skips, cur, side = nn.ModuleList(), [ch], ch, cfg.image_size
         for level, mult in enumerate(mults):
@@ -150,14 +176,15 @@ class UnetDecoder(nn.Module):
                 layers = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout)]
                 cur = ch * mult
                 if side in attn_sides:
-                    layers.append(AttentionBlock(cur, cfg.head_channels, self.context_dim))
+                    layers.append(AttentionBlock(cur, cfg.head_channels, self.context_dim, pos(side)))
                 self.down.append(Stage(layers))
                 skips.append(cur)
             if level < len(mults) - 1:
                 self.down.append(Stage([Downsample(cur)]))
                 skips.append(cur)
                 side //= 2
-        self.middle = Stage([ResBlock(cur, cur, emb_dim, cfg.dropout), AttentionBlock(cur, cfg.head_channels, self.context_dim),
+        self.middle = Stage([ResBlock(cur, cur, emb_dim, cfg.dropout),
+                             AttentionBlock(cur, cfg.head_channels, self.context_dim, pos(side)),
                              ResBlock(cur, cur, emb_dim, cfg.dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
@@ -165,7 +192,7 @@ class UnetDecoder(nn.Module):
                 layers = [ResBlock(cur + skips.pop(), ch * mult, emb_dim, cfg.dropout)]
                 cur = ch * mult
                 if side in attn_sides:
-                    layers.append(AttentionBlock(cur, cfg.head_channels, self.context_dim))
+                    layers.append(AttentionBlock(cur, cfg.head_channels, self.context_dim, pos(side)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(cur))
                     side *= 2
