@@ -60,3 +60,23 @@ def test_transformer_recipes_trains_each_recipe_and_scores_its_candidates(tmp_pa
     with pytest.raises(SystemExit, match=r"recipe 'bad': train/train_dalle.py failed \(exit 2\): .*--no_such_flag.*\n"
                                          r"whole output: .*bad.train.log"):
         recipes([*argv[:4], "--recipe", "bad=--no_such_flag 1", "--work", str(tmp_path / "work")])
+
+
+def test_stage_log_waits_for_a_concurrent_append_and_loses_none(tmp_path):
+    """`make demo` runs two stages at once; each appends to stages.json under a lock, so none overwrites the other."""
+    import fcntl
+    import subprocess
+    import sys
+
+    log = tmp_path / "stages.json"
+    stage = [sys.executable, "-m", "bench.stage", "--log", str(log)]
+    subprocess.run(stage + ["--name", "first", "--", sys.executable, "-c", "pass"], cwd=ROOT, check=True)
+    with open(tmp_path / "stages.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another stage is mid-append
+        proc = subprocess.Popen(stage + ["--name", "second", "--", sys.executable, "-c", "raise SystemExit(3)"], cwd=ROOT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)  # it ran its command and now waits for the lock, not writing
+        assert [s["name"] for s in json.loads(log.read_text())] == ["first"]
+    assert proc.wait(timeout=60) == 3  # the command's own status
+    stages = json.loads(log.read_text())
+    assert [(s["name"], s["status"]) for s in stages] == [("first", 0), ("second", 3)]
