@@ -40,8 +40,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The CLIP trains beside the chain dVAE -> tokens -> transformer (`make -j2` of the two targets below), each process on
-# half the cores (THREADS): on the 2-core CPU one thread per process is faster than two for every demo stage (dVAE
-# 4,500 steps: 746 s on one thread beside another job, 817 s alone on two; transformer: 1.27 steps/s against ~1.0).
+# half the cores (THREADS): on the 2-core CPU one thread per process is faster than two for the dVAE and the transformer
+# (dVAE 4,500 steps: 701-746 s on one thread beside another job, 817 s alone on two; transformer: 1.2-1.3 steps/s against
+# ~1.0), and the CLIP's ~10 minutes on one thread hide beside the dVAE (make demo SEED=2: 2,200 s in all).
 # The dVAE decodes its images in one loader worker (--num_workers 1): the same batches in the same order, so the same
 # weights bit for bit, ~12% faster on the 2-core CPU (the PNG decoding overlaps the training step). 4,500 crop steps
 # pass the caption check on 97.3% of held-out reconstructions against 92.7% for 3,000 (bench/results/dvae_crop_steps_cpu.json).
