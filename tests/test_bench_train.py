@@ -1,8 +1,11 @@
 """The training benchmarks run end to end through the real engine and print their JSON: throughput, and the transformer
 recipes scored as generators."""
 
+import fcntl
 import json
 import runpy
+import subprocess
+import sys
 
 import pytest
 
@@ -64,10 +67,6 @@ def test_transformer_recipes_trains_each_recipe_and_scores_its_candidates(tmp_pa
 
 def test_stage_log_waits_for_a_concurrent_append_and_loses_none(tmp_path):
     """`make demo` runs two stages at once; each appends to stages.json under a lock, so none overwrites the other."""
-    import fcntl
-    import subprocess
-    import sys
-
     log = tmp_path / "stages.json"
     stage = [sys.executable, "-m", "bench.stage", "--log", str(log)]
     subprocess.run(stage + ["--name", "first", "--", sys.executable, "-c", "pass"], cwd=ROOT, check=True)
