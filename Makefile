@@ -1,4 +1,4 @@
-# `make demo`: set up and run the whole pipeline on the synthetic shapes world (2-core CPU: 37 min on a 186 GFLOP/s machine).
+# `make demo`: set up and run the whole pipeline on the synthetic shapes world (2-core CPU: 35 min on a 142 GFLOP/s machine).
 # `make test`: set up and run the test suite. See README.md.
 # `make play`: the browser playground on the demo's models (runs `make demo` first when they are missing).
 PYTHON ?= python3
@@ -40,9 +40,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The CLIP trains beside the chain dVAE -> tokens -> transformer (`make -j2` of the two targets below), each process on
-# half the cores (THREADS): on the 2-core CPU one thread per process is faster than two for the dVAE and the transformer
-# (dVAE 4,500 steps: 701-746 s on one thread beside another job, 817 s alone on two; transformer: 1.2-1.3 steps/s against
-# ~1.0), and the CLIP's ~10 minutes on one thread hide beside the dVAE (make demo SEED=2: 2,200 s in all).
+# half the cores (THREADS): on the 2-core CPU one thread per process is faster than two for the dVAE (4,500 steps:
+# 701-746 s on one thread beside another job, 817 s alone on two), and the CLIP's ~10 minutes on one thread hide beside
+# the dVAE. The transformer, which runs alone, trains data-parallel on two ranks of half the cores each (torchrun,
+# DeepSpeed ZeRO-2 over gloo), 16 sequences per rank: the demo's global batch of 32, at 1.58 steps/s on the 2-core CPU
+# against 1.0 for one process of batch 32 on one thread (same machine, same minute; ~1.0 on two threads).
 # The dVAE decodes its images in one loader worker (--num_workers 1): the same batches in the same order, so the same
 # weights bit for bit, ~12% faster on the 2-core CPU (the PNG decoding overlaps the training step). 4,500 crop steps
 # pass the caption check on 97.3% of held-out reconstructions against 92.7% for 3,000 (bench/results/dvae_crop_steps_cpu.json).
@@ -74,8 +76,9 @@ demo-generator:
 	$(THREADS_ENV) $(STAGE) dvae_quality -- $(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
 		--out $(DEMO)/dvae_quality.json
 	$(THREADS_ENV) $(STAGE) encode -- $(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens
-	$(THREADS_ENV) $(STAGE) transformer -- $(PY) train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
-		--steps 1600 --batch_size 32 --lr 2e-3 --warmup_steps 50 --seed $(SEED)
+	$(THREADS_ENV) $(STAGE) transformer -- $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
+		train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
+		--steps 1600 --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED)
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
 # the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~37 min per seed.
