@@ -81,7 +81,7 @@ demo-generator:
 		--steps 1600 --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED)
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
-# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~37 min per seed.
+# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~35 min per seed.
 demo-seeds: setup
 	for s in $(SEEDS); do $(MAKE) demo DEMO=outputs/demo_seed$$s SEED=$$s || exit 1; done
 	$(PY) -m bench.demo_spread $(foreach s,$(SEEDS),outputs/demo_seed$(s)) --out bench/results/demo_seeds_cpu.json
