@@ -55,7 +55,7 @@ demo: setup
 	$(PY) -m bench.machine --out $(DEMO)/machine.json
 	$(STAGE) shards -- $(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num 8000
 	$(STAGE) tokenizer -- $(PY) train/train_tokenizer.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/tokenizer --vocab_size 512
-	@echo "the CLIP trains beside the dVAE and the transformer, $(THREADS) thread(s) each; its progress: tail -f $(DEMO)/clip.log"
+	@echo "the CLIP trains beside the dVAE, $(THREADS) thread(s) each, then the transformer on 2 ranks; CLIP progress: tail -f $(DEMO)/clip.log"
 	$(MAKE) --no-print-directory -j2 demo-clip demo-generator
 	$(STAGE) grid -- $(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
 		--synthetic_prompts 8 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --seed $(SEED) --out $(DEMO)
