@@ -1,5 +1,5 @@
 """The training benchmarks run end to end through the real engine and print their JSON: throughput, and the transformer
-recipes scored as generators."""
+recipes scored as generators; the sampling sweep through the real sampler."""
 
 import fcntl
 import json
@@ -63,6 +63,50 @@ def test_transformer_recipes_trains_each_recipe_and_scores_its_candidates(tmp_pa
     with pytest.raises(SystemExit, match=r"recipe 'bad': train/train_dalle.py failed \(exit 2\): .*--no_such_flag.*\n"
                                          r"whole output: .*bad.train.log"):
         recipes([*argv[:4], "--recipe", "bad=--no_such_flag 1", "--work", str(tmp_path / "work")])
+
+
+def test_sampling_sweep_samples_each_run_at_each_temperature_on_each_prompt_set(tmp_path, capsys):
+    """bench/sampling_sweep.py: demo runs sampled again through sample/generate.py, with each run's own eval seed,
+    per temperature and prompt set; the spread over runs; a rerun reads the samples already written."""
+    from bench.sampling_sweep import main as sweep
+
+    m = tiny_exports(tmp_path / "m")
+    runs = []
+    for seed in (0, 3):
+        run = tmp_path / f"demo_seed{seed}"
+        (run / "runs").mkdir(parents=True)
+        (run / "eval").mkdir()
+        for name in ("dalle", "clip"):
+            (run / "runs" / name).symlink_to(m[name].parent)
+        (run / "eval" / "scores.json").write_text(json.dumps({"settings": {"seed": seed}}))
+        runs.append(str(run))
+    argv = [*runs, "--temperatures", "0.5,1.0", "--sets", "dev,heldout", "--prompts", "2", "--candidates", "2",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r.json")]
+    r = sweep(argv)
+    assert r == json.loads((tmp_path / "r.json").read_text()) and r["seeds"] == {runs[0]: 0, runs[1]: 3}
+    assert list(r["sets"]) == ["dev", "heldout"] and r["world_seeds"]["heldout"] != r["world_seeds"]["dev"]
+    for name, temps in r["sets"].items():
+        assert list(temps) == ["t=0.5", "t=1.0"]
+        for t, part in temps.items():
+            scores = json.loads((tmp_path / "work" / name / "demo_seed3" / t.replace("=", "") / "scores.json").read_text())
+            assert scores["settings"]["temperature"] == float(t[2:]) and scores["settings"]["seed"] == 3
+            assert scores["settings"]["num_candidates"] == 2 and len(scores["prompts"]) == 2
+            for row in part["per_run"].values():
+                assert 0 <= row["per_candidate"] <= row["oracle"] <= 1 and "rerank_efficiency.clip" in row
+            values = [row["top1.clip"] for row in part["per_run"].values()]
+            assert part["spread"]["top1.clip"]["mean"] == pytest.approx(sum(values) / 2, abs=1e-4)
+    dev, held = (json.loads((tmp_path / "work" / s / "demo_seed0" / "t0.5" / "scores.json").read_text()) for s in r["sets"])
+    assert dev["prompts"][0]["prompt"] != held["prompts"][0]["prompt"]  # two prompt sets
+    assert "| dev | t=0.5 |" in r["table"]
+    written = tmp_path / "work" / "dev" / "demo_seed0" / "t0.5" / "scores.json"
+    before = written.stat().st_mtime_ns
+    assert sweep(argv)["sets"] == r["sets"] and written.stat().st_mtime_ns == before  # nothing sampled again
+    capsys.readouterr()
+    for bad, message in (([*runs, "--temperatures", "0"], "must be above 0"), ([*runs, "--sets", "train"], "unknown"),
+                         ([str(tmp_path)], "no runs/dalle/export")):
+        with pytest.raises(SystemExit):
+            sweep(bad)
+        assert message in capsys.readouterr().err
 
 
 def test_stage_log_waits_for_a_concurrent_append_and_loses_none(tmp_path):
