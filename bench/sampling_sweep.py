@@ -10,9 +10,9 @@ oracle, CLIP / likelihood / first-drawn top-1, rerank efficiency, one vs two obj
 
 A run is a `make demo` output directory (runs/dalle/export, runs/clip/export); it is sampled with the seed its
 own eval used (eval/scores.json), or --seed. Prompt sets: `heldout` is the demo's 64 held-out prompts (world seed
-synthetic.HELDOUT_SEED), `dev` the same number from another world seed (--dev_seed), disjoint from training and
-from the held-out prompts: choose on dev, then report held-out. Sampling costs no training, so the choice changes
-no stage's time. Rerunning skips samples already written under --work.
+synthetic.HELDOUT_SEED), `dev` the same number drawn from a third world seed (--dev_seed; training uses 0): choose
+on dev, then report held-out. Sampling costs no training, so the choice changes no stage's time. Rerunning skips
+samples already written under --work.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from bench.transformer_recipes import script, summarize
 from dalle_ar.data import synthetic
 from dalle_ar.report import device_name
 
-DEV_SEED = 777  # the development prompts' world seed (training uses 0, held-out synthetic.HELDOUT_SEED)
+DEV_SEED = 777  # the development prompts' world seed (training uses 0, held-out prompts synthetic.HELDOUT_SEED)
 # the figures the table shows (summarize()'s keys), in its column order
 TABLE = ("per_candidate", "oracle", "top1.clip", "rerank_efficiency.clip", "top1.likelihood", "top1.sampling",
          "by_objects.1.per_candidate", "by_objects.2.per_candidate")
@@ -51,8 +51,8 @@ def sample(run: Path, world_seed: int, temperature: float, seed: int, out: Path,
         script(f"{run} t={temperature}", out.parent / f"{out.name}.log", {}, "sample/generate.py",
                "--dalle", str(run / "runs/dalle/export"), "--clip", str(run / "runs/clip/export"),
                "--synthetic_prompts", str(args.prompts), "--synthetic_seed", str(world_seed),
-               "--num_candidates", str(args.candidates), "--top_k_rerank", str(min(4, args.candidates)), "--temperature", str(temperature),
-               "--seed", str(seed), "--no-progress", "--out", str(out))
+               "--num_candidates", str(args.candidates), "--top_k_rerank", str(min(4, args.candidates)),
+               "--temperature", str(temperature), "--seed", str(seed), "--no-progress", "--out", str(out))
     caption = json.loads(scores.read_text())["summary"]["caption"]
     row = summarize(caption)
     # rerank efficiency is undefined (None) when no prompt has a correct candidate
