@@ -45,20 +45,25 @@ def run_figures(run: Path) -> dict[str, float]:
     return figures
 
 
+def spread(rows: list[dict]) -> dict:
+    """Mean, sample standard deviation (0 for one run), min and max of every figure that is a number in every row."""
+    names = sorted(k for k in rows[0] if all(isinstance(r.get(k), (int, float)) for r in rows))
+    out = {}
+    for name in names:
+        values = np.array([r[name] for r in rows], dtype=float)
+        out[name] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=1)), 4)
+                     if len(values) > 1 else 0.0, "min": float(values.min()), "max": float(values.max())}
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="demo output directories (one per seed)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     per_run = {run: run_figures(Path(run)) for run in args.runs}
-    names = sorted(set.intersection(*(set(f) for f in per_run.values())))
-    spread = {}
-    for name in names:
-        values = np.array([per_run[run][name] for run in args.runs])
-        spread[name] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=1)), 4)
-                        if len(values) > 1 else 0.0, "min": float(values.min()), "max": float(values.max())}
     device = json.loads((Path(args.runs[0]) / "eval" / "scores.json").read_text())["summary"].get("device")
-    return emit({"bench": "demo_spread", "device": device, "runs": len(args.runs), "spread": spread,
+    return emit({"bench": "demo_spread", "device": device, "runs": len(args.runs), "spread": spread(list(per_run.values())),
                  "per_run": per_run}, args.out)
 
 

@@ -21,9 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from bench.common import emit
+from bench.demo_spread import spread
 from bench.transformer_recipes import script, summarize
 from dalle_ar.data import synthetic
 from dalle_ar.report import device_name
@@ -60,13 +59,6 @@ def sample(run: Path, world_seed: int, temperature: float, seed: int, out: Path,
     shape = caption["pairwise"]["clip"].get("shape")  # a correct candidate above one wrong only in shape
     row["pairwise.clip.shape"] = round(shape["accuracy"], 4) if shape else None
     return row
-
-
-def spread(rows: list[dict]) -> dict:
-    keys = [k for k in rows[0] if all(isinstance(r.get(k), (int, float)) for r in rows)]
-    ddof = 1 if len(rows) > 1 else 0  # the sample standard deviation, as bench/demo_spread.py
-    return {k: {"mean": round(float(np.mean([r[k] for r in rows])), 4),
-                "std": round(float(np.std([r[k] for r in rows], ddof=ddof)), 4)} for k in keys}
 
 
 def table(sets: dict) -> str:
