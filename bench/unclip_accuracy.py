@@ -6,6 +6,12 @@ prompts apart, and where its errors come from:
   decoder    the decoder alone, from the true CLIP image embedding of a render of the same caption: the ceiling
              the prior can reach (a wrong image here is the decoder's fault, or the embedding's)
   prior_cos  cosine between the prior's image embedding and the render's true one (the prior's fit)
+  upsampler_alone  with --upsampler: the upsampler alone, from the renders shrunk to its input size, against the bilinear
+             resize of the same inputs: caption accuracy, PSNR to the render, background tint
+
+Every image set also reports its background tint: per image, the median RGB distance (0-255) of its pixels from the
+world's background colour (shapes cover at most about a third of an image, so the median pixel is background; a render
+scores 0). `synthetic.check` does not look at the background, so this is what catches a tinted one.
 
   python -m bench.unclip_accuracy --prior runs/prior/export --decoder runs/decoder/export \\
       --prompts 64 --candidates 4 --guidance 1,3 --out bench/results/unclip_accuracy_cpu.json
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import emit
+from dvae.metrics import psnr
 from dalle_ar.data import synthetic
 from dalle_ar.evaluation import caption_report
 from dalle_ar.report import device_name, save_grid
@@ -48,6 +55,37 @@ def at_world_size(images: torch.Tensor) -> torch.Tensor:
     flat = images.flatten(0, -4)
     flat = F.interpolate(flat, size=(WORLD_SIZE, WORLD_SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
     return flat.view(*images.shape[:-2], WORLD_SIZE, WORLD_SIZE)
+
+
+def background_tint(images: torch.Tensor) -> np.ndarray:
+    """Per image (flattened over leading dims), the median RGB distance (0-255) of its pixels from the background."""
+    flat = images.reshape(-1, *images.shape[-3:]).float() * 255
+    background = torch.tensor(synthetic.BACKGROUND, dtype=torch.float32)[:, None, None]
+    return (flat - background).norm(dim=1).flatten(1).median(dim=1).values.numpy()
+
+
+def tint_summary(images: torch.Tensor) -> dict:
+    tint = background_tint(images)
+    return {"mean": round(float(tint.mean()), 2), "max": round(float(tint.max()), 2),
+            "over_10": round(float((tint > 10).mean()), 4)}
+
+
+def upsampler_alone(pipe: UnclipPipeline, renders: torch.Tensor, prompts: list[str], steps: int, seed: int,
+                    batch_size: int, progress: bool) -> dict:
+    """The upsampler from the renders shrunk to its input size, against the bilinear resize of the same inputs."""
+    up = pipe.upsampler
+    low = (up.condition(low_res=renders)["low_res"] + 1) / 2  # the renders at the upsampler's input size
+    g = torch.Generator().manual_seed(seed)
+    out = torch.cat([up.sample(low_res=low[i:i + batch_size].to(pipe.device), steps=steps, generator=g,
+                               progress=progress).cpu() for i in range(0, len(low), batch_size)])
+    bilinear = F.interpolate(low, size=out.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    sampling = {"sampling": np.zeros((len(prompts), 1), dtype=np.int64)}
+    result = {"input_size": up.config.low_res_size, "residual": up.config.low_res_residual}
+    for name, images in (("upsampled", out), ("bilinear", bilinear)):
+        images = at_world_size(images)
+        result[name] = {**summary(caption_report(images[:, None], prompts, sampling)),
+                        "psnr": round(float(psnr(images, renders).mean()), 2), "background_tint": tint_summary(images)}
+    return result
 
 
 def clip_order(pipe: UnclipPipeline, images: torch.Tensor, prompts: list[str]) -> np.ndarray:
@@ -105,7 +143,8 @@ def main(argv=None) -> dict:
                                              decoder_guidance=scale, batch_size=args.batch_size,
                                              progress=not args.no_progress))
         orders = {"clip": clip_order(pipe, images, prompts), "sampling": np.tile(np.arange(n), (len(prompts), 1))}
-        result["text"][f"g={scale:g}"] = summary(caption_report(images, prompts, orders))
+        result["text"][f"g={scale:g}"] = {**summary(caption_report(images, prompts, orders)),
+                                          "background_tint": tint_summary(images)}
         # the decoder alone, from the renders' own embeddings (same noise seed)
         g = torch.Generator().manual_seed(args.seed)
         rows = [pipe.decode(true_embed[i:i + args.batch_size].repeat_interleave(n, 0).to(pipe.device),
@@ -113,10 +152,14 @@ def main(argv=None) -> dict:
                             guidance=scale, generator=g, progress=not args.no_progress).cpu()
                 for i in range(0, len(prompts), args.batch_size)]
         decoded = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
-        result["decoder_only"][f"g={scale:g}"] = summary(caption_report(
-            decoded, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))}))
+        result["decoder_only"][f"g={scale:g}"] = {**summary(caption_report(
+            decoded, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))})),
+            "background_tint": tint_summary(decoded)}
         if args.grid:
             save_grid(images[:8].flatten(0, 1), args.grid, nrow=n)
+    if pipe.upsampler is not None:
+        result["upsampler_alone"] = upsampler_alone(pipe, renders, prompts, args.steps, args.seed, args.batch_size,
+                                                    not args.no_progress)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return emit(result, args.out)
 

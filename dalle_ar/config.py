@@ -313,6 +313,9 @@ class UnetConfig:
     caption_drop: float = 0.5        # paper: caption dropped 50% of the time
     low_res_size: int = 0            # > 0: upsampler from this size, the low-res image is concatenated to the input
     blur_sigma_max: float = 0.6      # upsampler training: Gaussian blur of the conditioning, sigma ~ U(0.4, max)
+    # Upsampler: diffuse the difference between the image and its low-res input resized bilinearly (SRDiff, Li et al.
+    # 2022) instead of the image itself (the paper's), so flat regions start right and only edges are generated
+    low_res_residual: bool = False
 
     @property
     def mults(self) -> list[int]:

@@ -241,6 +241,30 @@ def test_upsampler_conditions_on_a_blurred_low_res_image():
     assert out.shape == (2, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
 
 
+def test_residual_upsampler_diffuses_the_difference_from_its_resized_input():
+    up = dict(asdict(UNET), image_size=16, low_res_size=8, embed_dim=0)
+    model = UnetDecoder(UnetConfig(**{**up, "low_res_residual": True}), DiffusionConfig(target="x0"))
+    images = torch.rand(2, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    (x_t, t, cond, _), (x0, *_) = model.training_inputs(images, generator=g)
+    resized = F.interpolate(cond["low_res"], size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(x0, images * 2 - 1 - resized)  # the training target is the residual
+    assert model.diffusion.clip_x0 == 2.0  # a residual spans [-2, 2]
+    # a network that predicts a zero residual returns the resized input itself; the plain upsampler, mid-grey
+    low = torch.rand(2, 3, 8, 8)
+    model.out[-1].bias.data.zero_()  # the output conv is zero-initialised: x0 = 0 at every step
+    out = model.sample(low_res=low, steps=4, generator=torch.Generator().manual_seed(0))
+    expected = (F.interpolate(model.condition(low_res=low)["low_res"], size=(16, 16), mode="bilinear",
+                              align_corners=False) + 1) / 2
+    assert torch.allclose(out, expected.clamp(0, 1), atol=1e-5)
+    plain = UnetDecoder(UnetConfig(**up), DiffusionConfig(target="x0"))
+    assert torch.allclose(plain.sample(low_res=low, steps=4, generator=torch.Generator().manual_seed(0)),
+                          torch.full_like(out, 0.5), atol=1e-5)
+    with pytest.raises(ValueError, match="low_res_residual is for upsamplers"):
+        UnetDecoder(UnetConfig(**{**asdict(UNET), "low_res_residual": True}), DiffusionConfig())
+    # exports written before the option load as the paper's plain upsampler
+    assert UnetConfig(**{k: v for k, v in up.items() if k != "low_res_residual"}).low_res_residual is False
+
 def test_slerp_endpoints_and_unit_norm():
     a, b = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
     assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
@@ -394,4 +418,34 @@ def test_unclip_accuracy_bench_splits_prior_and_decoder(prior_run, decoder_run, 
         assert sum(b["prompts"] for b in s["by_objects"].values()) == 3
     assert set(r["text"]["g=1"]["top1"]) == {"clip", "sampling"}
     assert -1 <= r["prior_cos"] <= 1 and (tmp_path / "g.png").stat().st_size > 500
+    assert 0 <= r["text"]["g=2"]["background_tint"]["mean"] <= r["text"]["g=2"]["background_tint"]["max"]
+    assert "upsampler_alone" not in r
+
+
+def test_unclip_accuracy_bench_scores_the_upsampler_alone_and_background_tint(prior_run, decoder_run, tmp_path):
+    """With --upsampler the bench also upsamples the renders shrunk to the upsampler's input, beside their bilinear
+    resize; the background tint is 0 for a render and the shift's length for a uniformly shifted one."""
+    import numpy as np
+
+    from bench.unclip_accuracy import background_tint, main as unclip_accuracy
+    from dalle_ar.data import synthetic
+
+    render = torch.from_numpy(np.array(synthetic.heldout(1)[0][0])).permute(2, 0, 1).float() / 255
+    shifted = (render + torch.tensor([3.0, 4.0, 0.0])[:, None, None] / 255)
+    assert background_tint(torch.stack([render, shifted])) == pytest.approx([0.0, 5.0], abs=1e-3)
+    up_cfg = UnetConfig(**{**asdict(UNET), "image_size": 32, "low_res_size": 16, "embed_dim": 0, "low_res_residual": True})
+    upsampler = UnetDecoder(up_cfg, DiffusionConfig(target="v"))
+    save_pretrained(upsampler, tmp_path / "up", upsampler.export_config(stage="upsampler"))
+    r = unclip_accuracy(["--prior", str(prior_run / "export"), "--decoder", str(decoder_run / "export"), "--upsampler",
+                         str(tmp_path / "up"), "--prompts", "3", "--candidates", "1", "--guidance", "2", "--steps", "2",
+                         "--no_progress", "--out", str(tmp_path / "r.json")])
+    alone = r["upsampler_alone"]
+    assert r["image_size"] == 32 and alone["input_size"] == 16 and alone["residual"] is True
+    for part in ("upsampled", "bilinear"):
+        assert alone[part]["candidates"] == 3 and alone[part]["psnr"] > 0
+        assert 0 <= alone[part]["background_tint"]["mean"] <= alone[part]["background_tint"]["max"]
+    # a resize keeps the flat background (up to blurred edges), and so does an untrained residual upsampler, which
+    # starts from the resized input (an untrained plain one draws mid-grey: the decoder's tint here is ~150)
+    assert alone["bilinear"]["background_tint"]["over_10"] == alone["upsampled"]["background_tint"]["over_10"] == 0
+    assert json.loads((tmp_path / "r.json").read_text())["upsampler_alone"] == alone
     assert json.loads((tmp_path / "r.json").read_text())["prompts"] == 3

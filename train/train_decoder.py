@@ -48,8 +48,8 @@ def stage_config(args, unet: UnetConfig, meta: dict | None, tok: TextTokenizer |
             raise ConfigError(f"--stage upsampler needs 0 < --low_res_size < --image_size (got {unet.low_res_size}, "
                               f"{unet.image_size}); e.g. --low_res_size 64 --image_size 256 (paper's first upsampler)")
         return replace(unet, embed_dim=0, use_caption=False)  # the paper's upsamplers see only the low-res image
-    if unet.low_res_size:
-        raise ConfigError("--low_res_size is for --stage upsampler; drop it for the base decoder")
+    if unet.low_res_size or unet.low_res_residual:
+        raise ConfigError("--low_res_size and --low_res_residual are for --stage upsampler; drop them for the base decoder")
     unet = replace(unet, embed_dim=meta["embed_dim"])
     return replace(unet, text_vocab_size=tok.vocab_size) if tok else unet
 

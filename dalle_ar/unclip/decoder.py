@@ -14,7 +14,9 @@ and the caption by the all-pad caption 50% of the time (paper section 2.1).
 Upsampler (`low_res_size > 0`): the low-resolution image, bilinearly resized to the output size, is
 concatenated to the noised input; during training it is corrupted with a Gaussian blur (paper
 section 2.1: "we slightly corrupt the conditioning image ... with gaussian blur" for the first stage).
-The upsampler is trained on its own and takes no embedding or caption (the paper found no benefit).
+The upsampler is trained on its own and takes no embedding or caption (the paper found no benefit). With
+`low_res_residual` it diffuses the image minus that resized low-res input (SRDiff, Li et al. 2022), and sampling
+adds the input back: colours the input already has need no generating, so a short run cannot tint them.
 
 Images are [0, 1] at the API edge and [-1, 1] inside the diffusion.
 """
@@ -147,8 +149,13 @@ class UnetDecoder(nn.Module):
     def __init__(self, cfg: UnetConfig, diffusion: DiffusionConfig):
         super().__init__()
         self.config, self.diffusion_config = cfg, diffusion
-        # predicted x0 is clipped to the image range at every sampling step (ADM's clip_denoised)
-        self.diffusion = GaussianDiffusion.from_config(diffusion.schedule, diffusion.timesteps, diffusion.target, clip_x0=1.0)
+        if cfg.low_res_residual and not cfg.low_res_size:
+            raise ValueError("low_res_residual is for upsamplers: set low_res_size too, or drop low_res_residual")
+        self.residual = bool(cfg.low_res_residual)
+        # predicted x0 is clipped to the image range at every sampling step (ADM's clip_denoised); a residual
+        # (image minus resized input, both in [-1, 1]) spans [-2, 2]
+        self.diffusion = GaussianDiffusion.from_config(diffusion.schedule, diffusion.timesteps, diffusion.target,
+                                                       clip_x0=2.0 if self.residual else 1.0)
         ch, emb_dim = cfg.channels, 4 * cfg.channels
         self.emb_dim, self.context_dim = emb_dim, emb_dim if (cfg.embed_dim or cfg.use_caption) else 0
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -236,8 +243,7 @@ class UnetDecoder(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.channels).to(dtype))
         emb, context = self._condition(emb, cond, drop_image.to(x.device), drop_text.to(x.device))
         if self.config.low_res_size:
-            low = F.interpolate(cond["low_res"].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            x = torch.cat([x.float(), low], dim=1)
+            x = torch.cat([x.float(), self.resized_low_res(cond)], dim=1)
         h = self.input_conv(x.to(dtype))
         hs = [h]
         for stage in self.down:
@@ -247,6 +253,11 @@ class UnetDecoder(nn.Module):
         for stage in self.up:
             h = stage(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h).float()
+
+    def resized_low_res(self, cond: dict) -> torch.Tensor:
+        """The upsampler's low-res condition, bilinearly resized to the output size ([-1, 1])."""
+        s = self.config.image_size
+        return F.interpolate(cond["low_res"].float(), size=(s, s), mode="bilinear", align_corners=False)
 
     # -- training ----------------------------------------------------------------------------------
     def low_res_condition(self, images: torch.Tensor, generator: torch.Generator | None = None,
@@ -279,6 +290,8 @@ class UnetDecoder(nn.Module):
         if cfg.low_res_size:
             cond["low_res"] = self.low_res_condition(images, generator)
         x0 = images.float() * 2 - 1
+        if self.residual:
+            x0 = x0 - self.resized_low_res(cond)
         x_t, t, noise = self.diffusion.noised(x0, generator)
         return (x_t, t, cond, drop), (x0, x_t, t, noise)
 
@@ -318,6 +331,8 @@ class UnetDecoder(nn.Module):
         diffusion = self.diffusion.respace(steps)
         x = loop.sample(diffusion, guided(self, cond, guidance), (b, 3, s, s), sampler=sampler, eta=eta,
                         generator=generator, device=device, noise=noise, progress=progress)
+        if self.residual:
+            x = x + self.resized_low_res(cond)
         return ((x + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
