@@ -357,6 +357,23 @@ def test_decoder_script_exports_and_writes_sample_grids(decoder_run):
     assert (decoder_run / "samples" / "step_00000003.png").exists()
 
 
+def test_upsampler_script_trains_a_residual_upsampler_by_default(world, tmp_path):
+    """train_decoder.py --stage upsampler: exports an upsampler diffusing the residual over its input unless told
+    --no-low_res_residual (the paper's); the base decoder refuses the upsampler's flags."""
+    from dalle_ar.config import ConfigError
+
+    common = ["--stage", "upsampler", "--data", str(world["shards"]), "--low_res_size", "8", "--image_size", "16",
+              "--channels", "16", "--channel_mult", "1,2", "--num_res_blocks", "1", "--batch_size", "4", *QUIET]
+    train_decoder([*common, "--out", str(tmp_path / "up"), "--steps", "2", "--sample_steps", "2", "--num_samples", "2"])
+    config = json.loads((tmp_path / "up" / "export" / "config.json").read_text())
+    assert config["stage"] == "upsampler" and config["unet"]["low_res_residual"] is True
+    assert config["unet"]["embed_dim"] == 0 and (tmp_path / "up" / "samples" / "step_00000002.png").exists()
+    train_decoder([*common, "--out", str(tmp_path / "plain"), "--no-low_res_residual", "--dry_run", str(tmp_path / "d.json")])
+    assert json.loads((tmp_path / "d.json").read_text())["export_config"]["unet"]["low_res_residual"] is False
+    with pytest.raises(ConfigError, match="--low_res_residual are for --stage upsampler"):
+        train_decoder(["--data", str(world["shards"]), "--embeddings", str(world["emb"]), "--out", str(tmp_path / "b"),
+                       "--low_res_residual", *QUIET])
+
 def test_pipeline_generates_and_edits_deterministically(world, prior_run, decoder_run, tmp_path):
     up_cfg = UnetConfig(**{**asdict(UNET), "image_size": 32, "low_res_size": 16, "embed_dim": 0})
     upsampler = UnetDecoder(up_cfg, DiffusionConfig())

@@ -7,7 +7,8 @@
       --out runs/upsampler --steps 5000
 The base decoder reads each image shard beside its embedding shard; `--use_caption` also conditions on
 the caption (needs --tokenizer). The upsampler reads only images (no embedding or caption, as in the
-paper). Writes <out>/export (EMA weights with --ema_decay, the default) and sample grids in <out>/samples/
+paper) and diffuses the image minus its bilinearly resized input (--no-low_res_residual: the paper's plain
+upsampler, which a short run leaves with tinted flat colours). Writes <out>/export (EMA weights with --ema_decay, the default) and sample grids in <out>/samples/
 every --sample_every steps and at the end: originals on top, decoded from their CLIP embeddings below
 (upsampler: low-res input, upsampled, original).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dalle_ar import models
-from dalle_ar.cli import parse, run_cli
+from dalle_ar.cli import given, parse, run_cli
 from dalle_ar.config import ConfigError, DiffusionConfig, TrainConfig, UnetConfig
 from dalle_ar.data.embeddings import image_embedding_dataset, read_meta
 from dalle_ar.data.read import batches, image_text_dataset, infinite
@@ -47,7 +48,10 @@ def stage_config(args, unet: UnetConfig, meta: dict | None, tok: TextTokenizer |
         if not 0 < unet.low_res_size < unet.image_size:
             raise ConfigError(f"--stage upsampler needs 0 < --low_res_size < --image_size (got {unet.low_res_size}, "
                               f"{unet.image_size}); e.g. --low_res_size 64 --image_size 256 (paper's first upsampler)")
-        return replace(unet, embed_dim=0, use_caption=False)  # the paper's upsamplers see only the low-res image
+        # the paper's upsamplers see only the low-res image; this script diffuses the residual over it unless told
+        # --no-low_res_residual (the paper's): a short plain run tints flat colours (README, "unCLIP backend")
+        residual = unet.low_res_residual if given(args, "low_res_residual") else True
+        return replace(unet, embed_dim=0, use_caption=False, low_res_residual=residual)
     if unet.low_res_size or unet.low_res_residual:
         raise ConfigError("--low_res_size and --low_res_residual are for --stage upsampler; drop them for the base decoder")
     unet = replace(unet, embed_dim=meta["embed_dim"])
