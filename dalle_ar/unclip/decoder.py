@@ -16,7 +16,7 @@ concatenated to the noised input; during training it is corrupted with a Gaussia
 section 2.1: "we slightly corrupt the conditioning image ... with gaussian blur" for the first stage).
 The upsampler is trained on its own and takes no embedding or caption (the paper found no benefit). With
 `low_res_residual` it diffuses the image minus that resized low-res input (SRDiff, Li et al. 2022), and sampling
-adds the input back: colours the input already has need no generating, so a short run cannot tint them.
+adds the input back: colours the input already has need no generating, so a short run keeps them.
 
 Images are [0, 1] at the API edge and [-1, 1] inside the diffusion.
 """
