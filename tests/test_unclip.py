@@ -265,6 +265,7 @@ def test_residual_upsampler_diffuses_the_difference_from_its_resized_input():
     # exports written before the option load as the paper's plain upsampler
     assert UnetConfig(**{k: v for k, v in up.items() if k != "low_res_residual"}).low_res_residual is False
 
+
 def test_slerp_endpoints_and_unit_norm():
     a, b = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
     assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
@@ -373,6 +374,7 @@ def test_upsampler_script_trains_a_residual_upsampler_by_default(world, tmp_path
     with pytest.raises(ConfigError, match="--low_res_residual are for --stage upsampler"):
         train_decoder(["--data", str(world["shards"]), "--embeddings", str(world["emb"]), "--out", str(tmp_path / "b"),
                        "--low_res_residual", *QUIET])
+
 
 def test_pipeline_generates_and_edits_deterministically(world, prior_run, decoder_run, tmp_path):
     up_cfg = UnetConfig(**{**asdict(UNET), "image_size": 32, "low_res_size": 16, "embed_dim": 0})

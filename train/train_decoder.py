@@ -8,9 +8,9 @@
 The base decoder reads each image shard beside its embedding shard; `--use_caption` also conditions on
 the caption (needs --tokenizer). The upsampler reads only images (no embedding or caption, as in the
 paper) and diffuses the image minus its bilinearly resized input (--no-low_res_residual: the paper's plain
-upsampler, which a short run leaves with tinted flat colours). Writes <out>/export (EMA weights with --ema_decay, the default) and sample grids in <out>/samples/
-every --sample_every steps and at the end: originals on top, decoded from their CLIP embeddings below
-(upsampler: low-res input, upsampled, original).
+upsampler, which a short run leaves with tinted flat colours). Writes <out>/export (EMA weights with
+--ema_decay, the default) and sample grids in <out>/samples/ every --sample_every steps and at the end:
+originals on top, decoded from their CLIP embeddings below (upsampler: low-res input, upsampled, original).
 """
 
 from __future__ import annotations
