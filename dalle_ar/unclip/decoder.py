@@ -151,11 +151,10 @@ class UnetDecoder(nn.Module):
         self.config, self.diffusion_config = cfg, diffusion
         if cfg.low_res_residual and not cfg.low_res_size:
             raise ValueError("low_res_residual is for upsamplers: set low_res_size too, or drop low_res_residual")
-        self.residual = bool(cfg.low_res_residual)
         # predicted x0 is clipped to the image range at every sampling step (ADM's clip_denoised); a residual
         # (image minus resized input, both in [-1, 1]) spans [-2, 2]
         self.diffusion = GaussianDiffusion.from_config(diffusion.schedule, diffusion.timesteps, diffusion.target,
-                                                       clip_x0=2.0 if self.residual else 1.0)
+                                                       clip_x0=2.0 if cfg.low_res_residual else 1.0)
         ch, emb_dim = cfg.channels, 4 * cfg.channels
         self.emb_dim, self.context_dim = emb_dim, emb_dim if (cfg.embed_dim or cfg.use_caption) else 0
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -290,7 +289,7 @@ class UnetDecoder(nn.Module):
         if cfg.low_res_size:
             cond["low_res"] = self.low_res_condition(images, generator)
         x0 = images.float() * 2 - 1
-        if self.residual:
+        if self.config.low_res_residual:
             x0 = x0 - self.resized_low_res(cond)
         x_t, t, noise = self.diffusion.noised(x0, generator)
         return (x_t, t, cond, drop), (x0, x_t, t, noise)
@@ -331,7 +330,7 @@ class UnetDecoder(nn.Module):
         diffusion = self.diffusion.respace(steps)
         x = loop.sample(diffusion, guided(self, cond, guidance), (b, 3, s, s), sampler=sampler, eta=eta,
                         generator=generator, device=device, noise=noise, progress=progress)
-        if self.residual:
+        if self.config.low_res_residual:
             x = x + self.resized_low_res(cond)
         return ((x + 1) / 2).clamp(0, 1)
 
