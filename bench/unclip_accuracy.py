@@ -74,11 +74,12 @@ def upsampler_alone(pipe: UnclipPipeline, renders: torch.Tensor, prompts: list[s
                     batch_size: int, progress: bool) -> dict:
     """The upsampler from the renders shrunk to its input size, against the bilinear resize of the same inputs."""
     up = pipe.upsampler
-    low = (up.condition(low_res=renders)["low_res"] + 1) / 2  # the renders at the upsampler's input size
+    cond = up.condition(low_res=renders)
+    low = (cond["low_res"] + 1) / 2  # the renders at the upsampler's input size
     g = torch.Generator().manual_seed(seed)
     out = torch.cat([up.sample(low_res=low[i:i + batch_size].to(pipe.device), steps=steps, generator=g,
                                progress=progress).cpu() for i in range(0, len(low), batch_size)])
-    bilinear = F.interpolate(low, size=out.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    bilinear = ((up.resized_low_res(cond) + 1) / 2).clamp(0, 1)  # the resize the upsampler itself conditions on
     sampling = {"sampling": np.zeros((len(prompts), 1), dtype=np.int64)}
     result = {"input_size": up.config.low_res_size, "residual": up.config.low_res_residual}
     for name, images in (("upsampled", out), ("bilinear", bilinear)):
