@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -73,6 +74,17 @@ def clip_tokenizer(cfg: ClipConfig):
     import open_clip
 
     return open_clip.get_tokenizer("RN50", context_length=cfg.context_length)  # the packaged BPE, no download
+
+
+def overlong(tokenizer, texts: Sequence[str]) -> list[tuple[str, int]]:
+    """(caption, tokens with start and end) for each caption longer than the tokenizer's context_length: open_clip
+    keeps the first context_length - 1 tokens and an end token without a word, so such a caption is scored on a
+    prefix. Empty for tokenizers without `encode` (Hugging Face ones), which cannot be checked this way."""
+    encode, n = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
+    if encode is None or not n:
+        return []
+    lengths = [len(encode(t)) + 2 for t in texts]
+    return [(t, k) for t, k in zip(texts, lengths) if k > n]
 
 
 def export_files(cfg: ClipConfig, directory: Path) -> dict[str, str]:
@@ -144,6 +156,12 @@ class ClipScorer:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised text features. A caption longer than the CLIP's context is scored on its first tokens, with a
+        warning (once per caption) that names it and the fix."""
+        for text, k in overlong(self.tokenizer, texts):
+            n = self.tokenizer.context_length
+            warnings.warn(f"CLIP reads {n} tokens, the caption {text!r} has {k}: it is scored on its first {n - 2} "
+                          f"tokens; shorten it or use a CLIP with a longer context_length", stacklevel=2)
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
 
     def scores(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

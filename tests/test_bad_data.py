@@ -4,6 +4,7 @@ broken cases in tests/corpus.py; config validation; pickles refused."""
 import json
 import os
 import pickle
+import re
 import runpy
 import subprocess
 import sys
@@ -291,6 +292,15 @@ def test_train_dvae_survives_the_corpus(bad, tmp_path):
                "--batch_size", "4", "--warmup_steps", "1", "--save_every", "0", "--max_skip_fraction", "1",
                "--wandb", "disabled")
     assert (out / "export/model.safetensors").exists() and json.loads((out / "reconstruction.json").read_text())["images"] == 21
+
+
+def test_train_clip_counts_captions_longer_than_its_context(bad, tmp_path):
+    proc = run_script("train/train_clip.py", "--data", str(bad), "--out", str(tmp_path / "clip"), "--steps", "4",
+                      "--batch_size", "8", "--warmup_steps", "1", "--embed_dim", "32", "--vision_layers", "1",
+                      "--vision_width", "64", "--patch_size", "16", "--text_width", "32", "--text_heads", "2",
+                      "--text_layers", "1", "--context_length", "16", "--save_every", "0", "--max_skip_fraction", "1",
+                      "--wandb", "disabled", "--no-progress")
+    assert re.search(r"long_caption [1-9]\d* \(kept\)", proc.stdout), proc.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """open_clip: build from config, train through the engine, export/load locally, rerank."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from dalle_ar.clip import ClipScorer, build_clip, clip_tokenizer, contrastive_loss, load_clip, normalize_images, rerank
+from dalle_ar.clip import (ClipScorer, build_clip, clip_tokenizer, contrastive_loss, load_clip, normalize_images,
+                           overlong, rerank)
 from dalle_ar.config import ClipConfig, TrainConfig
 from dalle_ar.data import synthetic
 from dalle_ar.engine import Trainer
@@ -94,6 +97,20 @@ def test_clip_score_and_top_k_of_n():
     assert clip_score(cos).tolist() == pytest.approx([20.0, 0.0, 31.0, 20.0])
     assert best_first(cos).tolist() == [2, 0, 3, 1]  # ties keep sampling order
     assert best_first(cos, 2).tolist() == [2, 0]
+
+
+def test_captions_longer_than_the_context_are_found_and_warned_about():
+    tok = clip_tokenizer(CFG)  # context 16: start + 14 tokens + end
+    fits, cut = "red " * 14, "red " * 15
+    assert overlong(tok, [fits]) == [] and overlong(tok, [fits, cut]) == [(cut, 17)]
+    row = tok([cut])[0]  # what open_clip does with it: no padding left, the last word replaced by the end token
+    assert (row != 0).all() and row[-1] == tok.eot_token_id and torch.equal(row[:-1], tok([fits])[0][:-1])
+    scorer = ClipScorer(build_clip(CFG), tok)
+    with pytest.warns(UserWarning, match=r"CLIP reads 16 tokens, the caption 'red .*' has 17: .*longer context_length"):
+        scorer.encode_texts([fits, cut])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scorer.encode_texts([fits])
 
 
 def test_unknown_arch_is_a_config_error(tmp_path):

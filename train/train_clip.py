@@ -20,7 +20,7 @@ from torchvision.transforms.functional import to_tensor
 
 from dalle_ar import models
 from dalle_ar.cli import parse, run_cli
-from dalle_ar.clip import build_clip, clip_tokenizer, contrastive_loss, export_files, normalize_images, retrieval
+from dalle_ar.clip import build_clip, clip_tokenizer, contrastive_loss, export_files, normalize_images, overlong, retrieval
 from dalle_ar.config import ClipConfig, TrainConfig
 from dalle_ar.data import synthetic
 from dalle_ar.data.decode import SkipCounter
@@ -61,6 +61,8 @@ def main(argv=None):
     def stream():
         for images, texts, _ in infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False)):
             wrong = [w for t in texts for w in synthetic.wrong_captions(t, args.hard_negatives, rng)]
+            for _ in overlong(tokenizer, texts):  # trained on a prefix: counted, as the transformer's tokenizer does
+                skips.note("long_caption")
             yield images, tokenizer(list(texts)), tokenizer(wrong) if wrong else None
 
     def loss_fn(engine, batch, step):

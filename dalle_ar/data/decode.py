@@ -45,7 +45,8 @@ SKIP_REASONS = {
     "other": "any other error while reading a sample (its type is in the warning)",
 }
 # Kept, but worth knowing about: `SkipCounter.notes`.
-NOTES = {"long_caption": "kept; the tokenizer truncates it to text_len (counted where a tokenizer encodes it)"}
+NOTES = {"long_caption": "kept; the tokenizer truncates it to text_len, or to a CLIP's context_length "
+                         "(counted where a tokenizer encodes it)"}
 SHARD_REASONS = ("unreadable_shard", "empty_shard", "truncated_shard")
 
 IMAGE_MEMBERS = (*IMAGE_EXTS, "bmp", "gif", "tif", "tiff")
