@@ -20,7 +20,8 @@ from torchvision.transforms.functional import to_tensor
 
 from dalle_ar import models
 from dalle_ar.cli import parse, run_cli
-from dalle_ar.clip import build_clip, clip_tokenizer, contrastive_loss, export_files, normalize_images, overlong, retrieval
+from dalle_ar.clip import (build_clip, clip_tokenizer, contrastive_loss, export_files, normalize_images, overlong,
+                           retrieval)
 from dalle_ar.config import ClipConfig, TrainConfig
 from dalle_ar.data import synthetic
 from dalle_ar.data.decode import SkipCounter
