@@ -142,6 +142,7 @@ class ClipScorer:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.num_truncated = 0  # captions longer than the CLIP's context seen so far (see encode_texts)
 
     @classmethod
     def load(cls, spec: str, device: str | torch.device = "cpu") -> "ClipScorer":
@@ -156,12 +157,15 @@ class ClipScorer:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Normalised text features. A caption longer than the CLIP's context is scored on its first tokens, with a
-        warning (once per caption) that names it and the fix."""
+        """Normalised text features. A caption longer than the CLIP's context is scored on its first tokens and
+        counted in `num_truncated`; the first one also gets a warning that names it and the fix."""
         for text, k in overlong(self.tokenizer, texts):
-            n = self.tokenizer.context_length
-            warnings.warn(f"CLIP reads {n} tokens, the caption {text!r} has {k}: it is scored on its first {n - 2} "
-                          f"tokens; shorten it or use a CLIP with a longer context_length", stacklevel=2)
+            if not self.num_truncated:
+                n = self.tokenizer.context_length
+                warnings.warn(f"CLIP reads {n} tokens, the caption {text!r} has {k}: it is scored on its first {n - 2} "
+                              f"tokens (later ones are counted in num_truncated); shorten it or use a CLIP with a longer "
+                              f"context_length", stacklevel=2)
+            self.num_truncated += 1
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
 
     def scores(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

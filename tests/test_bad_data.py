@@ -294,13 +294,18 @@ def test_train_dvae_survives_the_corpus(bad, tmp_path):
     assert (out / "export/model.safetensors").exists() and json.loads((out / "reconstruction.json").read_text())["images"] == 21
 
 
-def test_train_clip_counts_captions_longer_than_its_context(bad, tmp_path):
+def test_clip_scripts_count_captions_longer_than_its_context(bad, tmp_path):
     proc = run_script("train/train_clip.py", "--data", str(bad), "--out", str(tmp_path / "clip"), "--steps", "4",
                       "--batch_size", "8", "--warmup_steps", "1", "--embed_dim", "32", "--vision_layers", "1",
                       "--vision_width", "64", "--patch_size", "16", "--text_width", "32", "--text_heads", "2",
                       "--text_layers", "1", "--context_length", "16", "--save_every", "0", "--max_skip_fraction", "1",
                       "--wandb", "disabled", "--no-progress")
     assert re.search(r"long_caption [1-9]\d* \(kept\)", proc.stdout), proc.stdout[-2000:]
+    # the unCLIP embeddings of the same corpus: one warning naming the caption, then a count of them all
+    proc = run_script("train/precompute_clip.py", "--clip", str(tmp_path / "clip/export"), "--data", str(bad),
+                      "--out", str(tmp_path / "emb"), "--num_workers", "0")
+    assert "long captions: 1 longer than the CLIP's 16 tokens" in proc.stdout, proc.stdout[-2000:]
+    assert proc.stderr.count("CLIP reads 16 tokens, the caption 'a small red circle on the left a small") == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,11 +106,15 @@ def test_captions_longer_than_the_context_are_found_and_warned_about():
     row = tok([cut])[0]  # what open_clip does with it: no padding left, the last word replaced by the end token
     assert (row != 0).all() and row[-1] == tok.eot_token_id and torch.equal(row[:-1], tok([fits])[0][:-1])
     scorer = ClipScorer(build_clip(CFG), tok)
-    with pytest.warns(UserWarning, match=r"CLIP reads 16 tokens, the caption 'red .*' has 17: .*longer context_length"):
-        scorer.encode_texts([fits, cut])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scorer.encode_texts([fits])
+    with pytest.warns(UserWarning, match=r"CLIP reads 16 tokens, the caption 'red .*' has 17: .*longer context_length"):
+        scorer.encode_texts([fits, cut])
+    with warnings.catch_warnings():  # one warning per scorer, not one per caption (precompute_clip embeds millions)
+        warnings.simplefilter("error")
+        scorer.encode_texts([cut, "blue " * 20])
+    assert scorer.num_truncated == 3
 
 
 def test_unknown_arch_is_a_config_error(tmp_path):

@@ -62,6 +62,9 @@ def main(argv=None) -> Path:
             "num_shards": totals["num_shards"], "images": source(args.data)}
     save_json(Path(args.out) / META, meta)
     print(json.dumps(meta))
+    if scorer.num_truncated:
+        print(f"long captions: {scorer.num_truncated} longer than the CLIP's {scorer.tokenizer.context_length} tokens, "
+              f"embedded from their first tokens", flush=True)
     return Path(args.out)
 
 
