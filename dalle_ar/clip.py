@@ -76,13 +76,16 @@ def clip_tokenizer(cfg: ClipConfig):
     return open_clip.get_tokenizer("RN50", context_length=cfg.context_length)  # the packaged BPE, no download
 
 
-def overlong(tokenizer, texts: Sequence[str]) -> list[tuple[str, int]]:
+def overlong(tokenizer, texts: Sequence[str], tokens: torch.Tensor | None = None) -> list[tuple[str, int]]:
     """(caption, tokens with start and end) for each caption longer than the tokenizer's context_length: open_clip
     keeps the first context_length - 1 tokens and an end token without a word, so such a caption is scored on a
-    prefix. Empty for tokenizers without `encode` (Hugging Face ones), which cannot be checked this way."""
+    prefix. `tokens`, the tokenizer's rows for `texts`, spares encoding again every caption that left padding (id 0).
+    Empty for tokenizers without `encode` (Hugging Face ones), which cannot be checked this way."""
     encode, n = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
     if encode is None or not n:
         return []
+    if tokens is not None:
+        texts = [t for t, full in zip(texts, (tokens != 0).all(dim=1).tolist()) if full]
     lengths = [len(encode(t)) + 2 for t in texts]
     return [(t, k) for t, k in zip(texts, lengths) if k > n]
 
@@ -159,14 +162,15 @@ class ClipScorer:
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised text features. A caption longer than the CLIP's context is scored on its first tokens and
         counted in `num_truncated`; the first one also gets a warning that names it and the fix."""
-        for text, k in overlong(self.tokenizer, texts):
+        tokens = self.tokenizer(list(texts))
+        for text, k in overlong(self.tokenizer, texts, tokens):
             if not self.num_truncated:
                 n = self.tokenizer.context_length
                 warnings.warn(f"CLIP reads {n} tokens, the caption {text!r} has {k}: it is scored on its first {n - 2} "
                               f"tokens (later ones are counted in num_truncated); shorten it or use a CLIP with a longer "
                               f"context_length", stacklevel=2)
             self.num_truncated += 1
-        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
+        return self.model.encode_text(tokens.to(self.device), normalize=True).float()
 
     def scores(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """(num_images, num_texts) cosine similarities."""

@@ -103,6 +103,7 @@ def test_captions_longer_than_the_context_are_found_and_warned_about():
     tok = clip_tokenizer(CFG)  # context 16: start + 14 tokens + end
     fits, cut = "red " * 14, "red " * 15
     assert overlong(tok, [fits]) == [] and overlong(tok, [fits, cut]) == [(cut, 17)]
+    assert overlong(tok, ["red", fits, cut], tok(["red", fits, cut])) == [(cut, 17)]  # given its rows: the same
     row = tok([cut])[0]  # what open_clip does with it: no padding left, the last word replaced by the end token
     assert (row != 0).all() and row[-1] == tok.eot_token_id and torch.equal(row[:-1], tok([fits])[0][:-1])
     scorer = ClipScorer(build_clip(CFG), tok)

@@ -62,9 +62,10 @@ def main(argv=None):
     def stream():
         for images, texts, _ in infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False)):
             wrong = [w for t in texts for w in synthetic.wrong_captions(t, args.hard_negatives, rng)]
-            for _ in overlong(tokenizer, texts):  # trained on a prefix: counted, as the transformer's tokenizer does
+            tokens = tokenizer(list(texts))
+            for _ in overlong(tokenizer, texts, tokens):  # trained on a prefix: counted, as the transformer's tokenizer does
                 skips.note("long_caption")
-            yield images, tokenizer(list(texts)), tokenizer(wrong) if wrong else None
+            yield images, tokens, tokenizer(wrong) if wrong else None
 
     def loss_fn(engine, batch, step):
         images, tokens, negatives = batch
