@@ -79,13 +79,14 @@ def clip_tokenizer(cfg: ClipConfig):
 def overlong(tokenizer, texts: Sequence[str], tokens: torch.Tensor | None = None) -> list[tuple[str, int]]:
     """(caption, tokens with start and end) for each caption longer than the tokenizer's context_length: open_clip
     keeps the first context_length - 1 tokens and an end token without a word, so such a caption is scored on a
-    prefix. `tokens`, the tokenizer's rows for `texts`, spares encoding again every caption that left padding (id 0).
+    prefix. `tokens`, the tokenizer's rows for `texts`, spares encoding again every caption whose row ends in padding
+    (id 0; a full row ends in the end token).
     Empty for tokenizers without `encode` (Hugging Face ones), which cannot be checked this way."""
     encode, n = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
     if encode is None or not n:
         return []
     if tokens is not None:
-        texts = [t for t, full in zip(texts, (tokens != 0).all(dim=1).tolist()) if full]
+        texts = [t for t, full in zip(texts, (tokens[:, -1] != 0).tolist()) if full]
     lengths = [len(encode(t)) + 2 for t in texts]
     return [(t, k) for t, k in zip(texts, lengths) if k > n]
 
@@ -166,7 +167,8 @@ class ClipScorer:
         for text, k in overlong(self.tokenizer, texts, tokens):
             if not self.num_truncated:
                 n = self.tokenizer.context_length
-                warnings.warn(f"CLIP reads {n} tokens, the caption {text!r} has {k}: it is scored on its first {n - 2} "
+                shown = text if len(text) <= 80 else text[:77] + "..."
+                warnings.warn(f"CLIP reads {n} tokens, the caption {shown!r} has {k}: it is scored on its first {n - 2} "
                               f"tokens (later ones are counted in num_truncated); shorten it or use a CLIP with a longer "
                               f"context_length", stacklevel=2)
             self.num_truncated += 1

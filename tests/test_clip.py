@@ -104,6 +104,8 @@ def test_captions_longer_than_the_context_are_found_and_warned_about():
     fits, cut = "red " * 14, "red " * 15
     assert overlong(tok, [fits]) == [] and overlong(tok, [fits, cut]) == [(cut, 17)]
     assert overlong(tok, ["red", fits, cut], tok(["red", fits, cut])) == [(cut, 17)]  # given its rows: the same
+    bangs = 'red !"!! ' * 6  # '!"!!' encodes as ids 0, 1, 748: the padding id inside the row
+    assert (tok([bangs])[0] == 0).any() and overlong(tok, [bangs], tok([bangs])) == overlong(tok, [bangs]) != []
     row = tok([cut])[0]  # what open_clip does with it: no padding left, the last word replaced by the end token
     assert (row != 0).all() and row[-1] == tok.eot_token_id and torch.equal(row[:-1], tok([fits])[0][:-1])
     scorer = ClipScorer(build_clip(CFG), tok)
