@@ -63,8 +63,9 @@ def main(argv=None):
         for images, texts, _ in infinite(batches(data, cfg.batch_size, cfg.num_workers, partial=False)):
             wrong = [w for t in texts for w in synthetic.wrong_captions(t, args.hard_negatives, rng)]
             tokens = tokenizer(list(texts))
-            for _ in overlong(tokenizer, texts, tokens):  # trained on a prefix: counted, as the transformer's tokenizer does
-                skips.note("long_caption")
+            long = len(overlong(tokenizer, texts, tokens))  # trained on a prefix: counted, as the transformer's tokenizer does
+            if long:
+                skips.note("long_caption", long)
             yield images, tokens, tokenizer(wrong) if wrong else None
 
     def loss_fn(engine, batch, step):
