@@ -123,3 +123,19 @@ def test_stage_log_waits_for_a_concurrent_append_and_loses_none(tmp_path):
     assert proc.wait(timeout=60) == 3  # the command's own status
     stages = json.loads(log.read_text())
     assert [(s["name"], s["status"]) for s in stages] == [("first", 0), ("second", 3)]
+
+
+def test_sample_speed_reports_each_batch_against_the_bandwidth_floor(tmp_path):
+    """bench/sample_speed.py: seconds per image for each batch size through the real sampler, each set beside its
+    bandwidth floor; the JSON on disk is complete only at the end (a cut-off run keeps the batches it timed)."""
+    out = tmp_path / "ss.json"
+    proc = run_script("-m", "bench.sample_speed", "--preset", "tiny", "--batch-sizes", "1,2", "--repeats", "1",
+                      "--bandwidth-bytes", str(2 ** 20), "--out", str(out))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text()) and result["complete"] is True
+    assert result["device"].startswith("cpu") and result["dtype"] == "float32"
+    rows = result["results"]["eager"]
+    assert set(rows) == {"1", "2"}
+    for b, r in rows.items():
+        assert r["seconds_per_image"] == pytest.approx(r["seconds_per_batch"] / int(b), rel=1e-2, abs=1e-4)
+        assert 0 < r["floor_seconds_per_image"] < r["seconds_per_image"] and r["x_floor"] > 1
