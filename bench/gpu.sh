@@ -2,7 +2,7 @@
 # Run the GPU benchmarks on a CUDA machine that has torch but not our other dependencies, and write their
 # JSON into bench/results/ (or $OUT/results when $OUT is set, e.g. on a lent device machine).
 #   here:   bash ../shared/tools/gpu-wheels.sh .whl           # offline wheelhouse (deepspeed, open_clip, ...)
-#   there:  bash bench/gpu.sh [train|train-more|sample|dvae|fp16|largest|largest-more|all]
+#   there:  bash bench/gpu.sh [train|train-more|sample|dvae|fp16|profile|largest|largest-more|all]
 # from the project root, with .whl/ carried along. Each part fits a 10-minute call (the lent machines' limit);
 # the train and largest parts rewrite their JSON after every variant / rung, so a cut-off run keeps its numbers.
 #   train         base at seq 1280, ZeRO-2, bf16: flex_compile, full_compile, sdpa, unfused_adamw (MFU, memory)
@@ -11,6 +11,9 @@
 #   dvae          paper-size dVAE encode/decode throughput
 #   fp16          gradient fidelity of fp16 with one loss scale vs per-resblock scales, on the GPU
 #   largest       ZeRO-3 + CPU offload ladder rungs 0-2 (1.2B, 2.5B, 4.5B); largest-more: rungs 3-5 (7B-12B)
+#   profile       where the time goes: base's training step (flash + compile, dense-mask SDPA) by kind of kernel and
+#                 the GPU's busy share; the compiled decode step at batch 8 and 1 (kernel launches and CUDA-graph
+#                 replays per token, with torch.compile's recompile and cudagraph-skip messages in the log)
 set -euo pipefail
 what=${1:-all}
 results=${OUT:+$OUT/results}
@@ -34,6 +37,10 @@ case $what in sample|all) python3 -m bench.sample_speed --preset base --device c
 case $what in dvae|all) python3 -m bench.dvae_speed --device cuda --out "$results/dvae_speed_paper_$gpu.json" ;; esac
 case $what in fp16|all) python3 -m bench.fp16_grad_scaling --depth 24 --dim 512 --batch_size 16 \
   --out "$results/fp16_grad_scaling_$gpu.json" ;; esac
+case $what in profile) python3 -m bench.train_throughput --preset base --batch_size 16 --variants full_compile,sdpa \
+  --steps 3 --warmup 2 --profile_steps 2 --timeout 200 --out "$results/train_profile_base_$gpu.json"
+  TORCH_LOGS=recompiles,perf_hints python3 -m bench.sample_speed --preset base --device cuda --variants compiled \
+  --batch-sizes 8,1 --repeats 1 --profile-tokens 16 --out "$results/sample_profile_base_$gpu.json" ;; esac
 case $what in largest) python3 -m bench.train_throughput --largest --rungs 0,1,2 --timeout 280 \
   --out "$results/largest_zero3_offload_$gpu.json" ;; esac
 case $what in largest-more) python3 -m bench.train_throughput --largest --rungs 3,4,5 --timeout 280 \

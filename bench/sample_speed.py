@@ -20,6 +20,7 @@ from dataclasses import asdict
 import torch
 
 from bench.common import emit
+from bench.profiling import Window, guarded
 from dalle_ar.cli import add_config_args, resolve
 from dalle_ar.config import DalleConfig
 from dalle_ar.model import DalleTransformer
@@ -62,6 +63,25 @@ def kv_bytes_per_step(model: DalleTransformer, batch: int, elem: int) -> torch.T
     return keys.double() * 2 * batch * cfg.dim * elem  # k and v, all heads
 
 
+def profile_tokens(model: DalleTransformer, text: torch.Tensor, compile: bool, tokens: int, device: str) -> dict:
+    """One more image, with the profiler open for `tokens` decode steps from the middle of the grid (the
+    sampler's per-token callback opens and closes it): what one token costs, by kind, and how many launches."""
+    N = model.config.image_seq_len
+    first = max(1, N // 2 - tokens // 2)
+    tokens = min(tokens, N - 1 - first)
+    window = Window(device)
+
+    def callback(filled: int) -> None:
+        if filled == first:
+            window.start()
+        elif filled == first + tokens:
+            window.stop()
+
+    generate_codes(model, text, generator=torch.Generator(device=device).manual_seed(1), compile=compile,
+                   callback=callback)
+    return window.summary(tokens)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", "--batch_sizes", dest="batch_sizes", default="1,8,64")
@@ -69,6 +89,9 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--bandwidth-bytes", "--bandwidth_bytes", dest="bandwidth_bytes", type=int, default=None,
                    help="size of the bandwidth copy (default: 1 GiB on CUDA, 256 MiB on CPU)")
+    p.add_argument("--profile-tokens", "--profile_tokens", dest="profile_tokens", type=int, default=0,
+                   help="also profile this many decode steps mid-image for each batch size: device time by kind, busy "
+                        "share, kernel launches and CUDA-graph replays per token (bench/profiling.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     add_config_args(p, DalleConfig)
@@ -112,6 +135,9 @@ def main(argv=None) -> dict:
                 "seconds_per_batch": round(seconds, 4), "seconds_per_image": round(seconds / b, 5),
                 "image_tokens_per_s": round(b * N / seconds, 1),
                 "floor_seconds_per_image": round(floor / b, 5), "x_floor": round(seconds / floor, 2)}
+            if args.profile_tokens:
+                results[variant][str(b)]["profile_per_token"] = guarded(lambda: profile_tokens(
+                    model, text, variant == "compiled", args.profile_tokens, args.device))
             emit(result(False), args.out, echo=False)  # a run cut short by a time limit keeps what it measured
     return emit(result(True), args.out)
 

@@ -38,6 +38,7 @@ from dataclasses import asdict
 import torch
 
 from bench.common import emit
+from bench.profiling import guarded, profile_calls
 
 VARIANTS = {  # the headline first: a run cut short by a time limit keeps what it measured (--out is rewritten per variant)
     "flex_compile": dict(attention_backend="flex", compile=True),
@@ -124,6 +125,7 @@ def run_variant(args, overrides: dict) -> dict:
         with counter:
             step()
         counted = counter.get_total_flops()
+        profile = guarded(lambda: profile_calls(step, args.profile_steps, device)) if args.profile_steps else None
     tokens = args.batch_size * cfg.seq_len
     model_tflops = model.flops_per_token() * tokens / seconds / 1e12
     return {"config": {**asdict(cfg), "preset": args.preset}, "overrides": overrides, "loss": round(float(loss), 4),
@@ -131,14 +133,15 @@ def run_variant(args, overrides: dict) -> dict:
             "tokens_per_s": round(tokens / seconds, 1), "model_tflops": round(model_tflops, 3),
             "model_flop_per_token": model.flops_per_token(), "params_non_embedding": model.num_params(),
             "params_total": model.num_params(exclude_embeddings=False),
-            "counted_tflop_per_step": round(counted / 1e12, 4), "peak_memory_gib": round(peak, 2) if peak else None}
+            "counted_tflop_per_step": round(counted / 1e12, 4), "peak_memory_gib": round(peak, 2) if peak else None,
+            **({"profile": profile} if profile else {})}
 
 
 def in_subprocess(args, name: str, overrides: dict, timeout: int) -> dict:
     """One variant per process: compiled graphs, allocator state and an OOM stay in that process."""
     cmd = [sys.executable, "-m", "bench.train_throughput", "--_child", json.dumps(overrides), "--preset", args.preset,
            "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--zero_stage", str(args.zero_stage), "--device", args.device]
+           "--zero_stage", str(args.zero_stage), "--device", args.device, "--profile_steps", str(args.profile_steps)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -183,6 +186,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--zero_stage", type=int, default=2)
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="also profile this many steps: device time by kind (gemm, attention, optimizer, ...), busy share, "
+                        "launches per step (bench/profiling.py)")
     p.add_argument("--variants", default=",".join(VARIANTS) if cuda else "sdpa",
                    help=f"comma list of {', '.join(VARIANTS)} (default: all on CUDA; sdpa on CPU, where flex has "
                         f"no backward)")

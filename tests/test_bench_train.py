@@ -15,7 +15,7 @@ from conftest import ROOT, run_script, tiny_exports
 def test_train_throughput_prints_json_with_the_flop_convention(tmp_path):
     out = tmp_path / "tt.json"
     proc = run_script("-m", "bench.train_throughput", "--preset", "tiny", "--variants", "sdpa", "--steps", "1",
-                      "--warmup", "1", "--batch_size", "2", "--out", str(out))
+                      "--warmup", "1", "--batch_size", "2", "--profile_steps", "1", "--out", str(out))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
     assert result["device"].startswith("cpu") and "6N + 12*L*d*seq" in result["flop_convention"]
@@ -25,6 +25,8 @@ def test_train_throughput_prints_json_with_the_flop_convention(tmp_path):
     # the 6N + 12*L*d*seq convention and FlopCounterMode over a real step agree within 20% here
     step_tflop = v["model_flop_per_token"] * 2 * (v["config"]["text_len"] + v["config"]["image_fmap_size"] ** 2) / 1e12
     assert abs(v["counted_tflop_per_step"] - step_tflop) < 0.2 * step_tflop
+    # one more step under the profiler, through the engine: where its time goes
+    assert v["profile"]["calls"] == 1 and v["profile"]["seconds_per_call_by_kind"]["gemm"] > 0, v["profile"]
 
 
 def test_transformer_recipes_trains_each_recipe_and_scores_its_candidates(tmp_path, capsys):
@@ -130,7 +132,7 @@ def test_sample_speed_reports_each_batch_against_the_bandwidth_floor(tmp_path):
     bandwidth floor; the JSON on disk is complete only at the end (a cut-off run keeps the batches it timed)."""
     out = tmp_path / "ss.json"
     proc = run_script("-m", "bench.sample_speed", "--preset", "tiny", "--batch-sizes", "1,2", "--repeats", "1",
-                      "--bandwidth-bytes", str(2 ** 20), "--out", str(out))
+                      "--bandwidth-bytes", str(2 ** 20), "--profile-tokens", "4", "--out", str(out))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads(out.read_text()) and result["complete"] is True
     assert result["device"].startswith("cpu") and result["dtype"] == "float32"
@@ -139,3 +141,37 @@ def test_sample_speed_reports_each_batch_against_the_bandwidth_floor(tmp_path):
     for b, r in rows.items():
         assert r["seconds_per_image"] == pytest.approx(r["seconds_per_batch"] / int(b), rel=1e-2, abs=1e-4)
         assert 0 < r["floor_seconds_per_image"] < r["seconds_per_image"] and r["x_floor"] > 1
+        prof = r["profile_per_token"]  # 4 decode steps from mid-grid, by kind of work (CPU: operator self time)
+        assert "error" not in prof, prof
+        assert prof["calls"] == 4 and prof["launches_per_call"] is None  # no CUDA launches to count on CPU
+        kinds = prof["seconds_per_call_by_kind"]
+        assert kinds["gemm"] > 0 and kinds["attention"] > 0 and "optimizer" not in kinds
+        assert 0 < prof["busy_seconds_per_call"] <= prof["wall_seconds_per_call"]
+
+
+def test_profile_summary_groups_device_time_by_kind_and_counts_launches_per_call():
+    """bench/profiling.summarize on CUDA-shaped events: kernel time by kind, host launches and graph replays per call,
+    CPU operators (which on CUDA only launch) not counted as busy time."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.profiling import kind_of, summarize
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, device, us):
+        return SimpleNamespace(name=name, device_type=device, self_cpu_time_total=us if device == cpu else 0,
+                               self_device_time_total=us if device == cuda else 0)
+
+    events = [ev("sm90_xmma_gemm_bf16bf16_bf16f32", cuda, 600), ev("flash_fwd_kernel", cuda, 200),
+              ev("triton_poi_fused_add_0", cuda, 100), ev("multi_tensor_apply_kernel", cuda, 50),
+              ev("Memcpy DtoD (Device -> Device)", cuda, 50), ev("aten::mm", cpu, 5000),
+              *[ev("cudaLaunchKernel", cpu, 5)] * 6, *[ev("cudaGraphLaunch", cpu, 5)] * 2]
+    s = summarize(events, wall_s=0.002, calls=2, cuda=True)
+    assert s["seconds_per_call_by_kind"] == {"gemm": 0.0003, "attention": 0.0001, "other": 5e-05, "optimizer": 2.5e-05,
+                                             "copy/comm": 2.5e-05}
+    assert s["busy_seconds_per_call"] == 0.0005 and s["busy_share"] == 0.5
+    assert s["launches_per_call"] == {"kernel": 3, "graph": 1}
+    assert [kind_of(n) for n in ("aten::addmm", "aten::_scaled_dot_product_flash_attention", "aten::native_layer_norm",
+                                 "aten::_fused_adamw_", "aten::relu")] == ["gemm", "attention", "norm", "optimizer", "other"]
