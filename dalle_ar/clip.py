@@ -113,29 +113,39 @@ def normalize_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor,
-                     negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                     negatives: torch.Tensor | None = None,
+                     negative_images: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Symmetric InfoNCE (open_clip's ClipLoss) over the batch; images already normalised. `negatives`: token rows of
     extra captions that match no image (hard negatives, e.g. `synthetic.wrong_captions`): each image's softmax runs over
-    the batch's captions and all of these, so a caption wrong in one word must score below the right one."""
+    the batch's captions and all of these, so a caption wrong in one word must score below the right one.
+    `negative_images`: normalised images that match no caption (e.g. `synthetic.wrong_images`, a scene re-rendered with
+    one attribute changed): each caption's softmax runs over the batch's images and all of these, as a reranking CLIP
+    must put a caption's right image above a near miss."""
     import open_clip
 
     texts = tokens if negatives is None else torch.cat([tokens, negatives])
+    if negative_images is not None:
+        images = torch.cat([images, negative_images])
     out = model(images, texts)
     if isinstance(out, dict):
         img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
     else:
         img, txt, scale = out[:3]
     metrics = {"logit_scale": float(scale.detach().float().reshape(-1)[0])}
-    if negatives is None:
+    if negatives is None and negative_images is None:
         return open_clip.ClipLoss()(img.float(), txt.float(), scale.float()), metrics
     img, txt, scale = img.float(), txt.float(), scale.float()
-    labels = torch.arange(len(img), device=img.device)
-    per_image = scale * img @ txt.T                  # (B, B + M): the batch's captions, then the negatives
-    per_text = scale * txt[: len(img)] @ img.T       # (B, B)
+    B = len(tokens)
+    labels = torch.arange(B, device=img.device)
+    per_image = scale * img[:B] @ txt.T              # (B, B + M): the batch's captions, then the negatives
+    per_text = scale * txt[:B] @ img.T               # (B, B + M'): the batch's images, then the negative images
     loss = (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
-    # how often an image prefers one of the negatives to its own caption: the error the negatives are there to fix
-    own = per_image[labels, labels].detach()
-    metrics["negative_wins"] = float((per_image[:, len(img):].detach() > own[:, None]).any(dim=1).float().mean())
+    # how often an image prefers one of the negative captions to its own (a caption one of the negative images to its
+    # own): the errors the negatives are there to fix
+    for name, logits in (("negative_wins", per_image), ("negative_image_wins", per_text)):
+        if logits.shape[1] > B:
+            own = logits[labels, labels].detach()
+            metrics[name] = float((logits[:, B:].detach() > own[:, None]).any(dim=1).float().mean())
     return loss, metrics
 
 

@@ -1,5 +1,6 @@
 """open_clip: build from config, train through the engine, export/load locally, rerank."""
 
+import re
 import warnings
 
 import numpy as np
@@ -157,3 +158,68 @@ def test_sin_cos_positions_stay_fixed_through_training_and_export(tmp_path):
     assert models.load(export, kind="clip")[0].visual.positional_embedding.requires_grad is False
     x = torch.rand(2, 3, 64, 64)
     assert torch.allclose(loaded.encode_image(x), trainer.module.eval().encode_image(x), atol=1e-5)
+
+
+def test_negative_images_compete_with_each_captions_own_image():
+    """contrastive_loss(negative_images=...): each caption's softmax also runs over the extra images, so a negative
+    image that looks like the caption's own raises the loss; `negative_image_wins` counts captions that prefer one."""
+    torch.manual_seed(0)
+    model = build_clip(CFG)
+    images, texts = examples(8, seed=0)
+    tokens = clip_tokenizer(CFG)(texts)
+    x = normalize_images(model, images)
+    plain, _ = contrastive_loss(model, x, tokens)
+    same, m = contrastive_loss(model, x, tokens, negative_images=x)  # each caption's own image, again, as a negative
+    assert same > plain + 0.3 and m["negative_image_wins"] >= 0.0
+    # with text negatives too: both metrics, and a finite loss that trains the image tower
+    model.zero_grad()
+    neg_tokens = clip_tokenizer(CFG)([w for t in texts for w in synthetic.wrong_captions(t, 1, np.random.default_rng(0))])
+    both, m2 = contrastive_loss(model, x, tokens, neg_tokens, negative_images=x.flip(0))
+    assert set(m2) >= {"negative_wins", "negative_image_wins"} and torch.isfinite(both)
+    both.backward()
+    assert model.visual.conv1.weight.grad.abs().sum() > 0
+
+
+CLIP_ARGS = ("--steps", "2", "--batch_size", "8", "--warmup_steps", "1", "--embed_dim", "32", "--vision_layers", "1",
+             "--vision_width", "64", "--patch_size", "16", "--text_width", "32", "--text_heads", "2", "--text_layers", "1",
+             "--save_every", "0", "--wandb", "disabled", "--no-progress", "--hard_negative_images", "2")
+
+
+def test_train_clip_hard_negative_images_rerender_each_scene_and_count_samples_without_one(tmp_path):
+    """--hard_negative_images: the world comes from the shards' stats.json, each scene is re-rendered with attributes
+    changed, and the images compete (negative_image_wins logged); a sample from elsewhere is counted (no_scene), and
+    shards that are not the world's stop at once with the fix, instead of training without the negatives unnoticed."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_script, script_env
+    from dalle_ar.data import write
+
+    data = tmp_path / "shapes"
+    run_script("train/make_shards.py", "synthetic", "--out", str(data), "--num", "60", "--samples_per_shard", "30",
+               "--seed", "3")
+    assert json.loads((data / "stats.json").read_text())["seed"] == 3
+    write.write_image_shards(((f"photo_{i}", *synthetic.make_example(i)) for i in range(30)), tmp_path / "photos",
+                             samples_per_shard=30)
+    shutil.copy(tmp_path / "photos" / "000000.tar", data / "zz_other.tar")  # a shard of another source among the world's
+    out = tmp_path / "clip"
+    proc = run_script("train/train_clip.py", "--data", str(data), "--out", str(out), *CLIP_ARGS, "--steps", "6",
+                      "--log_every", "1")
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    wins = [r["negative_image_wins"] for r in rows if "negative_image_wins" in r]
+    assert len(wins) >= 5 and all(0 <= w <= 1 for w in wins)
+    assert re.search(r"no_scene [1-9]\d* \(kept\)", proc.stdout), proc.stdout[-2000:]
+
+    def fails(path):
+        proc = subprocess.run([sys.executable, "train/train_clip.py", "--data", str(path), "--out", str(tmp_path / "x"),
+                               *CLIP_ARGS, "--steps", "6"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        return proc.stderr.strip().splitlines()[-1]
+
+    assert "has no stats.json of `make_shards.py synthetic`" in fails(tmp_path / "photos")  # no stats.json at all
+    stats = json.loads((data / "stats.json").read_text())
+    (data / "stats.json").write_text(json.dumps({**stats, "seed": 4}))  # says another world than the shards hold
+    last = fails(data)
+    assert "no sample of the first 4 batches" in last and "remake the shards" in last, last

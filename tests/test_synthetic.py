@@ -409,3 +409,20 @@ def test_perturb_refuses_an_attribute_the_scene_lacks():
     one = next(sc for sc in scenes() if len(sc.shapes) == 1)
     with pytest.raises(ValueError, match="relation"):
         S.perturb(one, "relation", np.random.default_rng(0))
+
+
+def test_wrong_images_render_the_shard_example_with_one_attribute_changed():
+    """Hard negative images for CLIP: example `key` of the world re-rendered with one attribute changed each; nothing
+    for a key that is not the example of that caption (another world seed, another source)."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        image, text = S.make_example(i, seed=0)
+        wrong = S.wrong_images(f"{i:09d}", text, 4, rng)
+        assert len(wrong) == min(4, len(S.perturbable(S.sample_scene(np.random.default_rng([0, i])))))
+        for w in wrong:
+            assert not np.array_equal(np.asarray(w), np.asarray(image))  # a different picture ...
+            assert S.check(image, text) and not S.check(w, text)         # ... that its caption no longer describes
+    assert S.wrong_images("000000007", S.make_example(8)[1], 2, rng) == []   # caption of another example
+    assert S.wrong_images("000000007", S.make_example(7, seed=1)[1], 2, rng) == []  # another world seed
+    assert S.wrong_images("cat_0001", "a small red circle", 2, rng) == []
+    assert S.wrong_images("000000007", S.make_example(7)[1], 0, rng) == []

@@ -48,7 +48,8 @@ def main(argv=None) -> dict:
                                                      max_shapes=args.max_shapes, p_two=args.p_two)
                 yield f"{i:09d}", image, text
         n = write.write_image_shards(examples(), args.out, args.samples_per_shard)
-        stats = {"written": n, "source": "synthetic", "seed": args.seed, "image_size": args.image_size}
+        stats = {"written": n, "source": "synthetic", "seed": args.seed, "image_size": args.image_size,
+                 "max_shapes": args.max_shapes, "p_two": args.p_two}
     else:
         stats = {**write.import_folder(args.src, args.out, args.samples_per_shard, args.caption_fallback),
                  "source": str(args.src)}

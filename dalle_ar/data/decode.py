@@ -46,7 +46,9 @@ SKIP_REASONS = {
 }
 # Kept, but worth knowing about: `SkipCounter.notes`.
 NOTES = {"long_caption": "kept; the tokenizer truncates it to text_len, or to a CLIP's context_length "
-                         "(counted where a tokenizer encodes it)"}
+                         "(counted where a tokenizer encodes it)",
+         "no_scene": "kept without hard negative images: its key and caption are not an example of the shapes world "
+                     "the shards' stats.json names (train_clip.py --hard_negative_images)"}
 SHARD_REASONS = ("unreadable_shard", "empty_shard", "truncated_shard")
 
 IMAGE_MEMBERS = (*IMAGE_EXTS, "bmp", "gif", "tif", "tiff")

@@ -263,6 +263,20 @@ def wrong_captions(text: str, k: int, rng: np.random.Generator) -> list[str]:
     return [caption(perturb(spec, names[int(i)], rng)) for i in chosen]
 
 
+def wrong_images(key: str, text: str, k: int, rng: np.random.Generator, seed: int = 0, image_size: int = 64,
+                 max_shapes: int = 2, p_two: float = 0.5) -> list[Image.Image]:
+    """Up to ``k`` renders of example ``key`` of the world ``seed`` (``make_example``'s arguments; the shards of
+    make_shards.py synthetic record them in stats.json) with one attribute changed each (distinct attributes): hard
+    negative images for its caption. Empty unless ``key`` is that example's index and its scene's caption is ``text``."""
+    if k <= 0 or not str(key).isdigit():
+        return []
+    scene = sample_scene(np.random.default_rng([seed, int(key)]), max_shapes, p_two)
+    if caption(scene) != text:
+        return []
+    names = perturbable(scene)
+    return [render(perturb(scene, names[int(i)], rng), image_size) for i in rng.permutation(len(names))[:k]]
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
