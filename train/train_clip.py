@@ -6,8 +6,8 @@ The export directory (<out>/export) is also an open_clip `local-dir:` model. --h
 shapes-world caption in a batch, K captions wrong in one attribute (colour, shape, size, position or relation) as
 extra negatives for every image: a CLIP that must rank N candidates of one caption learns the differences that matter.
 --hard_negative_images K is the image side of the same idea, for shards of `make_shards.py synthetic`: each training
-scene (found from its key and the world its stats.json names) is rendered again with K attributes changed, one per
-render, and each render competes with the right image for that caption, as the candidates of one caption do when
+scene (found from its key and the world its stats.json names) is rendered K more times, each with one attribute
+changed (a different one each time), and each render competes with the right image for that caption, as the candidates of one caption do when
 the CLIP reranks them. A sample that is not such a scene is counted (note `no_scene`) and trains without them.
 Every --sample_every steps and at the end: top-1 retrieval (image->text, text->image) on a fixed batch of 32 (held-out
 scenes in the shapes world, else the data's first samples), logged (eval/retrieval_i2t, eval/retrieval_t2i) and on the
