@@ -70,6 +70,7 @@ def retrieval_batch(data: str, size: int) -> tuple[torch.Tensor, list[str]]:
 
 def main(argv=None):
     args, (clip_cfg, cfg) = parse(__doc__, ClipConfig, TrainConfig, extra=extra_args, argv=argv)
+    world = shapes_world(cfg.data) if args.hard_negative_images else None  # before the engine: a wrong --data fails fast
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = build_clip(clip_cfg)
     tokenizer = clip_tokenizer(clip_cfg)
@@ -79,7 +80,6 @@ def main(argv=None):
     data = image_text_dataset(cfg.data, clip_cfg.image_size, resampled=True, shuffle=2000, seed=cfg.seed + rank(),
                               skips=skips)
     rng = np.random.default_rng([cfg.seed, rank()])  # hard negatives, drawn in stream order (a resume replays it)
-    world = shapes_world(cfg.data) if args.hard_negative_images else None
 
     def wrong_images(images, texts, keys) -> torch.Tensor | None:
         """(M, 3, S, S) renders of the batch's scenes, one attribute changed in each; samples without a scene counted."""
