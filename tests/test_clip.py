@@ -180,7 +180,7 @@ def test_negative_images_compete_with_each_captions_own_image():
     assert model.visual.conv1.weight.grad.abs().sum() > 0
 
 
-CLIP_ARGS = ("--steps", "2", "--batch_size", "8", "--warmup_steps", "1", "--embed_dim", "32", "--vision_layers", "1",
+CLIP_ARGS = ("--steps", "6", "--batch_size", "8", "--warmup_steps", "1", "--embed_dim", "32", "--vision_layers", "1",
              "--vision_width", "64", "--patch_size", "16", "--text_width", "32", "--text_heads", "2", "--text_layers", "1",
              "--save_every", "0", "--wandb", "disabled", "--no-progress", "--hard_negative_images", "2")
 
@@ -205,8 +205,7 @@ def test_train_clip_hard_negative_images_rerender_each_scene_and_count_samples_w
                              samples_per_shard=30)
     shutil.copy(tmp_path / "photos" / "000000.tar", data / "zz_other.tar")  # a shard of another source among the world's
     out = tmp_path / "clip"
-    proc = run_script("train/train_clip.py", "--data", str(data), "--out", str(out), *CLIP_ARGS, "--steps", "6",
-                      "--log_every", "1")
+    proc = run_script("train/train_clip.py", "--data", str(data), "--out", str(out), *CLIP_ARGS, "--log_every", "1")
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     wins = [r["negative_image_wins"] for r in rows if "negative_image_wins" in r]
     assert len(wins) >= 5 and all(0 <= w <= 1 for w in wins)
@@ -214,7 +213,7 @@ def test_train_clip_hard_negative_images_rerender_each_scene_and_count_samples_w
 
     def fails(path):
         proc = subprocess.run([sys.executable, "train/train_clip.py", "--data", str(path), "--out", str(tmp_path / "x"),
-                               *CLIP_ARGS, "--steps", "6"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+                               *CLIP_ARGS], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0
         return proc.stderr.strip().splitlines()[-1]
 

@@ -7,8 +7,9 @@ shapes-world caption in a batch, K captions wrong in one attribute (colour, shap
 extra negatives for every image: a CLIP that must rank N candidates of one caption learns the differences that matter.
 --hard_negative_images K is the image side of the same idea, for shards of `make_shards.py synthetic`: each training
 scene (found from its key and the world its stats.json names) is rendered K more times, each with one attribute
-changed (a different one each time), and each render competes with the right image for that caption, as the candidates of one caption do when
-the CLIP reranks them. A sample that is not such a scene is counted (note `no_scene`) and trains without them.
+changed (a different one each time), and each render competes with the right image for that caption, as the
+candidates of one caption do when the CLIP reranks them. A sample that is not such a scene is counted (note
+`no_scene`) and trains without them.
 Every --sample_every steps and at the end: top-1 retrieval (image->text, text->image) on a fixed batch of 32 (held-out
 scenes in the shapes world, else the data's first samples), logged (eval/retrieval_i2t, eval/retrieval_t2i) and on the
 progress bar, with <out>/samples/retrieval_XXXXXXXX.png: 8 of its images, each with the caption CLIP picks for it.
@@ -81,14 +82,14 @@ def main(argv=None):
                               skips=skips)
     rng = np.random.default_rng([cfg.seed, rank()])  # hard negatives, drawn in stream order (a resume replays it)
 
-    def wrong_images(images, texts, keys) -> torch.Tensor | None:
+    def wrong_images(texts, keys) -> torch.Tensor | None:
         """(M, 3, S, S) renders of the batch's scenes, one attribute changed in each; samples without a scene counted."""
         per = [synthetic.wrong_images(k, t, args.hard_negative_images, rng, **world) for k, t in zip(keys, texts)]
         missing = sum(not r for r in per)
         if missing:
             skips.note("no_scene", missing)
         renders = [image_to_tensor(im, clip_cfg.image_size) for r in per for im in r]  # as the loader sizes the shards
-        return torch.stack(renders).to(images.dtype) if renders else None
+        return torch.stack(renders) if renders else None
 
     def stream():
         scenes = 0
@@ -98,7 +99,7 @@ def main(argv=None):
             long = len(overlong(tokenizer, texts, tokens))  # trained on a prefix: counted, as the transformer's tokenizer does
             if long:
                 skips.note("long_caption", long)
-            neg_images = wrong_images(images, texts, keys) if world else None
+            neg_images = wrong_images(texts, keys) if world else None
             scenes += 0 if neg_images is None else 1
             if world and n == FIRST_BATCHES - 1 and not scenes:  # not one scene: the flag would do nothing, silently
                 raise DataError(f"--hard_negative_images: no sample of the first {FIRST_BATCHES} batches of {cfg.data} "
