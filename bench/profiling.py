@@ -49,8 +49,8 @@ def summarize(events, wall_s: float, calls: int, cuda: bool) -> dict:
             continue
         if not cuda and not e.name.startswith("aten::"):
             continue
-        us = e.self_device_time_total if on_device else e.self_cpu_time_total
-        by_kind[kind_of(e.name)] = by_kind.get(kind_of(e.name), 0.0) + us
+        kind = kind_of(e.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + (e.self_device_time_total if on_device else e.self_cpu_time_total)
     busy = sum(by_kind.values()) / 1e6
     return {"calls": calls, "wall_seconds_per_call": round(wall_s / calls, 6),
             "busy_seconds_per_call": round(busy / calls, 6), "busy_share": round(busy / wall_s, 4) if wall_s else None,
