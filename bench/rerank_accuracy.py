@@ -12,7 +12,9 @@ a markdown table under "table".
 Several CLIPs (`--clip A --clip B`) rank the same candidates, so reranker recipes are compared on what they will
 face; each also gets `pairwise` over all candidates (`evaluation.caption_report`: how often it puts a correct
 candidate above a wrong one, by what the wrong one gets wrong). `--first_prompt 64` takes held-out prompts after the
-demo's 64 (a development set: choose a recipe there, report it on the 64):
+demo's 64 (a development set: choose a recipe there, report it on the 64). `--contrast` also ranks by each CLIP as a
+classifier over the caption and every caption wrong in one attribute (`ClipScorer.caption_logprob` over
+`synthetic.variants`; "<clip>_contrast"), which prefers the candidate that fits its caption and none of the near misses:
 
   python -m bench.rerank_accuracy --dalle outputs/demo/runs/dalle/export --clip outputs/demo/runs/clip/export \\
       --clip runs/clip_b/export --first_prompt 64 --prompts 128 --candidates 16 --top-of 16 --cond-scales 1 \\
@@ -53,6 +55,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--contrast", action="store_true",
+                   help="also rank by log p(caption | image) among the caption and its one-attribute variants")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     pools = [int(n) for n in args.top_of.split(",")]
@@ -78,6 +82,10 @@ def main(argv=None) -> dict:
         scores = {names[spec]: torch.stack([scorer.scores(cands, [prompt])[:, 0].cpu()
                                             for prompt, cands in zip(prompts, images)])
                   for spec, scorer in scorers.items()}
+        if args.contrast:
+            scores.update({f"{names[spec]}_contrast": torch.stack([
+                scorer.caption_logprob(cands, prompt, [c for _, c in synthetic.variants(prompt)]).cpu()
+                for prompt, cands in zip(prompts, images)]) for spec, scorer in scorers.items()})
         scores["likelihood"] = ll
         report = caption_report(images, prompts, {name: torch.stack([best_first(s) for s in score])
                                                   for name, score in scores.items()})
@@ -96,7 +104,7 @@ def main(argv=None) -> dict:
               for k, v in results.items()]
     result = {"bench": "rerank_accuracy", "device": device_name(args.device), "dalle": args.dalle, "clip": args.clip,
               "null_cond_prob": pipe.transformer.config.null_cond_prob, "prompts": len(prompts), "candidates": N,
-              "clips": names, "first_prompt": first, "temperature": args.temperature, "top_k": args.top_k,
+              "clips": names, "contrast": args.contrast, "first_prompt": first, "temperature": args.temperature, "top_k": args.top_k,
               "seed": args.seed, "results": results, "pairwise": pairwise,
               "seconds": round(time.perf_counter() - start, 1), "table": "\n".join(table)}
     print("\n".join(table))

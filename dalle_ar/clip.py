@@ -188,6 +188,13 @@ class ClipScorer:
         """(num_images, num_texts) cosine similarities."""
         return self.encode_images(images) @ self.encode_texts(texts).T
 
+    def caption_logprob(self, images: torch.Tensor, caption: str, alternatives: Sequence[str]) -> torch.Tensor:
+        """(num_images,) log p(caption | image) with the CLIP as a zero-shot classifier over `caption` and
+        `alternatives` (e.g. `synthetic.variants`, the captions wrong in one attribute), at its own logit scale: high
+        when an image fits its caption and none of the near misses. 0 for every image without alternatives."""
+        logits = float(self.model.logit_scale.detach().exp()) * self.scores(images, [caption, *alternatives])
+        return torch.log_softmax(logits, dim=1)[:, 0]
+
 
 @torch.no_grad()
 def retrieval(model: nn.Module, tokenizer, images: torch.Tensor, texts: Sequence[str]) -> dict:

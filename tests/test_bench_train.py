@@ -175,3 +175,33 @@ def test_profile_summary_groups_device_time_by_kind_and_counts_launches_per_call
     assert s["launches_per_call"] == {"kernel": 3, "graph": 1}
     assert [kind_of(n) for n in ("aten::addmm", "aten::_scaled_dot_product_flash_attention", "aten::native_layer_norm",
                                  "aten::_fused_adamw_", "aten::relu")] == ["gemm", "attention", "norm", "optimizer", "other"]
+
+
+def test_rerank_accuracy_ranks_the_same_candidates_by_each_clip_and_by_contrast(tmp_path, capsys):
+    """bench/rerank_accuracy.py: one set of candidates, ranked by two CLIPs, by each as a classifier over the caption
+    and its one-attribute variants (--contrast), and by likelihood; every top-1 lies between the worst and best pick."""
+    import torch
+
+    from bench.rerank_accuracy import main as rerank_accuracy
+    from dalle_ar.clip import ClipScorer
+    from dalle_ar.data import synthetic
+
+    m = tiny_exports(tmp_path / "m")
+    r = rerank_accuracy(["--dalle", str(m["dalle"]), "--clip", str(m["clip"]), "--clip", str(m["eval_clip"]),
+                         "--prompts", "3", "--candidates", "4", "--top-of", "4", "--cond-scales", "1", "--contrast",
+                         "--out", str(tmp_path / "r.json")])
+    assert r == json.loads((tmp_path / "r.json").read_text()) and r["contrast"] is True
+    row = r["results"]["cond_scale=1"]
+    rankings = ("clip0", "clip1", "clip0_contrast", "clip1_contrast", "likelihood")
+    assert set(row) == {"no_rerank", "oracle", *(f"{n}_top1_of_4" for n in rankings)}
+    for n in rankings:
+        assert 0 <= row[f"{n}_top1_of_4"] <= row["oracle"] <= 1
+    assert "clip0 contrast top1 of 4" in r["table"]
+    # the contrast ranking is the CLIP's log-probability of the caption among its variants
+    prompt = synthetic.make_example(0, seed=synthetic.HELDOUT_SEED)[1]
+    scorer = ClipScorer.load(str(m["clip"]))
+    image = torch.rand(2, 3, 32, 32)
+    variants = [c for _, c in synthetic.variants(prompt)]
+    logits = scorer.model.logit_scale.exp() * scorer.scores(image, [prompt, *variants])
+    assert torch.allclose(scorer.caption_logprob(image, prompt, variants), logits.log_softmax(1)[:, 0], atol=1e-5)
+    capsys.readouterr()

@@ -66,6 +66,25 @@ def test_rerank_orders_matching_captions_first(trained_clip):
     assert untrained[0] <= 8 and untrained[1] <= 8, untrained
 
 
+def test_caption_logprob_classifies_among_the_caption_and_its_near_misses(trained_clip):
+    """CLIP as a zero-shot classifier over a caption and its one-attribute variants: a probability over that set at
+    the CLIP's own scale; a render scores its own caption above each variant's render, as a reranker needs."""
+    scorer = ClipScorer.load(str(trained_clip))
+    images, texts = examples(8, seed=7)
+    text, variants = texts[0], [c for _, c in synthetic.variants(texts[0])]
+    logp = scorer.caption_logprob(images, text, variants)
+    assert logp.shape == (8,) and (logp <= 0).all()
+    assert torch.equal(scorer.caption_logprob(images, text, []), torch.zeros(8))
+    assert torch.allclose(scorer.caption_logprob(images, text, [text]), torch.full((8,), -np.log(2)), atol=1e-5)
+    every = torch.stack([scorer.caption_logprob(images, c, [o for o in [text, *variants] if o != c])
+                         for c in [text, *variants]], 1)
+    assert torch.allclose(every.exp().sum(1), torch.ones(8), atol=1e-4)  # one distribution over the set
+    own = [float(scorer.caption_logprob(images[i:i + 1], t, [c for _, c in synthetic.variants(t)]))
+           for i, t in enumerate(texts)]
+    chance = [-np.log(1 + len(synthetic.variants(t))) for t in texts]
+    assert sum(o > c for o, c in zip(own, chance)) >= 7, (own, chance)  # a render prefers its caption to its near misses
+
+
 def test_export_is_an_open_clip_local_dir(trained_clip):
     import open_clip
 

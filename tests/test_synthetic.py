@@ -411,6 +411,24 @@ def test_perturb_refuses_an_attribute_the_scene_lacks():
         S.perturb(one, "relation", np.random.default_rng(0))
 
 
+def test_variants_are_every_caption_wrong_in_exactly_one_attribute():
+    """The contrast set of a caption: each shape in every unused colour, as each other kind, at the other size, then the
+    mirrored position/relation; every one a caption the checker rejects on that attribute alone."""
+    for sc in scenes()[:60]:
+        text = S.caption(sc)
+        found = S.variants(text)
+        n = len(sc.shapes)
+        expected = n * (len(S.COLORS) - n + len(S.SHAPES) - 1 + 1) + (sc.relation is not None)
+        assert len(found) == expected and len({c for _, c in found}) == expected and text not in {c for _, c in found}
+        assert found == S.variants(text)  # deterministic
+        im = S.render(sc)
+        for attribute, wrong in found:
+            verdict = S.attributes(im, wrong)
+            assert not verdict[attribute] and not S.check(im, wrong), (text, wrong)
+            assert sum(a != b for a, b in zip(text.split(), wrong.split())) <= 3  # one phrase changed
+    assert S.variants("a photo of a dog") == []
+
+
 def test_wrong_images_render_the_shard_example_with_one_attribute_changed():
     """Hard negative images for CLIP: example `key` of the world re-rendered with one attribute changed each; nothing
     for a key that is not the example of that caption (another world seed, another source)."""

@@ -263,6 +263,28 @@ def wrong_captions(text: str, k: int, rng: np.random.Generator) -> list[str]:
     return [caption(perturb(spec, names[int(i)], rng)) for i in chosen]
 
 
+def variants(text: str) -> list[tuple[str, str]]:
+    """Every caption wrong about exactly one attribute of ``text``, as (attribute, caption): each shape in every colour
+    not in the scene, as the other kinds, at the other size, then the position or relation mirrored. Deterministic,
+    in that order (``perturb`` draws one of them at random). Empty for text that is not a shapes-world caption."""
+    if not is_caption(text):
+        return []
+    spec = parse_caption(text)
+    used = {s.color for s in spec.shapes}
+    out = []
+    for k, s in enumerate(spec.shapes):
+        changes = ([("colour", {"color": c}) for c in COLORS if c not in used]
+                   + [("shape", {"shape": kind}) for kind in SHAPES if kind != s.shape]
+                   + [("size", {"size": "large" if s.size == "small" else "small"})])
+        for attribute, change in changes:
+            shapes = tuple(dataclasses.replace(t, **change) if i == k else t for i, t in enumerate(spec.shapes))
+            out.append((attribute, caption(SceneSpec(shapes, spec.relation))))
+    if spec.relation is not None:
+        out.append(("position" if len(spec.shapes) == 1 else "relation",
+                    caption(SceneSpec(spec.shapes, OPPOSITE[spec.relation]))))
+    return out
+
+
 def wrong_images(key: str, text: str, k: int, rng: np.random.Generator, seed: int = 0, image_size: int = 64,
                  max_shapes: int = 2, p_two: float = 0.5) -> list[Image.Image]:
     """Up to ``k`` renders of example ``key`` of the world ``seed`` (``make_example``'s arguments; the shards of
