@@ -68,7 +68,7 @@ def test_rerank_orders_matching_captions_first(trained_clip):
 
 def test_caption_logprob_classifies_among_the_caption_and_its_near_misses(trained_clip):
     """CLIP as a zero-shot classifier over a caption and its one-attribute variants: a probability over that set at
-    the CLIP's own scale; a render scores its own caption above each variant's render, as a reranker needs."""
+    the CLIP's own scale, and a trained CLIP gives a render's own caption more than chance among its variants."""
     scorer = ClipScorer.load(str(trained_clip))
     images, texts = examples(8, seed=7)
     text, variants = texts[0], [c for _, c in synthetic.variants(texts[0])]
