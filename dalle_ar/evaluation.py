@@ -93,7 +93,7 @@ def clip_discrimination(scorer, num_scenes: int = 256, seed: int = synthetic.HEL
     wins: dict[str, list[bool]] = {}
     rng = np.random.default_rng([seed, 1])
     for i in range(num_scenes):
-        scene = synthetic.sample_scene(np.random.default_rng([seed, i]))
+        scene = synthetic.example_scene(i, seed)
         text = synthetic.caption(scene)
         names = synthetic.perturbable(scene)
         renders = [synthetic.render(scene, image_size)] + [synthetic.render(synthetic.perturb(scene, a, rng), image_size)

@@ -292,7 +292,7 @@ def wrong_images(key: str, text: str, k: int, rng: np.random.Generator, seed: in
     negative images for its caption. Empty unless ``key`` is that example's index and its scene's caption is ``text``."""
     if k <= 0 or not str(key).isdigit():
         return []
-    scene = sample_scene(np.random.default_rng([seed, int(key)]), max_shapes, p_two)
+    scene = example_scene(int(key), seed, max_shapes, p_two)
     if caption(scene) != text:
         return []
     names = perturbable(scene)
@@ -395,11 +395,16 @@ def is_caption(text: str) -> bool:
         return False
 
 
+def example_scene(index: int, seed: int = 0, max_shapes: int = 2, p_two: float = 0.5) -> Scene:
+    """The scene of example ``index`` of dataset ``seed`` (what ``make_example`` renders and captions)."""
+    return sample_scene(np.random.default_rng([seed, index]), max_shapes, p_two)
+
+
 def make_example(
     index: int, seed: int = 0, image_size: int = 64, max_shapes: int = 2, p_two: float = 0.5
 ) -> tuple[Image.Image, str]:
     """The ``index``-th example of dataset ``seed``; a pure function of its arguments."""
-    scene = sample_scene(np.random.default_rng([seed, index]), max_shapes, p_two)
+    scene = example_scene(index, seed, max_shapes, p_two)
     return render(scene, image_size), caption(scene)
 
 
@@ -413,7 +418,7 @@ def heldout(n: int, image_size: int = 64) -> list[tuple[Image.Image, str]]:
 
 def heldout_captions(n: int) -> list[str]:
     """The captions of `heldout(n)`, without rendering: prompts no training shard was drawn from."""
-    return [caption(sample_scene(np.random.default_rng([HELDOUT_SEED, i]))) for i in range(n)]
+    return [caption(example_scene(i, HELDOUT_SEED)) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
