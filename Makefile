@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
 SEED   ?= 0
 SEEDS  ?= 0 1 2
+# the demo transformer's steps: 3,200 draws more correct candidates from every seed's tokens, for ~11 more minutes
+# on the 2-core CPU (bench/results/transformer_steps_seeds_zen4_cpu.json)
+DALLE_STEPS ?= 1600
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13
 MATCHED ?= outputs/compare_matched_$(BUDGET)
@@ -78,7 +81,7 @@ demo-generator:
 	$(THREADS_ENV) $(STAGE) encode -- $(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens
 	$(THREADS_ENV) $(STAGE) transformer -- $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
 		train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
-		--steps 1600 --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED)
+		--steps $(DALLE_STEPS) --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED)
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
 # the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~35 min per seed.
