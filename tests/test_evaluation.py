@@ -88,3 +88,26 @@ def test_demo_spread_reports_mean_and_spread_over_runs(tmp_path):
     assert (top1["min"], top1["max"]) == (0.5, 0.7)
     assert result["spread"]["dvae.psnr_db"]["mean"] == pytest.approx(25.0) and result["runs"] == 3
     assert json.loads((tmp_path / "spread.json").read_text())["spread"]["job_seconds"]["std"] == 0.0
+
+
+def test_quality_curve_reports_each_run_and_the_worst_seed_per_step_count(tmp_path):
+    import json
+
+    from bench.quality_curve import main
+
+    runs = []
+    for seed, steps, top1 in [(0, 100, 1.0), (1, 100, 0.8), (1, 200, 0.9)]:
+        run = tmp_path / f"s{seed}_{steps}"
+        run.mkdir()
+        caption = {"per_candidate": top1 - 0.1, "oracle": 1.0, "top1": {"clip": top1, "likelihood": 0.5},
+                   "rerank_efficiency": {"clip": top1}, "by_objects": {"2": {"per_candidate": 0.4}}}
+        (run / "scores.json").write_text(json.dumps({"summary": {"caption": caption}}))
+        runs += ["--run", str(seed), str(steps), str(60 * steps), str(run)]
+    result = main([*runs, "--out", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")])
+    assert [(p["seed"], p["steps"], p["minutes"]) for p in result["points"]] == [(0, 100, 100), (1, 100, 100), (1, 200, 200)]
+    assert result["points"][2]["two_object_per_candidate"] == 0.4
+    first = result["by_steps"]["100"]
+    assert first["seeds"] == [0, 1] and first["min_clip_top1"] == 0.8 and first["mean_clip_top1"] == pytest.approx(0.9)
+    assert result["by_steps"]["200"]["min_per_candidate"] == pytest.approx(0.8)
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "c.json").read_text()) == result
