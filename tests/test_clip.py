@@ -241,3 +241,28 @@ def test_train_clip_hard_negative_images_rerender_each_scene_and_count_samples_w
     (data / "stats.json").write_text(json.dumps({**stats, "seed": 4}))  # says another world than the shards hold
     last = fails(data)
     assert "no sample of the first 4 batches" in last and "remake the shards" in last, last
+
+
+def test_train_clip_morph_negative_images_compete_with_each_scene_and_name_their_flag(tmp_path):
+    """--morph_negative_images alone: each scene's in-between render competes with it (negative_image_wins logged),
+    and shards that are not the world's fail with the flag's own name."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_script, script_env
+    from dalle_ar.data import write
+
+    args = [a for a in CLIP_ARGS[:-2]] + ["--morph_negative_images", "1", "--log_every", "1"]
+    data = tmp_path / "shapes"
+    run_script("train/make_shards.py", "synthetic", "--out", str(data), "--num", "40", "--samples_per_shard", "40")
+    run_script("train/train_clip.py", "--data", str(data), "--out", str(tmp_path / "clip"), *args)
+    rows = [json.loads(r) for r in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "negative_image_wins" in r]) >= 5
+    write.write_image_shards(((f"photo_{i}", *synthetic.make_example(i)) for i in range(10)), tmp_path / "photos",
+                             samples_per_shard=10)
+    proc = subprocess.run([sys.executable, "train/train_clip.py", "--data", str(tmp_path / "photos"), "--out",
+                           str(tmp_path / "x"), *args], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "--morph_negative_images renders the shapes world's scenes" in proc.stderr.strip().splitlines()[-1]

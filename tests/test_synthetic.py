@@ -3,6 +3,7 @@ pixel checker's acceptance of true captions (also after blur/JPEG) and rejection
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from functools import lru_cache
 
@@ -427,6 +428,42 @@ def test_variants_are_every_caption_wrong_in_exactly_one_attribute():
             assert not verdict[attribute] and not S.check(im, wrong), (text, wrong)
             assert sum(a != b for a, b in zip(text.split(), wrong.split())) <= 3  # one phrase changed
     assert S.variants("a photo of a dog") == []
+
+
+def test_a_morph_draws_a_shape_part_of_the_way_to_another_kind_in_the_same_box():
+    """render(morphs=...): t = 0 is the shape itself and t = 1 the other kind, in between the picture moves steadily
+    from one to the other, and nothing else in the scene changes."""
+    for i in range(30):
+        scene = S.example_scene(i, 0)
+        plain = np.asarray(S.render(scene))
+        for k, shape in enumerate(scene.shapes):
+            for kind in (s for s in S.SHAPES if s != shape.shape):
+                other = np.asarray(S.render(S.Scene(tuple(dataclasses.replace(s, shape=kind) if j == k else s
+                                                          for j, s in enumerate(scene.shapes)), scene.relation)))
+                assert np.array_equal(np.asarray(S.render(scene, morphs={k: (kind, 0.0)})), plain)
+                assert (np.asarray(S.render(scene, morphs={k: (kind, 1.0)})) != other).any(-1).sum() <= 2  # rounding
+                moved = [(np.asarray(S.render(scene, morphs={k: (kind, t)})) != plain).any(-1).sum()
+                         for t in (0.25, 0.5, 0.75)]
+                assert 0 < moved[0] <= moved[1] <= moved[2], (i, shape, kind, moved)
+                morph = S.render(scene, morphs={k: (kind, 0.5)})
+                assert S.attributes(morph, S.caption(scene))["colour"]  # the same shapes, only one outline moved
+
+
+def test_morph_images_render_the_shard_example_with_one_shape_in_between_kinds():
+    """Borderline hard negative images: example `key` with one shape drawn part of the way to another kind, closer to
+    its clean render than a changed attribute is; nothing for a key that is not the example of that caption."""
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        image, text = S.make_example(i, seed=0)
+        plain = np.asarray(image)
+        morphs = S.morph_images(f"{i:09d}", text, 3, rng)
+        assert len(morphs) == 3
+        for m in morphs:
+            changed = (np.asarray(m) != plain).any(-1)
+            assert 0 < changed.sum() < 0.1 * changed.size
+    assert S.morph_images("000000007", S.make_example(8)[1], 2, rng) == []
+    assert S.morph_images("cat_0001", "a small red circle", 2, rng) == []
+    assert S.morph_images("000000007", S.make_example(7)[1], 0, rng) == []
 
 
 def test_wrong_images_render_the_shard_example_with_one_attribute_changed():

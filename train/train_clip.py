@@ -9,7 +9,9 @@ extra negatives for every image: a CLIP that must rank N candidates of one capti
 scene (found from its key and the world its stats.json names) is rendered K more times, each with one attribute
 changed (a different one each time), and each render competes with the right image for that caption, as the
 candidates of one caption do when the CLIP reranks them. A sample that is not such a scene is counted (note
-`no_scene`) and trains without them.
+`no_scene`) and trains without them. --morph_negative_images K adds K renders of each scene in which one shape is
+drawn part of the way toward another kind (`synthetic.morph_images`: a rounded square, a squashed circle), the
+in-between shapes a generator draws, so the CLIP learns to rank them below the shape its caption names.
 Every --sample_every steps and at the end: top-1 retrieval (image->text, text->image) on a fixed batch of 32 (held-out
 scenes in the shapes world, else the data's first samples), logged (eval/retrieval_i2t, eval/retrieval_t2i) and on the
 progress bar, with <out>/samples/retrieval_XXXXXXXX.png: 8 of its images, each with the caption CLIP picks for it.
@@ -42,19 +44,23 @@ def extra_args(p):
     p.add_argument("--hard_negative_images", type=int, default=0,
                    help="shapes-world shards: renders of each training scene with one attribute changed, added as "
                         "negative images for its caption (default: 0, off)")
+    p.add_argument("--morph_negative_images", type=int, default=0,
+                   help="shapes-world shards: renders of each training scene with one shape drawn part of the way to "
+                        "another kind (a rounded square), added as negative images for its caption (default: 0, off)")
 
 
 RETRIEVAL_BATCH, GRID_IMAGES = 32, 8
-FIRST_BATCHES = 4  # --hard_negative_images: batches in which at least one sample must be a scene of the world
+FIRST_BATCHES = 4  # --hard/morph_negative_images: batches in which at least one sample must be a scene of the world
 
 
-def shapes_world(data: str) -> dict:
+def shapes_world(data: str, flag: str = "--hard_negative_images") -> dict:
     """make_example's arguments for the shards of `data`, from the stats.json that make_shards.py synthetic writes
-    beside them (--hard_negative_images re-renders each training scene from its key)."""
+    beside them (`flag`, --hard_negative_images or --morph_negative_images, re-renders each training scene from its
+    key)."""
     stats_path = Path(shard_urls(data)[0]).parent / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     if stats.get("source") != "synthetic":
-        raise DataError(f"--hard_negative_images renders the shapes world's scenes, but {data} has no stats.json of "
+        raise DataError(f"{flag} renders the shapes world's scenes, but {data} has no stats.json of "
                         f"`make_shards.py synthetic` ({stats_path}); make the shards with it, or drop the flag")
     return {"seed": stats["seed"], "image_size": stats["image_size"], "max_shapes": stats.get("max_shapes", 2),
             "p_two": stats.get("p_two", 0.5)}
@@ -71,7 +77,9 @@ def retrieval_batch(data: str, size: int) -> tuple[torch.Tensor, list[str]]:
 
 def main(argv=None):
     args, (clip_cfg, cfg) = parse(__doc__, ClipConfig, TrainConfig, extra=extra_args, argv=argv)
-    world = shapes_world(cfg.data) if args.hard_negative_images else None  # before the engine: a wrong --data fails fast
+    flag = "--hard_negative_images" if args.hard_negative_images else "--morph_negative_images"
+    renders = args.hard_negative_images or args.morph_negative_images
+    world = shapes_world(cfg.data, flag) if renders else None  # before the engine: a wrong --data fails fast
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = build_clip(clip_cfg)
     tokenizer = clip_tokenizer(clip_cfg)
@@ -84,7 +92,8 @@ def main(argv=None):
 
     def wrong_images(texts, keys) -> torch.Tensor | None:
         """(M, 3, S, S) renders of the batch's scenes, one attribute changed in each; samples without a scene counted."""
-        per = [synthetic.wrong_images(k, t, args.hard_negative_images, rng, **world) for k, t in zip(keys, texts)]
+        per = [synthetic.wrong_images(k, t, args.hard_negative_images, rng, **world)
+               + synthetic.morph_images(k, t, args.morph_negative_images, rng, **world) for k, t in zip(keys, texts)]
         missing = sum(not r for r in per)
         if missing:
             skips.note("no_scene", missing)
@@ -102,7 +111,7 @@ def main(argv=None):
             neg_images = wrong_images(texts, keys) if world else None
             scenes += 0 if neg_images is None else 1
             if world and n == FIRST_BATCHES - 1 and not scenes:  # not one scene: the flag would do nothing, silently
-                raise DataError(f"--hard_negative_images: no sample of the first {FIRST_BATCHES} batches of {cfg.data} "
+                raise DataError(f"{flag}: no sample of the first {FIRST_BATCHES} batches of {cfg.data} "
                                 f"is an example of the shapes world its stats.json names ({world}; e.g. key {keys[0]!r}: "
                                 f"{texts[0]!r}); remake the shards with `make_shards.py synthetic`, or drop the flag")
             yield images, tokens, tokenizer(wrong) if wrong else None, neg_images

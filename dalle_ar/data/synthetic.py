@@ -299,6 +299,28 @@ def wrong_images(key: str, text: str, k: int, rng: np.random.Generator, seed: in
     return [render(perturb(scene, names[int(i)], rng), image_size) for i in rng.permutation(len(names))[:k]]
 
 
+MORPH_RANGE = (0.3, 0.8)  # how far `morph_images` draws a shape toward another kind: in between, as generators do
+
+
+def morph_images(key: str, text: str, k: int, rng: np.random.Generator, seed: int = 0, image_size: int = 64,
+                 max_shapes: int = 2, p_two: float = 0.5) -> list[Image.Image]:
+    """Up to ``k`` renders of example ``key`` (as ``wrong_images``) in which one shape is drawn part of the way (a
+    fraction in ``MORPH_RANGE``) toward another kind: a rounded square, a squashed circle. Hard negative images for its
+    caption that differ from the right image less than ``wrong_images`` do, as a generator's borderline shapes do: a
+    CLIP that must rank them below the clean render learns to prefer the shape closest to the named kind."""
+    if k <= 0 or not str(key).isdigit():
+        return []
+    scene = example_scene(int(key), seed, max_shapes, p_two)
+    if caption(scene) != text:
+        return []
+    out = []
+    for _ in range(k):
+        i = int(rng.integers(len(scene.shapes)))
+        kind = _pick(rng, [s for s in SHAPES if s != scene.shapes[i].shape])
+        out.append(render(scene, image_size, {i: (kind, float(rng.uniform(*MORPH_RANGE)))}))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
@@ -315,16 +337,30 @@ def _unit_mask(kind: str, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def render(scene: Scene, image_size: int = 64) -> Image.Image:
+def _unit_field(kind: str, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
+    """A field that is <= 0 inside the shape of ``_unit_mask`` and grows outwards (the distance to its outline for the
+    circle and square, near it for the triangle): blending two kinds' fields morphs one shape into the other."""
+    if kind == "circle":
+        return np.sqrt(du * du + dv * dv) - 1.0
+    if kind == "square":
+        return np.maximum(np.abs(du), np.abs(dv)) - 1.0
+    if kind == "triangle":
+        return np.maximum(dv - 1.0, np.abs(du) - (dv + 1.0) / 2)
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def render(scene: Scene, image_size: int = 64, morphs: dict[int, tuple[str, float]] | None = None) -> Image.Image:
     """Rasterise ``scene`` as an RGB image with flat colours (no anti-aliasing).
 
     Pixels are sampled at their centres against the analytic shape, so any image size gives the
-    same picture up to resolution.
+    same picture up to resolution. ``morphs`` {i: (kind, t)} draws shape i a fraction t of the way to ``kind``
+    (t = 0: itself, 1: that kind) in the same bounding box: the in-between shapes a generator draws.
     """
     n = image_size
+    morphs = morphs or {}
     img = np.empty((n, n, 3), dtype=np.uint8)
     img[:] = BACKGROUND
-    for s in scene.shapes:
+    for i, s in enumerate(scene.shapes):
         r = SIZE_FRAC[s.size] / 2
         # Only the pixels in the shape's bounding box can be inside it.
         c0, c1 = max(0, int((s.x - r) * n)), min(n, int(np.ceil((s.x + r) * n)))
@@ -332,7 +368,12 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
         u = ((np.arange(c0, c1) + 0.5) / n - s.x) / r  # pixel centres, in units of r
         v = ((np.arange(r0, r1) + 0.5) / n - s.y) / r
         du, dv = np.meshgrid(u, v)
-        img[r0:r1, c0:c1][_unit_mask(s.shape, du, dv)] = COLORS[s.color]
+        if i in morphs:
+            kind, t = morphs[i]
+            inside = (1 - t) * _unit_field(s.shape, du, dv) + t * _unit_field(kind, du, dv) <= 0
+        else:
+            inside = _unit_mask(s.shape, du, dv)
+        img[r0:r1, c0:c1][inside] = COLORS[s.color]
     return Image.fromarray(img, "RGB")
 
 
