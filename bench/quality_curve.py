@@ -1,19 +1,22 @@
 #!/usr/bin/env python
-"""Caption accuracy against the transformer's training minutes, one line per seed: how far the demo's recipe is from
-its goals and what more training buys. Each --run is one eval of the demo's command (sample/generate.py
---synthetic_prompts 64 ..., its scores.json) with the seed, the transformer's steps and its training seconds:
+"""Caption accuracy against the transformer's training minutes, one line per recipe and seed: how far the demo's
+recipe is from its goals and what more training (or data) buys. Each --run is one eval of the demo's command
+(sample/generate.py --synthetic_prompts 64 ..., its scores.json) with its recipe's name, the seed, the transformer's
+steps and its training seconds:
 
-  python -m bench.quality_curve --run 1 1600 646 outputs/demo_seed1/eval --run 1 3200 1257 outputs/t3200_s1/eval \\
-      --out bench/results/quality_curve_cpu.json --plot docs/quality_curve.png
+  python -m bench.quality_curve --run "8,000 images" 1 1600 646 outputs/demo_seed1/eval \\
+      --run "8,000 images" 1 3200 1257 outputs/t3200_s1/eval --out bench/results/quality_curve_cpu.json \\
+      --plot docs/quality_curve.png
 
 Prints one JSON object: a point per run (per candidate, two-object per candidate, oracle, CLIP and likelihood top-1,
-rerank efficiency) and, per step count, the mean and minimum over seeds; --plot draws per-candidate accuracy and CLIP
-top-1 against minutes with the 90% top-1 goal.
+rerank efficiency) and, per recipe and step count, the mean and minimum over seeds; --plot draws per-candidate
+accuracy and CLIP top-1 against minutes (a colour per seed, a line style per recipe) with the 90% top-1 goal.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -22,10 +25,10 @@ from bench.common import emit
 TOP1_GOAL = 0.9
 
 
-def point(seed: int, steps: int, seconds: float, eval_dir: str) -> dict:
+def point(recipe: str, seed: int, steps: int, seconds: float, eval_dir: str) -> dict:
     caption = json.loads((Path(eval_dir) / "scores.json").read_text())["summary"]["caption"]
     two = caption.get("by_objects", {}).get("2", {})
-    return {"seed": seed, "steps": steps, "minutes": round(seconds / 60, 2), "eval": eval_dir,
+    return {"recipe": recipe, "seed": seed, "steps": steps, "minutes": round(seconds / 60, 2), "eval": eval_dir,
             "per_candidate": round(caption["per_candidate"], 4),
             "two_object_per_candidate": round(two["per_candidate"], 4) if two else None,
             "oracle": round(caption["oracle"], 4), "clip_top1": round(caption["top1"]["clip"], 4),
@@ -34,11 +37,11 @@ def point(seed: int, steps: int, seconds: float, eval_dir: str) -> dict:
 
 
 def by_steps(points: list[dict]) -> dict:
-    """Mean and minimum over seeds of each figure, per step count (the minimum is what 'every seed' asks)."""
+    """Mean and minimum over seeds of each figure, per recipe and step count (the minimum is what 'every seed' asks)."""
     out = {}
-    for steps in sorted({p["steps"] for p in points}):
-        rows = [p for p in points if p["steps"] == steps]
-        out[str(steps)] = {"seeds": sorted(p["seed"] for p in rows)} | {
+    for recipe, steps in dict.fromkeys((p["recipe"], p["steps"]) for p in points):
+        rows = [p for p in points if (p["recipe"], p["steps"]) == (recipe, steps)]
+        out[f"{recipe}, {steps} steps"] = {"seeds": sorted(p["seed"] for p in rows)} | {
             f"{stat}_{k}": round(fn([p[k] for p in rows]), 4)
             for k in ("per_candidate", "clip_top1", "rerank_efficiency", "minutes")
             for stat, fn in (("mean", lambda v: sum(v) / len(v)), ("min", min))}
@@ -54,9 +57,14 @@ def plot(points: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110, sharey=True)
     for ax, key, title in zip(axes, ("per_candidate", "clip_top1"),
                                ("candidates passing the check (all of them)", "CLIP top-1 (one pick per prompt)")):
-        for i, seed in enumerate(sorted({p["seed"] for p in points})):
-            rows = sorted((p for p in points if p["seed"] == seed), key=lambda p: p["minutes"])
-            ax.plot([p["minutes"] for p in rows], [100 * p[key] for p in rows], "o-", color=f"C{i}", label=f"seed {seed}")
+        recipes, seeds = list(dict.fromkeys(p["recipe"] for p in points)), sorted({p["seed"] for p in points})
+        for recipe, seed in itertools.product(recipes, seeds):
+            rows = sorted((p for p in points if (p["recipe"], p["seed"]) == (recipe, seed)), key=lambda p: p["minutes"])
+            if not rows:
+                continue
+            style = "o" + ("-", "--", ":", "-.")[recipes.index(recipe) % 4]
+            ax.plot([p["minutes"] for p in rows], [100 * p[key] for p in rows], style,
+                    color=f"C{seeds.index(seed)}", label=f"{recipe}, seed {seed}")
             for p in rows:
                 ax.annotate(f"{p['steps']:,}", (p["minutes"], 100 * p[key]), textcoords="offset points",
                             xytext=(3, -10), fontsize=7)
@@ -75,13 +83,15 @@ def plot(points: list[dict], path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", nargs=4, action="append", required=True, metavar=("SEED", "STEPS", "SECONDS", "EVAL_DIR"),
-                   help="one eval: the seed, the transformer's steps and training seconds, the eval's output directory")
+    p.add_argument("--run", nargs=5, action="append", required=True,
+                   metavar=("RECIPE", "SEED", "STEPS", "SECONDS", "EVAL_DIR"),
+                   help="one eval: its recipe's name (e.g. the images it trained on), the seed, the transformer's steps "
+                        "and training seconds, the eval's output directory")
     p.add_argument("--note", default="", help="recorded with the result (the machine, how the seconds were measured)")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None, help="also draw the curve to this PNG")
     args = p.parse_args(argv)
-    points = [point(int(s), int(n), float(sec), d) for s, n, sec, d in args.run]
+    points = [point(r, int(s), int(n), float(sec), d) for r, s, n, sec, d in args.run]
     if args.plot:
         plot(points, args.plot)
     return emit({"bench": "quality_curve", "note": args.note, "top1_goal": TOP1_GOAL, "points": points,

@@ -96,18 +96,21 @@ def test_quality_curve_reports_each_run_and_the_worst_seed_per_step_count(tmp_pa
     from bench.quality_curve import main
 
     runs = []
-    for seed, steps, top1 in [(0, 100, 1.0), (1, 100, 0.8), (1, 200, 0.9)]:
-        run = tmp_path / f"s{seed}_{steps}"
+    for recipe, seed, steps, top1 in [("a", 0, 100, 1.0), ("a", 1, 100, 0.8), ("a", 1, 200, 0.9), ("b", 1, 200, 0.6)]:
+        run = tmp_path / f"{recipe}{seed}_{steps}"
         run.mkdir()
         caption = {"per_candidate": top1 - 0.1, "oracle": 1.0, "top1": {"clip": top1, "likelihood": 0.5},
                    "rerank_efficiency": {"clip": top1}, "by_objects": {"2": {"per_candidate": 0.4}}}
         (run / "scores.json").write_text(json.dumps({"summary": {"caption": caption}}))
-        runs += ["--run", str(seed), str(steps), str(60 * steps), str(run)]
+        runs += ["--run", recipe, str(seed), str(steps), str(60 * steps), str(run)]
     result = main([*runs, "--out", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")])
-    assert [(p["seed"], p["steps"], p["minutes"]) for p in result["points"]] == [(0, 100, 100), (1, 100, 100), (1, 200, 200)]
+    assert [(p["recipe"], p["seed"], p["steps"], p["minutes"]) for p in result["points"]] == [
+        ("a", 0, 100, 100), ("a", 1, 100, 100), ("a", 1, 200, 200), ("b", 1, 200, 200)]
     assert result["points"][2]["two_object_per_candidate"] == 0.4
-    first = result["by_steps"]["100"]
+    assert list(result["by_steps"]) == ["a, 100 steps", "a, 200 steps", "b, 200 steps"]  # recipes are not pooled
+    first = result["by_steps"]["a, 100 steps"]
     assert first["seeds"] == [0, 1] and first["min_clip_top1"] == 0.8 and first["mean_clip_top1"] == pytest.approx(0.9)
-    assert result["by_steps"]["200"]["min_per_candidate"] == pytest.approx(0.8)
+    assert result["by_steps"]["a, 200 steps"]["min_per_candidate"] == pytest.approx(0.8)
+    assert result["by_steps"]["b, 200 steps"]["mean_clip_top1"] == pytest.approx(0.6)
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert json.loads((tmp_path / "c.json").read_text()) == result
