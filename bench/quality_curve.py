@@ -62,7 +62,8 @@ def plot(points: list[dict], path: str) -> None:
             rows = sorted((p for p in points if (p["recipe"], p["seed"]) == (recipe, seed)), key=lambda p: p["minutes"])
             if not rows:
                 continue
-            style = "o" + ("-", "--", ":", "-.")[recipes.index(recipe) % 4]
+            r = recipes.index(recipe) % 4
+            style = "osD^"[r] + ("-", "--", ":", "-.")[r]  # a marker and a line style per recipe
             ax.plot([p["minutes"] for p in rows], [100 * p[key] for p in rows], style,
                     color=f"C{seeds.index(seed)}", label=f"{recipe}, seed {seed}")
             for p in rows:
