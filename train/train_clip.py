@@ -91,7 +91,8 @@ def main(argv=None):
     rng = np.random.default_rng([cfg.seed, rank()])  # hard negatives, drawn in stream order (a resume replays it)
 
     def wrong_images(texts, keys) -> torch.Tensor | None:
-        """(M, 3, S, S) renders of the batch's scenes, one attribute changed in each; samples without a scene counted."""
+        """(M, 3, S, S) renders of the batch's scenes, each with one attribute changed or one shape morphed; samples
+        without a scene counted."""
         per = [synthetic.wrong_images(k, t, args.hard_negative_images, rng, **world)
                + synthetic.morph_images(k, t, args.morph_negative_images, rng, **world) for k, t in zip(keys, texts)]
         missing = sum(not r for r in per)

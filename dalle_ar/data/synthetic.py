@@ -285,15 +285,22 @@ def variants(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def _shard_scene(key: str, text: str, seed: int, max_shapes: int, p_two: float) -> Scene | None:
+    """The scene of example ``key`` of the world ``seed``, or None unless ``key`` is that example's index and its
+    caption is ``text`` (a shard of another world or source)."""
+    if not str(key).isdigit():
+        return None
+    scene = example_scene(int(key), seed, max_shapes, p_two)
+    return scene if caption(scene) == text else None
+
+
 def wrong_images(key: str, text: str, k: int, rng: np.random.Generator, seed: int = 0, image_size: int = 64,
                  max_shapes: int = 2, p_two: float = 0.5) -> list[Image.Image]:
     """Up to ``k`` renders of example ``key`` of the world ``seed`` (``make_example``'s arguments; the shards of
     make_shards.py synthetic record them in stats.json) with one attribute changed each (distinct attributes): hard
     negative images for its caption. Empty unless ``key`` is that example's index and its scene's caption is ``text``."""
-    if k <= 0 or not str(key).isdigit():
-        return []
-    scene = example_scene(int(key), seed, max_shapes, p_two)
-    if caption(scene) != text:
+    scene = _shard_scene(key, text, seed, max_shapes, p_two) if k > 0 else None
+    if scene is None:
         return []
     names = perturbable(scene)
     return [render(perturb(scene, names[int(i)], rng), image_size) for i in rng.permutation(len(names))[:k]]
@@ -308,10 +315,8 @@ def morph_images(key: str, text: str, k: int, rng: np.random.Generator, seed: in
     fraction in ``MORPH_RANGE``) toward another kind: a rounded square, a squashed circle. Hard negative images for its
     caption that differ from the right image less than ``wrong_images`` do, as a generator's borderline shapes do: a
     CLIP that must rank them below the clean render learns to prefer the shape closest to the named kind."""
-    if k <= 0 or not str(key).isdigit():
-        return []
-    scene = example_scene(int(key), seed, max_shapes, p_two)
-    if caption(scene) != text:
+    scene = _shard_scene(key, text, seed, max_shapes, p_two) if k > 0 else None
+    if scene is None:
         return []
     out = []
     for _ in range(k):
