@@ -9,7 +9,7 @@ steps and its training seconds:
       --plot docs/quality_curve.png
 
 Prints one JSON object: a point per run (per candidate, two-object per candidate, oracle, CLIP and likelihood top-1,
-rerank efficiency) and, per recipe and step count, the mean and minimum over seeds; --plot draws per-candidate
+rerank efficiency) and, per recipe and step count, their mean, sd, minimum and maximum over seeds; --plot draws per-candidate
 accuracy and CLIP top-1 against minutes (a colour per seed, a line style per recipe) with the 90% top-1 goal.
 """
 
@@ -21,8 +21,11 @@ import json
 from pathlib import Path
 
 from bench.common import emit
+from bench.demo_spread import spread
 
 TOP1_GOAL = 0.9
+FIGURES = ("minutes", "per_candidate", "two_object_per_candidate", "oracle", "clip_top1", "likelihood_top1",
+           "rerank_efficiency")  # the figures of a point that by_steps spreads over seeds
 
 
 def point(recipe: str, seed: int, steps: int, seconds: float, eval_dir: str) -> dict:
@@ -37,14 +40,13 @@ def point(recipe: str, seed: int, steps: int, seconds: float, eval_dir: str) -> 
 
 
 def by_steps(points: list[dict]) -> dict:
-    """Mean and minimum over seeds of each figure, per recipe and step count (the minimum is what 'every seed' asks)."""
+    """Per recipe and step count, the spread over seeds of each figure (`demo_spread.spread`: mean, sd, min, max; the
+    minimum is what 'every seed' asks). Recipes are never pooled."""
     out = {}
     for recipe, steps in dict.fromkeys((p["recipe"], p["steps"]) for p in points):
         rows = [p for p in points if (p["recipe"], p["steps"]) == (recipe, steps)]
-        out[f"{recipe}, {steps} steps"] = {"seeds": sorted(p["seed"] for p in rows)} | {
-            f"{stat}_{k}": round(fn([p[k] for p in rows]), 4)
-            for k in ("per_candidate", "clip_top1", "rerank_efficiency", "minutes")
-            for stat, fn in (("mean", lambda v: sum(v) / len(v)), ("min", min))}
+        figures = [{k: v for k, v in p.items() if k in FIGURES} for p in rows]
+        out[f"{recipe}, {steps} steps"] = {"seeds": sorted(p["seed"] for p in rows)} | spread(figures)
     return out
 
 

@@ -109,8 +109,10 @@ def test_quality_curve_reports_each_run_and_the_worst_seed_per_step_count(tmp_pa
     assert result["points"][2]["two_object_per_candidate"] == 0.4
     assert list(result["by_steps"]) == ["a, 100 steps", "a, 200 steps", "b, 200 steps"]  # recipes are not pooled
     first = result["by_steps"]["a, 100 steps"]
-    assert first["seeds"] == [0, 1] and first["min_clip_top1"] == 0.8 and first["mean_clip_top1"] == pytest.approx(0.9)
-    assert result["by_steps"]["a, 200 steps"]["min_per_candidate"] == pytest.approx(0.8)
-    assert result["by_steps"]["b, 200 steps"]["mean_clip_top1"] == pytest.approx(0.6)
+    assert first["seeds"] == [0, 1] and first["clip_top1"]["min"] == 0.8 and first["clip_top1"]["mean"] == pytest.approx(0.9)
+    assert first["clip_top1"]["std"] == pytest.approx(0.1414, abs=1e-4) and first["minutes"]["max"] == 100
+    assert "seed" not in first and "steps" not in first  # only the figures are spread
+    assert result["by_steps"]["a, 200 steps"]["per_candidate"]["min"] == pytest.approx(0.8)
+    assert result["by_steps"]["b, 200 steps"]["clip_top1"] == {"mean": 0.6, "std": 0.0, "min": 0.6, "max": 0.6}
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert json.loads((tmp_path / "c.json").read_text()) == result
