@@ -11,6 +11,11 @@ SEEDS  ?= 0 1 2
 # the demo transformer's steps: 3,200 draws more correct candidates from every seed's tokens, for ~11 more minutes
 # on the 2-core CPU (bench/results/transformer_steps_seeds_zen4_cpu.json)
 DALLE_STEPS ?= 1600
+# the images the transformer trains on. The dVAE, the tokenizer and the CLIP train on the first 8,000 of them (shards
+# 000000-000007, BASE_SHARDS) whatever this is. DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates
+# and a CLIP top-1 of at least 92% on every seed, ~13 minutes more than 3,200 steps alone (bench/results/transformer_data_steps_zen4_cpu.json)
+DALLE_IMAGES ?= 8000
+BASE_SHARDS = $(DEMO)/data/shapes/{000000..000007}.tar
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13
 MATCHED ?= outputs/compare_matched_$(BUDGET)
@@ -54,10 +59,11 @@ $(STAMP): pyproject.toml constraints.txt
 # The transformer trains at lr 2e-3: for the same 800 steps it draws 60% correct candidates against 48% at 1e-3 and 56%
 # at 3e-3 (bench/transformer_recipes.py; bench/results/transformer_lr_cpu.json).
 demo: setup
+	@test $(DALLE_IMAGES) -ge 8000 2>/dev/null || { echo "DALLE_IMAGES=$(DALLE_IMAGES): give at least 8000 (the dVAE, tokenizer and CLIP train on the first 8,000 images)"; exit 2; }
 	rm -rf $(DEMO) && mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
 	$(PY) -m bench.machine --out $(DEMO)/machine.json
-	$(STAGE) shards -- $(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num 8000
-	$(STAGE) tokenizer -- $(PY) train/train_tokenizer.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/tokenizer --vocab_size 512
+	$(STAGE) shards -- $(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num $(DALLE_IMAGES)
+	$(STAGE) tokenizer -- $(PY) train/train_tokenizer.py --data '$(BASE_SHARDS)' --out $(DEMO)/runs/tokenizer --vocab_size 512
 	@echo "the CLIP trains beside the dVAE, $(THREADS) thread(s) each, then the transformer on 2 ranks; CLIP progress: tail -f $(DEMO)/clip.log"
 	$(MAKE) --no-print-directory -j2 demo-clip demo-generator
 	$(STAGE) grid -- $(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
@@ -69,12 +75,12 @@ demo: setup
 
 # The demo's two concurrent parts (run by `make demo`, which makes the shards and the tokenizer first).
 demo-clip:
-	$(THREADS_ENV) $(STAGE) clip -- $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/clip \
+	$(THREADS_ENV) $(STAGE) clip -- $(PY) train/train_clip.py --data '$(BASE_SHARDS)' --out $(DEMO)/runs/clip \
 		--steps 400 --batch_size 64 --lr 1e-3 --warmup_steps 20 --hard_negatives 4 --seed $(SEED) > $(DEMO)/clip.log 2>&1 \
 		|| { tail -n 20 $(DEMO)/clip.log; echo "CLIP training failed: $(DEMO)/clip.log"; exit 1; }
 
 demo-generator:
-	$(THREADS_ENV) $(STAGE) dvae -- $(PY) train/train_dvae.py --data $(DEMO)/data/shapes --out $(DEMO)/runs/dvae \
+	$(THREADS_ENV) $(STAGE) dvae -- $(PY) train/train_dvae.py --data '$(BASE_SHARDS)' --out $(DEMO)/runs/dvae \
 		--steps 4500 --crop_size 32 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 1000 --num_workers 1 --seed $(SEED)
 	$(THREADS_ENV) $(STAGE) dvae_quality -- $(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
 		--out $(DEMO)/dvae_quality.json

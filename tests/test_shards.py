@@ -166,3 +166,22 @@ def test_remote_shards_reach_webdataset_gopen_through_pipes(shapes_shards):
     with pytest.raises(ConfigError, match=r"s3://bucket/00000.tar: webdataset cannot open s3: URLs; .*--data "
                                           r"'pipe:aws s3 cp s3://bucket/00000.tar -'"):
         read.shard_urls("s3://bucket/{00000..00999}.tar")
+
+
+def test_a_larger_synthetic_render_starts_with_the_smaller_ones_shards(tmp_path):
+    """`make demo DALLE_IMAGES=N` renders N images and gives the dVAE, tokenizer and CLIP the first shards by a
+    brace pattern: those must hold exactly the images and captions a render of that size alone holds."""
+    from conftest import run_script
+
+    run_script("train/make_shards.py", "synthetic", "--out", str(tmp_path / "small"), "--num", "20", "--samples_per_shard", "10")
+    run_script("train/make_shards.py", "synthetic", "--out", str(tmp_path / "large"), "--num", "50", "--samples_per_shard", "10")
+    first = str(tmp_path / "large" / "{000000..000001}.tar")
+    assert len(read.shard_urls(first)) == 2 and len(read.shard_urls(str(tmp_path / "large"))) == 5
+
+    def samples(spec):
+        return [(key, text, img) for img, text, key in read.image_text_dataset(spec, 64)]
+
+    small, prefix = samples(str(tmp_path / "small")), samples(first)
+    assert [s[:2] for s in small] == [s[:2] for s in prefix] and len(small) == 20
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(small, prefix))
+    assert {key for key, _, _ in samples(str(tmp_path / "large"))} > {key for key, _, _ in small}
