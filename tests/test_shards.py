@@ -3,6 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_script
+
 from dalle_ar.config import ConfigError
 from dalle_ar.data import decode, read, synthetic, write
 
@@ -171,8 +173,6 @@ def test_remote_shards_reach_webdataset_gopen_through_pipes(shapes_shards):
 def test_a_larger_synthetic_render_starts_with_the_smaller_ones_shards(tmp_path):
     """`make demo DALLE_IMAGES=N` renders N images and gives the dVAE, tokenizer and CLIP the first shards by a
     brace pattern: those must hold exactly the images and captions a render of that size alone holds."""
-    from conftest import run_script
-
     run_script("train/make_shards.py", "synthetic", "--out", str(tmp_path / "small"), "--num", "20", "--samples_per_shard", "10")
     run_script("train/make_shards.py", "synthetic", "--out", str(tmp_path / "large"), "--num", "50", "--samples_per_shard", "10")
     first = str(tmp_path / "large" / "{000000..000001}.tar")
