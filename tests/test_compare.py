@@ -184,6 +184,12 @@ def test_matched_budget_trains_both_backends_to_the_budget(models, training_data
     prior = budget["unclip"]["stages"]["prior"]
     assert prior["flops"] <= 0.1 * BUDGET < prior["flops"] + prior["flops_per_step"]
     assert saved["models"]["ar"] == str(out / "runs" / "transformer" / "export")
+    cores = matched["cores"]()
+    assert budget["concurrent_threads"] == (cores // 2 if cores >= 2 else None)
+    if budget["concurrent_threads"]:  # the backends trained at once: unCLIP's stages wrote their output to logs
+        for stage in ("prior", "decoder"):
+            assert f"{stage}:" in (out / "runs" / f"{stage}.log").read_text()
+        assert not (out / "runs" / "transformer.log").exists()  # AR's went to the terminal
     md = (out / "report.md").read_text()
     assert "## Matched training budget" in md and "`--train-budget-flops 2e+09`" in md
 
@@ -198,6 +204,51 @@ def test_matched_budget_trains_both_backends_to_the_budget(models, training_data
     args.train_budget_flops = 2 * BUDGET
     with pytest.raises(ConfigError, match="trained under another plan"):
         matched["train_matched"](args)
+
+
+def test_backends_train_at_once_on_half_the_cores_and_a_failure_waits_for_the_other(tmp_path, monkeypatch, capsys):
+    """train_backends' orchestration, its trainers replaced by a recorder (the real ones run in scaling_run): the
+    unCLIP chain runs in a thread beside AR's, every process gets the threads, unCLIP's stages log to files, and a
+    failing unCLIP stage is raised only after AR's stage has finished."""
+    import threading
+    import time
+
+    calls = []
+
+    def fake_stage(stage, argv, steps, env=None, log=None):
+        calls.append((stage, threading.current_thread() is threading.main_thread(), env, log))
+        if stage == "transformer":
+            time.sleep(0.3)  # the decoder fails meanwhile; AR must still finish
+        elif stage == "decoder" and "fail" in argv:
+            raise SystemExit(f"error: train/train_decoder.py failed (exit status 1); see its output in {log}")
+        calls.append((stage, "done"))
+        return tmp_path / stage / "export", True
+
+    monkeypatch.setitem(matched["train_backends"].__globals__, "train_stage", fake_stage)
+    plans = lambda: {"ar": {"stages": {"transformer": {"steps": 3}}},  # noqa: E731
+                     "unclip": {"stages": {"prior": {"steps": 1}, "decoder": {"steps": 2}}}}
+    argv = {"transformer": ["t"], "prior": ["p"], "decoder": ["d"]}
+    planned = plans()
+    exports = matched["train_backends"](planned, argv, tmp_path, threads=1)
+    assert exports == {s: tmp_path / s / "export" for s in ("transformer", "prior", "decoder")}
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert ("transformer", True, env, None) in calls  # AR in the main thread, its output on the terminal
+    assert ("prior", False, env, tmp_path / "prior.log") in calls and ("decoder", False, env, tmp_path / "decoder.log") in calls
+    assert planned["unclip"]["stages"]["decoder"] == {"steps": 2, "trained_now": True, "run": str(tmp_path / "decoder"),
+                                                       "argv": ["d"]}
+    assert "unCLIP's progress: tail -f" in capsys.readouterr().out
+
+    calls.clear()
+    with pytest.raises(SystemExit, match=r"train_decoder.py failed .* in .*decoder.log"):
+        matched["train_backends"](plans(), {**argv, "decoder": ["fail"]}, tmp_path, threads=1)
+    assert ("transformer", "done") in calls and ("decoder", "done") not in calls
+
+    calls.clear()  # one backend after the other, in this thread, output on the terminal, no thread settings
+    matched["train_backends"](plans(), argv, tmp_path, threads=None)
+    assert [c for c in calls if c[1] != "done"] == [(s, True, None, None) for s in ("transformer", "prior", "decoder")]
+    args = matched["parse"](["--train-budget-flops", "1e9", "--clip", "c", "--eval-clip", "e", "--device", "cpu",
+                             "--sequential"])[0]
+    assert matched["concurrent_threads"](args) is None
 
 
 def test_budget_below_the_dvae_run_is_a_one_line_error(models, training_data, tmp_path):

@@ -20,8 +20,10 @@ compare-models' prior and decoder) followed by --transformer-args / --prior-args
 trainer (later flags win), e.g. --decoder-args "--channels 64 --batch_size 64".
 
 Each trainer runs as its own process (python train/<trainer>.py) under <out>/runs/<stage> (+ <out>/runs/plan.json,
-<out>/runs/budget.json); the same command again skips finished runs and resumes unfinished ones from their checkpoints;
-a run made under another plan is refused, not mixed. The CLIP embeddings go to --embeddings DIR (default <out>/runs/
+<out>/runs/budget.json). On CPU with 2+ cores the two backends train at once, each process on half the cores (the
+unCLIP stages' output goes to <out>/runs/prior.log and decoder.log); --sequential trains one after the other. The
+same command again skips finished runs and resumes unfinished ones from their checkpoints; a run made under another
+plan is refused, not mixed. The CLIP embeddings go to --embeddings DIR (default <out>/runs/
 clip_embeddings): computed there when DIR does not hold all of them, reused when it does (several budgets share one
 precompute: train/compare_scaling.py), refused when DIR's meta.json names another --clip or other --train-images. Then
 sample/compare.py evaluates the three exports with every other flag given here (--synthetic-prompts, --ar-rerank,
@@ -32,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dalle_ar import cli, metrics, models
@@ -86,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default="outputs/compare_matched", help="runs in <out>/runs, the report in <out>")
     a("--device", default=None, help="(default: cuda if available, else cpu)")
     a("--no-progress", "--no_progress", dest="no_progress", action="store_true")
+    a("--sequential", action="store_true",
+      help="train AR's transformer, then unCLIP's prior and decoder, each on every core (default on CPU with 2+ cores: "
+           "the two backends at once, each process on half the cores, unCLIP's output in <out>/runs/<stage>.log)")
     # exports are what this script makes: given ones are refused (check_training_inputs)
     a("--ar", default=None, help=argparse.SUPPRESS)
     for name in ("unclip_prior", "unclip_decoder", "unclip_upsampler"):
@@ -162,9 +169,10 @@ def stage_argv(args, stage: str, runs: Path, embeddings: Path) -> list[str]:
 # planning and training
 # ------------------------------------------------------------------------------------------------
 
-def run_script(script: str, argv: list[str]) -> int:
-    """python <script> argv in its own process, each stage a run of its own (cli.run_script); its exit status."""
-    return cli.run_script(ROOT, script, argv)
+def run_script(script: str, argv: list[str], env: dict | None = None, log: Path | None = None) -> int:
+    """python <script> argv in its own process, each stage a run of its own (cli.run_script: `env` added to its
+    environment, its output into `log` when given); its exit status."""
+    return cli.run_script(ROOT, script, argv, env=env, log=log)
 
 
 def step_flops(stage: str, argv: list[str], plans: Path, device: str) -> int:
@@ -179,9 +187,11 @@ def step_flops(stage: str, argv: list[str], plans: Path, device: str) -> int:
     return metrics.count_flops(models.train_step(model, dry["export_config"], dry["batch_size"], device)) * dry["grad_accum"]
 
 
-def train_stage(stage: str, argv: list[str], steps: int) -> tuple[Path, bool]:
-    """Run the stage's trainer for `steps`, or skip it when <run> already finished that plan (the trainer itself
-    resumes an unfinished one from its checkpoints). Returns (export, trained now)."""
+def train_stage(stage: str, argv: list[str], steps: int, env: dict | None = None,
+                log: Path | None = None) -> tuple[Path, bool]:
+    """Run the stage's trainer for `steps` (`env` added to its environment, its output into `log` when given), or
+    skip it when <run> already finished that plan (the trainer itself resumes an unfinished one from its
+    checkpoints). Returns (export, trained now)."""
     full = [*argv, "--steps", str(steps)]
     run = Path(full[full.index("--out") + 1])
     export = run / "export"
@@ -197,10 +207,14 @@ def train_stage(stage: str, argv: list[str], steps: int) -> tuple[Path, bool]:
             return export, False
     run.mkdir(parents=True, exist_ok=True)
     save_json(record, full)
-    print(f"{stage}: python train/{TRAINERS[stage]}.py {shlex.join(full)}", flush=True)
-    status = run_script(f"train/{TRAINERS[stage]}.py", full)
+    where = f"; its output: {log}" if log else ""
+    print(f"{stage}: python train/{TRAINERS[stage]}.py {shlex.join(full)}{where}", flush=True)
+    status = run_script(f"train/{TRAINERS[stage]}.py", full, env=env, log=log)
     if status != 0:
-        raise SystemExit(f"error: train/{TRAINERS[stage]}.py failed (exit status {status}); see its output above")
+        if log:
+            print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:]), flush=True)
+        raise SystemExit(f"error: train/{TRAINERS[stage]}.py failed (exit status {status}); see its output "
+                         f"{f'in {log}' if log else 'above'}")
     if not finished(export, steps):  # a trainer stopped by a signal saves a checkpoint and exits 0
         raise SystemExit(f"error: {stage} stopped before step {steps} (checkpoint saved in {run}); run the same command "
                          f"again to resume")
@@ -261,15 +275,55 @@ def train_matched(args) -> dict:
             [f"{name} {f:.4g} (trained)" for name, f in plan["spent"].items()]
             + [f"{name} {p['steps']} steps x {p['flops_per_step']:.4g}" for name, p in plan["stages"].items()])
               + f" + {plan['left']:.3g} left", flush=True)
-    exports = {}
-    for backend, plan in planned.items():
-        for stage, p in plan["stages"].items():
-            exports[stage], p["trained_now"] = train_stage(stage, argv[stage], p["steps"])
-            p["run"], p["argv"] = str(exports[stage].parent), argv[stage]
+    threads = concurrent_threads(args)
+    exports = train_backends(planned, argv, runs, threads)
     args.ar, args.unclip_prior, args.unclip_decoder = (str(exports[s]) for s in ("transformer", "prior", "decoder"))
     return {"budget_flops": budget, "prior_share": args.budget_prior_share, "runs": str(runs),
             "embeddings": str(embeddings), "embeddings_computed": not reuse, "images": args.train_images,
-            "tokens": args.train_tokens, **planned}
+            "tokens": args.train_tokens, "concurrent_threads": threads, **planned}
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def concurrent_threads(args) -> int | None:
+    """Threads per process when the two backends train at once (on CPU with 2+ cores, unless --sequential): half
+    the cores each. On the 2-core CPU one thread per process trains as fast as two threads for one process, so the
+    two backends take about the time of the longer one instead of the sum. None: one backend after the other."""
+    if args.sequential or args.device != "cpu" or cores() < 2:
+        return None
+    return cores() // 2
+
+
+def train_backends(planned: dict, argv: dict, runs: Path, threads: int | None) -> dict[str, Path]:
+    """Train every planned stage (AR: the transformer; unCLIP: the prior, then the decoder) and record in each plan
+    its run, flags and whether it trained now; the exports by stage. With `threads`, the backends train at once,
+    each process on that many threads: AR's output on the terminal, each unCLIP stage's in <runs>/<stage>.log;
+    when one backend fails the other still finishes (a rerun skips it), then the failure is raised."""
+    def train(backend: str, log: bool) -> dict[str, Path]:
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+        out = {}
+        for stage, p in planned[backend]["stages"].items():
+            out[stage], p["trained_now"] = train_stage(stage, argv[stage], p["steps"], env=env,
+                                                       log=runs / f"{stage}.log" if log else None)
+            p["run"], p["argv"] = str(out[stage].parent), argv[stage]
+        return out
+
+    if threads is None:
+        return {**train("ar", log=False), **train("unclip", log=False)}
+    print(f"training AR and unCLIP at once, {threads} thread(s) per process (--sequential: one after the other); "
+          f"unCLIP's progress: tail -f {runs}/prior.log {runs}/decoder.log", flush=True)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        unclip = pool.submit(train, "unclip", True)
+        try:
+            ar = train("ar", log=False)
+        finally:
+            unclip_error = unclip.exception()  # waits for unCLIP's stages whatever happened to AR's
+        if unclip_error is not None:
+            raise unclip_error
+    return {**ar, **unclip.result()}
 
 
 def main(argv=None) -> dict:
