@@ -132,9 +132,10 @@ compare: compare-models
 # (images, and their tokens for AR), for the steps that bring each backend's training FLOPs to $(BUDGET): the
 # demo's dVAE counts in AR's, the prior gets 2% of unCLIP's (make compare's split). Same model recipes as `make
 # compare`, and the same evaluation (it then runs sample/compare.py on the exports); reuses the demo's dVAE, tokenizer
-# and CLIP and compare-models' evaluator CLIP (trained here when missing: +16 min). The default budget is about the demo's AR
-# (dVAE + ~800 transformer steps; the report in docs/compare predates the 3,000-step crop dVAE). Rerunning skips finished runs. 2-core CPU, quiet: ~15 min after the demo
-# (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5).
+# and CLIP and compare-models' evaluator CLIP (trained here when missing: +16 min). The default budget is about half the demo's AR
+# (its dVAE + ~780 transformer steps). Rerunning skips finished runs. 2-core CPU, quiet: ~15 min after the demo
+# (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5), measured with one backend after the other: the
+# transformer and the prior + decoder now train at once, one process each on half the cores.
 compare-matched: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(MATCHED) && date +%s > $(MATCHED)/.start
@@ -151,6 +152,8 @@ compare-matched: setup
 # backend's best setting per budget side by side: caption accuracy (all, 1-shape and 2-shape prompts), evaluator CLIP
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
 # docs/compare/scaling. Same demo models and evaluator CLIP as compare-matched; rerunning skips finished budgets.
+# AR and unCLIP train at once, one process each on half the cores: 55 min on the 2-core CPU at 183 GFLOP/s after the
+# demo and the evaluator CLIP (+14 min).
 compare-scaling: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(SCALING) && date +%s > $(SCALING)/.start

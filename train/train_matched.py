@@ -48,11 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # the trainer of each stage and its recipe, `make compare`'s (Makefile targets demo for the transformer,
 # compare-models for the prior and decoder); --<stage>-args come after it, so they override it. The transformer's is
-# the demo's before its lr went to 2e-3: the committed docs/compare reports were trained with it, so it stays here
-# (--transformer-args "--lr 2e-3" gives the demo's).
+# the demo's (lr 2e-3) as one process of the demo's global batch of 32.
 TRAINERS = {"transformer": "train_dalle", "prior": "train_prior", "decoder": "train_decoder"}
 RECIPES = {
-    "transformer": "--dim 256 --depth 4 --heads 4 --batch_size 32 --lr 1e-3 --warmup_steps 50",
+    "transformer": "--dim 256 --depth 4 --heads 4 --batch_size 32 --lr 2e-3 --warmup_steps 50",
     "prior": "--dim 128 --depth 2 --batch_size 64 --lr 1e-3 --warmup_steps 20 --ema_decay 0.99 --save_every 0 "
              "--eval_samples 32 --eval_steps 8",
     "decoder": "--image_size 32 --channels 32 --channel_mult 1,2,2 --num_res_blocks 1 --attention_resolutions 8 "
