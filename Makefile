@@ -13,7 +13,7 @@ SEEDS  ?= 0 1 2
 # on the 2-core CPU (bench/results/transformer_steps_seeds_zen4_cpu.json)
 DALLE_STEPS ?= 1600
 # the images the transformer trains on. The dVAE, the tokenizer and the CLIP train on the first 8,000 of them (shards
-# 000000-000007, BASE_SHARDS) whatever this is. DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates
+# 000000-000007 at make_shards.py's 1,000 images per shard: BASE_SHARDS) whatever this is. DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates
 # and a CLIP top-1 of at least 92% on every seed, ~13 minutes more than 3,200 steps alone (bench/results/transformer_data_steps_zen4_cpu.json)
 DALLE_IMAGES ?= 8000
 BASE_SHARDS = $(DEMO)/data/shapes/{000000..000007}.tar
