@@ -178,6 +178,11 @@ class TrainConfig:
     # LR schedule and step 0; the model's config comes from its config.json unless given. A resume ignores it.
     init_from: str = ""
     fused_adamw: bool = True         # torch's fused AdamW kernel on CUDA (one launch for all parameters)
+    # adamw: every parameter. muon: DeepSpeed's Muon (momentum orthogonalised by Newton-Schulz) on the model's
+    # hidden weight matrices (its `muon_params()`), AdamW at --lr on the rest (embeddings, heads, norms, biases)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
 
     PRECISIONS: ClassVar[tuple[str, ...]] = get_args(Precision)
     OFFLOADS: ClassVar[tuple[str, ...]] = get_args(Offload)
@@ -205,6 +210,16 @@ class TrainConfig:
             raise ConfigError(f"lr_schedule={self.lr_schedule!r}: use cosine or plateau")
         if self.ema_decay and self.zero_stage == 3:
             raise ConfigError("--ema_decay needs full parameters on every rank; use --zero_stage 0, 1 or 2 with it")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer={self.optimizer!r}: use adamw or muon")
+        if self.optimizer == "muon":
+            if self.zero_stage == 3 or self.offload != "none":
+                raise ConfigError("--optimizer muon runs at ZeRO stage 0, 1 or 2 without offload (DeepSpeed orthogonalises "
+                                  "each matrix where its gradient is reduced); drop --offload / pass --zero_stage 2")
+            if self.zero_stage in (1, 2) and self.grad_clip > 0:
+                raise ConfigError(f"--optimizer muon at ZeRO stage {self.zero_stage} needs --grad_clip 0: DeepSpeed measures "
+                                  f"the norm after orthogonalising, so a clip of {self.grad_clip} would shrink every update; "
+                                  f"pass --grad_clip 0 (Muon's updates have a fixed size) or --zero_stage 0")
 
     @functools.cached_property
     def ds_json(self) -> dict:

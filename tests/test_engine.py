@@ -6,6 +6,7 @@ import torch
 from dalle_ar import models
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, preset
 from dalle_ar.engine import Trainer, build_ds_config, fp16_supported, param_groups
+from dalle_ar.engine.optim import build_optimizer
 from dalle_ar.model.parallelize import activation_checkpointed, apply_activation_checkpointing
 from dalle_ar.model import DalleTransformer
 
@@ -51,6 +52,18 @@ def weights(export):
     return models.load(export, kind="dalle")[0].state_dict()
 
 
+def assert_resumed_exactly_and_learned(straight, export, stage):
+    """The resumed run's export equals the straight run's, and the model beats its init on the training stream."""
+    a, b = weights(straight), weights(export)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"stage {stage}: {k} differs after resume"
+    model = DalleTransformer(MODEL)
+    init_loss = model.loss(*next(stream()))[0].item()
+    model.load_state_dict(a)
+    assert model.loss(*next(stream()))[0].item() < init_loss - 0.1
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_stage_trains_and_resumes_step_exact(tmp_path, stage):
     # one straight run of 8 steps
@@ -64,15 +77,7 @@ def test_zero_stage_trains_and_resumes_step_exact(tmp_path, stage):
     assert mid.keys() == DalleTransformer(MODEL).state_dict().keys()
     resumed, export = train(tmp_path / "b", steps=8, stage=stage, save_every=2)
     assert resumed.step == 8
-    a, b = weights(straight), weights(export)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"stage {stage}: {k} differs after resume"
-    # and it learned something: the exported model beats its init on the training stream
-    model = DalleTransformer(MODEL)
-    init_loss = model.loss(*next(stream()))[0].item()
-    model.load_state_dict(a)
-    assert model.loss(*next(stream()))[0].item() < init_loss - 0.1
+    assert_resumed_exactly_and_learned(straight, export, stage)
 
 
 def test_checkpoints_are_pruned_and_latest_points_to_the_end(tmp_path):
@@ -262,3 +267,58 @@ def test_deepspeed_cli_convention_is_accepted(tmp_path):
     args, cfg = parse("x", TrainConfig, argv=["--deepspeed", "--deepspeed_config", str(ds), "--local_rank=1"])
     assert args.deepspeed and args.local_rank == 1
     assert (cfg.ds_config, cfg.batch_size, cfg.grad_accum) == (str(ds), 3, 2)
+
+
+def hidden_update_singular_values(out, stage, optimizer):
+    """Singular values of one hidden matrix's first update, divided by the learning rate."""
+    torch.manual_seed(0)
+    lr = 1e-2
+    cfg = TrainConfig(out=str(out), steps=1, batch_size=4, zero_stage=stage, lr=lr, muon_lr=lr, warmup_steps=0,
+                      weight_decay=0.0, optimizer=optimizer, grad_clip=0.0, progress=False, wandb="disabled")
+    model = DalleTransformer(MODEL)
+    before = model.blocks[0].mlp.fc.weight.detach().clone()
+    trainer = Trainer(model, cfg, name="test", export_config={"model": MODEL.__dict__})
+    trainer.fit(stream(), loss_fn)
+    return torch.linalg.svdvals((before - trainer.module.blocks[0].mlp.fc.weight.detach()) / lr)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_muon_orthogonalises_hidden_matrices_and_resumes_step_exact(tmp_path, monkeypatch, stage):
+    # runs on any CPU: these 32-wide matrices are quick to orthogonalise even where bf16 matmuls are slow
+    monkeypatch.setattr("dalle_ar.engine.optim.native_bf16_matmul", lambda: True)
+    # Muon's update of a hidden matrix is its momentum orthogonalised: every singular value near 1 (times
+    # sqrt(rows / cols) for a tall one), where AdamW's is not; a Muon run that fell back to SGD or Adam fails here
+    # (the last singular value is 0: fc's input is a LayerNorm output, whose features sum to zero)
+    sv = hidden_update_singular_values(tmp_path / "muon", stage, "muon")[:-1]
+    scale = 4 ** 0.5  # fc is (4 dim, dim)
+    assert sv.min() > 0.6 * scale and sv.max() < 1.2 * scale, sv
+    adamw = hidden_update_singular_values(tmp_path / "adamw", stage, "adamw")[:-1]
+    assert adamw.max() / adamw.min() > 3, adamw
+    # it trains, and a crash at step 5 resumes to the same weights as a straight run (momentum restored)
+    kw = dict(optimizer="muon", grad_clip=0.0, muon_lr=0.02)
+    _, straight = train(tmp_path / "a", steps=8, stage=stage, **kw)
+    with pytest.raises(Crash):
+        train(tmp_path / "b", steps=8, stage=stage, save_every=2, on_step=crash_at(5), **kw)
+    _, export = train(tmp_path / "b", steps=8, stage=stage, save_every=2, **kw)
+    assert_resumed_exactly_and_learned(straight, export, stage)
+
+
+def test_muon_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="--grad_clip 0"):
+        TrainConfig(optimizer="muon", zero_stage=2, grad_clip=1.0)
+    with pytest.raises(ConfigError, match="offload"):
+        TrainConfig(optimizer="muon", zero_stage=2, grad_clip=0.0, offload="cpu")
+    with pytest.raises(ConfigError, match="ZeRO stage 0, 1 or 2"):
+        TrainConfig(optimizer="muon", zero_stage=3, grad_clip=0.0)
+    TrainConfig(optimizer="muon", zero_stage=0, grad_clip=1.0)  # stage 0 clips the raw gradients
+    with pytest.raises(ConfigError, match="muon_params"):
+        Trainer(torch.nn.Linear(4, 4), TrainConfig(out=str(tmp_path / "x"), optimizer="muon", grad_clip=0.0,
+                                                   progress=False, wandb="disabled"),
+                name="test", export_config={})
+    # a CPU without bf16 matrix instructions would run DeepSpeed's bf16 Newton-Schulz hundreds of times slower
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--optimizer adamw here"):
+        build_optimizer(DalleTransformer(MODEL), TrainConfig(optimizer="muon", grad_clip=0.0))
+

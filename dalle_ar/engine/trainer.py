@@ -26,7 +26,7 @@ from dalle_ar.engine.distributed import any_rank, mean_over_ranks, rank, setup_d
 from dalle_ar.engine.ds_config import build_ds_config, compute_dtype
 from dalle_ar.engine.ema import EMA
 from dalle_ar.engine.logger import RunLogger
-from dalle_ar.engine.optim import param_groups
+from dalle_ar.engine.optim import build_optimizer
 from dalle_ar.engine.rng import RNGStreams, rng_state, set_rng_state
 from dalle_ar.engine.schedules import PlateauHalving, lr_factor
 from dalle_ar.engine.signals import Interrupted, StopSignal, Stopped, fault_point, mark_completed
@@ -89,8 +89,7 @@ class Trainer:
         self.plateau = PlateauHalving.from_config(cfg)
         factor = lr_factor(cfg, self.plateau, lr_decay_steps)
         self.grad_scaler = self._prepare_model(model, ds_config)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), fused=cfg.fused_adamw and torch.cuda.is_available())
+        optimizer = build_optimizer(model, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, factor))

@@ -79,6 +79,11 @@ class DalleTransformer(nn.Module):
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / (2 * cfg.depth) ** 0.5)
 
+    def muon_params(self) -> list[nn.Parameter]:
+        """The hidden matrices (attention and MLP weights) for `--optimizer muon`; embeddings, heads, norms and
+        biases train with AdamW."""
+        return [p for p in self.blocks.parameters() if p.ndim >= 2]
+
     @staticmethod
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
