@@ -185,3 +185,20 @@ def test_mismatched_tokens_are_a_one_line_error(pipeline):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "meta.json" in last and "--num_image_tokens 512" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_make_demo_passes_its_optimizer_to_the_transformer_and_refuses_others(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None or not (ROOT / ".venv" / ".installed").exists():
+        pytest.skip("needs make and the project's .venv (what `make test` sets up)")
+    plan = {opt: subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path / opt}", f"DALLE_OPTIMIZER={opt}"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout for opt in ("adamw", "muon")}
+    transformer = {opt: next(line for line in plan[opt].splitlines() if "--steps 1600" in line) for opt in plan}
+    assert transformer["muon"].endswith("--optimizer muon --grad_clip 0 --muon_lr 0.05")
+    assert transformer["adamw"].endswith("--optimizer adamw") and "--grad_clip" not in transformer["adamw"]
+    bad = subprocess.run(["make", "demo", f"DEMO={tmp_path / 'bad'}", "DALLE_OPTIMIZER=sgd"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "DALLE_OPTIMIZER=sgd: use adamw or muon" in bad.stdout + bad.stderr
+    assert not (tmp_path / "bad").exists()  # stopped before anything was made
