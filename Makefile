@@ -18,7 +18,7 @@ DALLE_STEPS ?= 1600
 DALLE_IMAGES ?= 8000
 # the demo transformer's optimizer: adamw, or muon (DeepSpeed's Muon on the hidden matrices at lr 0.05, AdamW on the
 # rest; needs a CPU with AVX512-BF16 or AMX). With DALLE_IMAGES=32000, 1,600 Muon steps gave a CLIP top-1 of at least
-# 90.6% on each of three seeds in ~62% of the transformer time of 3,200 AdamW steps (bench/results/transformer_muon_zen4_cpu.json)
+# 90.6% on each of three seeds in two thirds of the transformer time of 3,200 AdamW steps (bench/results/transformer_muon_zen4_cpu.json)
 DALLE_OPTIMIZER ?= adamw
 DALLE_OPT_FLAGS = --optimizer $(DALLE_OPTIMIZER)$(if $(filter muon,$(DALLE_OPTIMIZER)), --grad_clip 0 --muon_lr 0.05)
 BASE_SHARDS = $(DEMO)/data/shapes/{000000..000007}.tar
