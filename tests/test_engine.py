@@ -321,4 +321,3 @@ def test_muon_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="--optimizer adamw here"):
         build_optimizer(DalleTransformer(MODEL), TrainConfig(optimizer="muon", grad_clip=0.0))
-
