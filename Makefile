@@ -67,7 +67,7 @@ $(STAMP): pyproject.toml constraints.txt
 # at 3e-3 (bench/transformer_recipes.py; bench/results/transformer_lr_cpu.json).
 demo: setup
 	@test $(DALLE_IMAGES) -ge 8000 2>/dev/null || { echo "DALLE_IMAGES=$(DALLE_IMAGES): give at least 8000 (the dVAE, tokenizer and CLIP train on the first 8,000 images)"; exit 2; }
-	@case "$(DALLE_OPTIMIZER)" in adamw) ;; muon) $(PY) -c "from dalle_ar.engine.optim import native_bf16_matmul as f; f() or exit('DALLE_OPTIMIZER=muon: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), which DeepSpeed\'s Muon needs; use DALLE_OPTIMIZER=adamw')" || exit 2;; \
+	@case "$(DALLE_OPTIMIZER)" in adamw) ;; muon) $(PY) -c "from dalle_ar.engine.optim import NO_BF16_FOR_MUON as why, native_bf16_matmul as f; f() or exit(f'DALLE_OPTIMIZER=muon: {why}; use DALLE_OPTIMIZER=adamw')" || exit 2;; \
 		*) echo "DALLE_OPTIMIZER=$(DALLE_OPTIMIZER): use adamw or muon"; exit 2;; esac
 	rm -rf $(DEMO) && mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
 	$(PY) -m bench.machine --out $(DEMO)/machine.json

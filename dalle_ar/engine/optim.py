@@ -34,6 +34,11 @@ def muon_params(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+# why --optimizer muon is refused where native_bf16_matmul() is false (the trainer's error and `make demo`'s)
+NO_BF16_FOR_MUON = ("DeepSpeed's Muon runs its Newton-Schulz iterations in bf16, and this CPU has no bf16 matrix "
+                    "instructions (AVX512-BF16 or AMX), so each step would take minutes")
+
+
 def native_bf16_matmul() -> bool:
     """Whether this machine multiplies bf16 matrices in hardware: CUDA, or a CPU with AVX512-BF16 or AMX. Without
     them a CPU's bf16 matmul runs hundreds of times slower than its fp32 one."""
@@ -54,9 +59,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
     if not native_bf16_matmul():
-        raise ConfigError("--optimizer muon: DeepSpeed's Muon runs its Newton-Schulz iterations in bf16, and this CPU has "
-                          "no bf16 matrix instructions (AVX512-BF16 or AMX), so each step would take minutes; use "
-                          "--optimizer adamw here")
+        raise ConfigError(f"--optimizer muon: {NO_BF16_FOR_MUON}; use --optimizer adamw here")
     hidden = muon_params(model)
     ids = {id(p) for p in hidden}
     for p in model.parameters():
