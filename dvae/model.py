@@ -144,6 +144,13 @@ class DiscreteVAE(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
+    def muon_params(self) -> list[nn.Parameter]:
+        """The hidden conv kernels (every residual block's, shortcut convs included) for `--optimizer muon`, which
+        treats a (out, in, k, k) kernel as an (out, in*k*k) matrix; the pixel-facing input and output convs, the code
+        logits and the code embedding (the decoder's input conv), and the biases train with AdamW."""
+        return [conv.w for half in (self.encoder, self.decoder) for m in half.blocks.modules()
+                if isinstance(m, ResBlock) for conv in m.modules() if isinstance(conv, Conv2d)]
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> encoder logits (B, K, h, w)."""
         return self.encoder(map_pixels(images))

@@ -174,3 +174,58 @@ def test_overfits_16_images(reconstruction):
         opt.step()
         errors.append(m["recon_mse"])
     assert np.mean(errors[-5:]) * 3 < np.mean(errors[:3]), (errors[:3], errors[-5:])
+
+
+
+def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_momentum(monkeypatch):
+    """--optimizer muon on the dVAE (ZeRO stage 0): each residual block's kernel (out, in, k, k) moves by its momentum
+    orthogonalised as an (out, in*k*k) matrix (given full-rank gradients, every singular value of the update near 1,
+    x sqrt(rows/cols) for a tall one), while the pixel-facing convs, the code logits and the code embedding train with
+    AdamW; the kernels' momentum is in the optimizer's state, so a resumed run steps as a straight one. ZeRO 1/2 are
+    refused by name (DeepSpeed's partitioned Muon takes matrices only)."""
+    from dalle_ar.config import TrainConfig
+    from dalle_ar.engine.optim import build_optimizer
+
+    monkeypatch.setattr("dalle_ar.engine.optim.native_bf16_matmul", lambda: True)  # small kernels: quick on any CPU
+    lr = 1e-2
+    cfg = TrainConfig(optimizer="muon", zero_stage=0, grad_clip=0.0, lr=lr, muon_lr=lr, weight_decay=0.0)
+    torch.manual_seed(0)
+    model = DiscreteVAE(preset(DVAEConfig, "tiny"))
+    kernels = model.muon_params()
+    assert len(kernels) == 2 * (4 * 4 + 3)  # 2 halves x (4 groups of one block of 4 convs + 3 shortcut convs)
+    assert {id(k) for k in kernels}.isdisjoint(id(half.blocks[i].w) for half in (model.encoder, model.decoder)
+                                               for i in (0, -1) if hasattr(half.blocks[i], "w")) \
+        and all(k is not half.blocks.output.conv.w for half in (model.encoder, model.decoder) for k in kernels)
+    opt = build_optimizer(model, cfg)
+    before = [k.detach().clone() for k in kernels]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for k, k0 in zip(kernels, before):
+        sv = torch.linalg.svdvals((k0 - k.detach()).view(len(k), -1) / lr)
+        scale = max(1, len(k) / k[0].numel()) ** 0.5
+        assert sv.min() > 0.5 * scale and sv.max() < 1.25 * scale, (tuple(k.shape), sv / scale)
+
+    loss_cfg = DVAELossConfig(reference_steps=0, kl_weight=0.0)
+    x = images(8)
+
+    def run(steps, start=0, model=None, opt_state=None):
+        torch.manual_seed(0)
+        model = model or DiscreteVAE(preset(DVAEConfig, "tiny"))
+        opt = build_optimizer(model, cfg)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        for step in range(start, steps):
+            torch.manual_seed(step)  # the step's gumbel noise
+            opt.zero_grad()
+            dvae_loss(model, x, step, loss_cfg)[0].backward()
+            opt.step()
+        return model, opt
+
+    straight, _ = run(4)
+    half, opt = run(2)
+    resumed, _ = run(4, 2, half, opt.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+    with pytest.raises(ConfigError, match="--zero_stage 0"):
+        build_optimizer(DiscreteVAE(preset(DVAEConfig, "tiny")), TrainConfig(optimizer="muon", zero_stage=2, grad_clip=0.0))

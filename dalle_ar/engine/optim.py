@@ -22,15 +22,20 @@ def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = froz
             {"params": [p for p in params if p.ndim < 2 or id(p) in skip], "weight_decay": 0.0}]
 
 
-def muon_params(model: nn.Module) -> list[nn.Parameter]:
+def muon_params(model: nn.Module, zero_stage: int = 0) -> list[nn.Parameter]:
     """The matrices Muon trains: those the model names with `muon_params()` (its hidden layers; Muon is not
-    meant for embeddings, output heads or vectors)."""
+    meant for embeddings, output heads or vectors); conv kernels only at ZeRO stage 0."""
     if not hasattr(model, "muon_params"):
         raise ConfigError(f"--optimizer muon: {type(model).__name__} does not name the hidden matrices Muon should "
                           f"train (no muon_params()); use --optimizer adamw")
     params = [p for p in model.muon_params() if p.requires_grad]
     if not params or any(p.ndim < 2 for p in params):
         raise ValueError(f"{type(model).__name__}.muon_params() must name weight matrices")
+    if zero_stage in (1, 2) and any(p.ndim > 2 for p in params):
+        # DeepSpeed's ZeRO 1/2 Muon path (deepspeed 0.19.7) fails on conv kernels (an IndexError in
+        # _get_flat_partition_unpadded); its optimizer step at stage 0 views a kernel as a matrix itself
+        raise ConfigError(f"--optimizer muon on {type(model).__name__}'s conv kernels needs --zero_stage 0: DeepSpeed's "
+                          f"ZeRO {zero_stage} Muon orthogonalises matrices only (one process loses nothing at stage 0)")
     return params
 
 
@@ -56,11 +61,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas,
                                  fused=cfg.fused_adamw and torch.cuda.is_available())
-    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
-
     if not native_bf16_matmul():
         raise ConfigError(f"--optimizer muon: {NO_BF16_FOR_MUON}; use --optimizer adamw here")
-    hidden = muon_params(model)
+    hidden = muon_params(model, cfg.zero_stage)
     ids = {id(p) for p in hidden}
     for p in model.parameters():
         p.use_muon = id(p) in ids
@@ -70,4 +73,40 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                    weight_decay=cfg.weight_decay, ns_method="standard")]
     groups += [dict(g, use_muon=False, lr=cfg.lr, betas=betas, eps=1e-8)
                for g in param_groups(model, cfg.weight_decay, exclude=ids) if g["params"]]
-    return MuonWithAuxAdam(groups)
+    return _muon_with_kernels()(groups)
+
+
+def _muon_with_kernels() -> type[torch.optim.Optimizer]:
+    """DeepSpeed's `MuonWithAuxAdam`, stepping conv kernels (out, in, k, k) itself as (out, in*k*k) matrices (Jordan
+    et al.'s treatment of hidden convolutions). deepspeed 0.19.7's `muon_update` flattens a kernel's update but then
+    broadcasts it against the 4-D gradient (an (out, in, out, in) tensor) and scales it by k/k instead of
+    out/(in*k*k). Matrices take DeepSpeed's own step unchanged."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+    from deepspeed.runtime.zero.muon.original_muon import muon_update
+
+    class MuonWithKernels(MuonWithAuxAdam):
+        @torch.no_grad()
+        def step(self, closure=None, step_id=None):
+            kernels, matrices = [], {}
+            for group in self.param_groups:
+                if group["use_muon"] and any(p.dim() > 2 for p in group["params"]):
+                    matrices[id(group)] = group["params"]
+                    kernels += [(group, p) for p in group["params"] if p.dim() > 2]
+                    group["params"] = [p for p in group["params"] if p.dim() <= 2]
+            try:
+                loss = super().step(closure, step_id)
+            finally:
+                for group in self.param_groups:
+                    group["params"] = matrices.get(id(group), group["params"])
+            for group, p in kernels:
+                grad = torch.zeros_like(p) if p.grad is None else p.grad
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                update = muon_update(grad.view(len(p), -1), state["momentum_buffer"].view(len(p), -1),
+                                     beta=group["momentum"], ns_method=group.get("ns_method", "gram"))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.view_as(p), alpha=-group["lr"])
+            return loss
+
+    return MuonWithKernels
