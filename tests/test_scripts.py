@@ -187,18 +187,30 @@ def test_mismatched_tokens_are_a_one_line_error(pipeline):
     assert "Traceback" not in proc.stderr
 
 
-def test_make_demo_passes_its_optimizer_to_the_transformer_and_refuses_others(tmp_path):
+def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_refuses_others(tmp_path):
     import shutil
     import subprocess
 
     if shutil.which("make") is None or not (ROOT / ".venv" / ".installed").exists():
         pytest.skip("needs make and the project's .venv (what `make test` sets up)")
-    plan = {opt: subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path / opt}", f"DALLE_OPTIMIZER={opt}"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout for opt in ("adamw", "muon")}
-    transformer = {opt: next(line for line in plan[opt].splitlines() if "--steps 1600" in line) for opt in plan}
-    assert transformer["muon"].endswith("--optimizer muon --grad_clip 0 --muon_lr 0.05")
-    assert transformer["adamw"].endswith("--optimizer adamw") and "--grad_clip" not in transformer["adamw"]
-    bad = subprocess.run(["make", "demo", f"DEMO={tmp_path / 'bad'}", "DALLE_OPTIMIZER=sgd"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "DALLE_OPTIMIZER=sgd: use adamw or muon" in bad.stdout + bad.stderr
-    assert not (tmp_path / "bad").exists()  # stopped before anything was made
+
+    def commands(*args):
+        """make demo's dVAE and transformer training commands for these make variables (make -n: nothing runs)."""
+        plan = subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path / 'plan'}", *args], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.replace("\\\n", "")
+        return [next(line for line in plan.splitlines() if script in line and "--steps" in line)
+                for script in ("train/train_dvae.py", "train/train_dalle.py")]
+
+    dvae, dalle = commands("OPTIMIZER=muon")
+    assert "--steps 2500" in dvae and dvae.endswith("--optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02")
+    assert dalle.endswith("--optimizer muon --grad_clip 0 --muon_lr 0.05")
+    dvae, dalle = commands()
+    assert "--steps 4500" in dvae and dvae.endswith("--optimizer adamw") and "--zero_stage" not in dvae
+    assert dalle.endswith("--optimizer adamw") and "--grad_clip" not in dalle
+    dvae, dalle = commands("DALLE_OPTIMIZER=muon")  # one of the two
+    assert dvae.endswith("--optimizer adamw") and dalle.endswith("--muon_lr 0.05")
+    for var in ("DALLE_OPTIMIZER", "DVAE_OPTIMIZER"):
+        bad = subprocess.run(["make", "demo", f"DEMO={tmp_path / 'bad'}", f"{var}=sgd"], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert bad.returncode != 0 and f"{var}=sgd: use adamw or muon" in bad.stdout + bad.stderr
+        assert not (tmp_path / "bad").exists()  # stopped before anything was made
