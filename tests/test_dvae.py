@@ -176,7 +176,6 @@ def test_overfits_16_images(reconstruction):
     assert np.mean(errors[-5:]) * 3 < np.mean(errors[:3]), (errors[:3], errors[-5:])
 
 
-
 def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_momentum(monkeypatch):
     """--optimizer muon on the dVAE (ZeRO stage 0): each residual block's kernel (out, in, k, k) moves by its momentum
     orthogonalised as an (out, in*k*k) matrix (given full-rank gradients, every singular value of the update near 1,
@@ -193,9 +192,8 @@ def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_mom
     model = DiscreteVAE(preset(DVAEConfig, "tiny"))
     kernels = model.muon_params()
     assert len(kernels) == 2 * (4 * 4 + 3)  # 2 halves x (4 groups of one block of 4 convs + 3 shortcut convs)
-    assert {id(k) for k in kernels}.isdisjoint(id(half.blocks[i].w) for half in (model.encoder, model.decoder)
-                                               for i in (0, -1) if hasattr(half.blocks[i], "w")) \
-        and all(k is not half.blocks.output.conv.w for half in (model.encoder, model.decoder) for k in kernels)
+    pixel_and_code_convs = [c.w for half in (model.encoder, model.decoder) for c in (half.blocks.input, half.blocks.output.conv)]
+    assert {id(k) for k in kernels}.isdisjoint(id(w) for w in pixel_and_code_convs)
     opt = build_optimizer(model, cfg)
     before = [k.detach().clone() for k in kernels]
     for p in model.parameters():

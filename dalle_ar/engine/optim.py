@@ -33,7 +33,7 @@ def muon_params(model: nn.Module, zero_stage: int = 0) -> list[nn.Parameter]:
         raise ValueError(f"{type(model).__name__}.muon_params() must name weight matrices")
     if zero_stage in (1, 2) and any(p.ndim > 2 for p in params):
         # DeepSpeed's ZeRO 1/2 Muon path (deepspeed 0.19.7) fails on conv kernels (an IndexError in
-        # _get_flat_partition_unpadded); its optimizer step at stage 0 views a kernel as a matrix itself
+        # _get_flat_partition_unpadded); at stage 0 the optimizer below steps a kernel as a matrix itself
         raise ConfigError(f"--optimizer muon on {type(model).__name__}'s conv kernels needs --zero_stage 0: DeepSpeed's "
                           f"ZeRO {zero_stage} Muon orthogonalises matrices only (one process loses nothing at stage 0)")
     return params
