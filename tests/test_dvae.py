@@ -176,16 +176,18 @@ def test_overfits_16_images(reconstruction):
     assert np.mean(errors[-5:]) * 3 < np.mean(errors[:3]), (errors[:3], errors[-5:])
 
 
-def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_momentum(monkeypatch):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_momentum(monkeypatch, native_bf16):
     """--optimizer muon on the dVAE (ZeRO stage 0): each residual block's kernel (out, in, k, k) moves by its momentum
     orthogonalised as an (out, in*k*k) matrix (given full-rank gradients, every singular value of the update near 1,
     x sqrt(rows/cols) for a tall one), while the pixel-facing convs, the code logits and the code embedding train with
     AdamW; the kernels' momentum is in the optimizer's state, so a resumed run steps as a straight one. ZeRO 1/2 are
-    refused by name (DeepSpeed's partitioned Muon takes matrices only)."""
+    refused by name (DeepSpeed's partitioned Muon takes matrices only). With native bf16 (small kernels: quick on any
+    CPU) the direction is DeepSpeed's bf16 `muon_update`, without it the optimizer's own fp32 iteration."""
     from dalle_ar.config import TrainConfig
     from dalle_ar.engine.optim import build_optimizer
 
-    monkeypatch.setattr("dalle_ar.engine.optim.native_bf16_matmul", lambda: True)  # small kernels: quick on any CPU
+    monkeypatch.setattr("dalle_ar.engine.optim.native_bf16_matmul", lambda: native_bf16)
     lr = 1e-2
     cfg = TrainConfig(optimizer="muon", zero_stage=0, grad_clip=0.0, lr=lr, muon_lr=lr, weight_decay=0.0)
     torch.manual_seed(0)
