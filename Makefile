@@ -19,16 +19,13 @@ DALLE_STEPS ?= 1600
 # and a CLIP top-1 of at least 92% on every seed, ~13 minutes more than 3,200 steps alone (bench/results/transformer_data_steps_zen4_cpu.json)
 DALLE_IMAGES ?= 8000
 # the optimizer of the demo's dVAE and transformer: adamw, or muon (DeepSpeed's Muon on the hidden weight matrices and
-# conv kernels, AdamW on the rest). DVAE_OPTIMIZER / DALLE_OPTIMIZER set one each.
+# conv kernels, AdamW on the rest; in fp32 on a CPU without bf16 matrix instructions). DVAE_OPTIMIZER / DALLE_OPTIMIZER
+# set one each.
 OPTIMIZER ?= adamw
 # the transformer's: with DALLE_IMAGES=32000, 1,600 Muon steps at lr 0.05 gave a CLIP top-1 of at least 90.6% on each
 # of three seeds in two thirds of the transformer time of 3,200 AdamW steps (bench/results/transformer_muon_zen4_cpu.json)
 DALLE_OPTIMIZER ?= $(OPTIMIZER)
-# On a CPU without bf16 matrix instructions it trains at ZeRO stage 0, where the optimizer orthogonalises in fp32
-# (DeepSpeed's ZeRO-2 Muon would run its Newton-Schulz iterations in bf16, many times slower there).
-DALLE_OPT_FLAGS = --optimizer $(DALLE_OPTIMIZER)$(if $(filter muon,$(DALLE_OPTIMIZER)), --grad_clip 0 --muon_lr 0.05$(if \
-	$(filter 1,$(NATIVE_BF16)),, --zero_stage 0))
-NATIVE_BF16 = $(shell $(PY) -c "from dalle_ar.engine.optim import native_bf16_matmul as f; print(int(f()))" 2>/dev/null)
+DALLE_OPT_FLAGS = --optimizer $(DALLE_OPTIMIZER)$(if $(filter muon,$(DALLE_OPTIMIZER)), --grad_clip 0 --muon_lr 0.05)
 # the dVAE's: Muon at lr 0.02 on its residual blocks' kernels (ZeRO stage 0, one process) passes the reconstruction
 # check on more held-out images in 2,500 steps than AdamW in 4,500 (bench/results/dvae_muon_zen4_cpu.json)
 DVAE_OPTIMIZER ?= $(OPTIMIZER)

@@ -111,3 +111,16 @@ def tiny_exports(d: Path, vocab_size: int = 120, text_len: int = 12, image_fmap_
                                      attention_resolutions="8", head_channels=8, embed_dim=16), DiffusionConfig())
     decoder_dir = export(decoder, d / "decoder", decoder.export_config(stage="base", clip=str(clips["clip"])))
     return {"dir": d, "dvae": dvae, "dalle": dalle, "prior": prior_dir, "decoder": decoder_dir, **clips}
+
+
+@pytest.fixture
+def deepspeed_newton_schulz(monkeypatch):
+    """DeepSpeed's Muon module with its own (bf16) Newton-Schulz iteration, put back after the test: `--optimizer
+    muon` on a CPU without bf16 matrix instructions puts the fp32 one in its place for the rest of the process."""
+    from deepspeed.runtime.zero.muon import original_muon
+
+    from dalle_ar.engine.optim import newton_schulz
+
+    assert original_muon.zeropower_via_newtonschulz5 is not newton_schulz, "a test left the fp32 iteration in place"
+    monkeypatch.setattr(original_muon, "zeropower_via_newtonschulz5", original_muon.zeropower_via_newtonschulz5)
+    return original_muon

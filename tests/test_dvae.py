@@ -177,13 +177,14 @@ def test_overfits_16_images(reconstruction):
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_momentum(monkeypatch, native_bf16):
+def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_momentum(monkeypatch, deepspeed_newton_schulz,
+                                                                                    native_bf16):
     """--optimizer muon on the dVAE (ZeRO stage 0): each residual block's kernel (out, in, k, k) moves by its momentum
     orthogonalised as an (out, in*k*k) matrix (given full-rank gradients, every singular value of the update near 1,
     x sqrt(rows/cols) for a tall one), while the pixel-facing convs, the code logits and the code embedding train with
     AdamW; the kernels' momentum is in the optimizer's state, so a resumed run steps as a straight one. ZeRO 1/2 are
-    refused by name (DeepSpeed's partitioned Muon takes matrices only). With native bf16 (small kernels: quick on any
-    CPU) the direction is DeepSpeed's bf16 `muon_update`, without it the optimizer's own fp32 iteration."""
+    refused by name (DeepSpeed's partitioned Muon takes matrices only). With native bf16 DeepSpeed's bf16 iteration (small
+    kernels: quick on any CPU), without it the fp32 one in its place."""
     from dalle_ar.config import TrainConfig
     from dalle_ar.engine.optim import build_optimizer
 
