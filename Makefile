@@ -23,9 +23,12 @@ DALLE_IMAGES ?= 8000
 # set one each.
 OPTIMIZER ?= adamw
 # the transformer's: with DALLE_IMAGES=32000, 1,600 Muon steps at lr 0.05 gave a CLIP top-1 of at least 90.6% on each
-# of three seeds in two thirds of the transformer time of 3,200 AdamW steps (bench/results/transformer_muon_zen4_cpu.json)
+# of three seeds in two thirds of the transformer time of 3,200 AdamW steps (bench/results/transformer_muon_zen4_cpu.json).
+# Without momentum (--muon_momentum 0), at ZeRO 2: those runs kept momentum for only one matrix per rank
+# (deepspeed 0.19.7's ZeRO-2 Muon drops the others'), and Muon with momentum 0.95 at ZeRO 0 drew 47.7% correct
+# candidates on one seed's tokens where they drew 89.6% (bench/results/demo_muon_zen2_cpu.json).
 DALLE_OPTIMIZER ?= $(OPTIMIZER)
-DALLE_OPT_FLAGS = --optimizer $(DALLE_OPTIMIZER)$(if $(filter muon,$(DALLE_OPTIMIZER)), --grad_clip 0 --muon_lr 0.05)
+DALLE_OPT_FLAGS = --optimizer $(DALLE_OPTIMIZER)$(if $(filter muon,$(DALLE_OPTIMIZER)), --grad_clip 0 --muon_lr 0.05 --muon_momentum 0)
 # the dVAE's: Muon at lr 0.02 on its residual blocks' kernels (ZeRO stage 0, one process) passes the reconstruction
 # check on more held-out images in 2,500 steps than AdamW in 4,500 (bench/results/dvae_muon_zen4_cpu.json)
 DVAE_OPTIMIZER ?= $(OPTIMIZER)

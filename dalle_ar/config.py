@@ -220,6 +220,12 @@ class TrainConfig:
                 raise ConfigError(f"--optimizer muon at ZeRO stage {self.zero_stage} needs --grad_clip 0: DeepSpeed measures "
                                   f"the norm after orthogonalising, so a clip of {self.grad_clip} would shrink every update; "
                                   f"pass --grad_clip 0 (Muon's updates have a fixed size) or --zero_stage 0")
+            if self.zero_stage in (1, 2) and self.muon_momentum:
+                # deepspeed 0.19.7 re-copies the step's momentum from the committed one before each matrix of a
+                # rank's partition, so every matrix but the last steps as with momentum 0 (tests/test_engine.py)
+                raise ConfigError(f"--optimizer muon at ZeRO stage {self.zero_stage} keeps momentum for only the last "
+                                  f"matrix of each rank's partition (deepspeed 0.19.7), so --muon_momentum "
+                                  f"{self.muon_momentum} would be 0 for the others; pass --muon_momentum 0 or --zero_stage 0")
 
     @functools.cached_property
     def ds_json(self) -> dict:

@@ -229,4 +229,5 @@ def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_mom
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
     with pytest.raises(ConfigError, match="--zero_stage 0"):
-        build_optimizer(DiscreteVAE(preset(DVAEConfig, "tiny")), TrainConfig(optimizer="muon", zero_stage=2, grad_clip=0.0))
+        build_optimizer(DiscreteVAE(preset(DVAEConfig, "tiny")),
+                        TrainConfig(optimizer="muon", zero_stage=2, grad_clip=0.0, muon_momentum=0.0))

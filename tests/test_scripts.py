@@ -203,12 +203,12 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
 
     dvae, dalle = commands("OPTIMIZER=muon")
     assert "--steps 2500" in dvae and dvae.endswith("--optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02")
-    assert dalle.endswith("--optimizer muon --grad_clip 0 --muon_lr 0.05")
+    assert dalle.endswith("--optimizer muon --grad_clip 0 --muon_lr 0.05 --muon_momentum 0")
     dvae, dalle = commands()
     assert "--steps 4500" in dvae and dvae.endswith("--optimizer adamw") and "--zero_stage" not in dvae
     assert dalle.endswith("--optimizer adamw") and "--grad_clip" not in dalle
     dvae, dalle = commands("DALLE_OPTIMIZER=muon")  # one of the two
-    assert dvae.endswith("--optimizer adamw") and dalle.endswith("--muon_lr 0.05")
+    assert dvae.endswith("--optimizer adamw") and dalle.endswith("--muon_lr 0.05 --muon_momentum 0")
     for var in ("DALLE_OPTIMIZER", "DVAE_OPTIMIZER"):
         bad = subprocess.run(["make", "demo", f"DEMO={tmp_path / 'bad'}", f"{var}=sgd"], cwd=ROOT,
                              capture_output=True, text=True)
