@@ -364,4 +364,3 @@ def test_muon_settings_that_cannot_work_are_refused(tmp_path):
         Trainer(torch.nn.Linear(4, 4), TrainConfig(out=str(tmp_path / "x"), optimizer="muon", grad_clip=0.0,
                                                    muon_momentum=0.0, progress=False, wandb="disabled"),
                 name="test", export_config={})
-
