@@ -182,7 +182,7 @@ class TrainConfig:
     # hidden weight matrices (its `muon_params()`), AdamW at --lr on the rest (embeddings, heads, norms, biases)
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.02
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95      # ZeRO 1/2 take 0 only: deepspeed 0.19.7 keeps it for one matrix per rank
 
     PRECISIONS: ClassVar[tuple[str, ...]] = get_args(Precision)
     OFFLOADS: ClassVar[tuple[str, ...]] = get_args(Offload)
