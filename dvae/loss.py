@@ -97,8 +97,7 @@ def dvae_loss(model, images: torch.Tensor, step: int, cfg: DVAELossConfig):
     `cfg.crop_size`, the loss is on one random grid-aligned crop of the batch."""
     if cfg.crop_size:
         images = random_crop(images, cfg.crop_size, getattr(model, "module", model).config.downsample)
-    # channels_last: the CPU (oneDNN) and GPU convolutions run faster on NHWC activations
-    images = images.contiguous(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)  # as the encoder takes them (DVAE.logits)
     tau, beta = temperature(step, cfg), kl_weight(step, cfg)
     stats, logits = model(images, temperature=tau)
     rec = reconstruction_loss(cfg.reconstruction, stats, images, cfg.min_scale)
