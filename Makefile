@@ -1,8 +1,9 @@
-# `make demo`: set up and run the whole pipeline on the synthetic shapes world (2-core CPU: 27-35 min on 142-194 GFLOP/s machines;
-# `make demo DALLE_STEPS=3200 DALLE_IMAGES=32000`: CLIP top-1 >= 92% on every seed measured, 34 min at 183 GFLOP/s;
-# `make demo DALLE_IMAGES=32000 DALLE_OPTIMIZER=muon`: >= 90.6% on every seed measured, 27 min at 188 GFLOP/s;
-# `make demo DALLE_IMAGES=32000 OPTIMIZER=muon`, the dVAE with Muon too: >= 96.9% on every seed measured, 34 min with setup
-# at 131 GFLOP/s on an AVX2 CPU without bf16 matrix instructions).
+# `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (32,000 images; the
+# dVAE and the transformer trained with Muon): 26 min with setup on a 135 GFLOP/s 2-core AVX2 CPU, CLIP top-1 95.3%
+# and 89.8% of candidates right for seed 0 (bench/results/demo_muon_fast_zen2_cpu.json).
+# `make demo DALLE_STEPS=1600`: the transformer's full 1,600 Muon steps, CLIP top-1 >= 96.9% on every seed measured,
+# ~5 min more. `make demo OPTIMIZER=adamw`: the AdamW recipe (8,000 images), the default before Muon: 27-35 min on
+# 142-194 GFLOP/s machines, CLIP top-1 89.6% +- 3.6 over three seeds.
 # `make test`: set up and run the test suite. See README.md.
 # `make play`: the browser playground on the demo's models (runs `make demo` first when they are missing).
 PYTHON ?= python3
@@ -12,17 +13,19 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
 SEED   ?= 0
 SEEDS  ?= 0 1 2
-# the demo transformer's steps: 3,200 draws more correct candidates from every seed's tokens, for ~11 more minutes
-# on the 2-core CPU (bench/results/transformer_steps_seeds_zen4_cpu.json)
-DALLE_STEPS ?= 1600
+# the demo transformer's steps: with Muon (the default), 1,200 (the full 1,600 draw ~5 points more correct candidates
+# for ~5 more minutes on the 2-core CPU: bench/results/demo_muon_fast_zen2_cpu.json); with AdamW, 1,600 (3,200 draw more
+# correct candidates from every seed's tokens, for ~11 more minutes: bench/results/transformer_steps_seeds_zen4_cpu.json)
+DALLE_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),1200,1600)
 # the images the transformer trains on. The dVAE, the tokenizer and the CLIP train on the first 8,000 of them (shards
-# 000000-000007 at make_shards.py's 1,000 images per shard: BASE_SHARDS) whatever this is. DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates
-# and a CLIP top-1 of at least 92% on every seed, ~13 minutes more than 3,200 steps alone (bench/results/transformer_data_steps_zen4_cpu.json)
-DALLE_IMAGES ?= 8000
+# 000000-000007 at make_shards.py's 1,000 images per shard: BASE_SHARDS) whatever this is. 32,000 with Muon (the
+# default), 8,000 with AdamW (its former default; DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates
+# and a CLIP top-1 of at least 92% on every seed: bench/results/transformer_data_steps_zen4_cpu.json)
+DALLE_IMAGES ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),32000,8000)
 # the optimizer of the demo's dVAE and transformer: adamw, or muon (DeepSpeed's Muon on the hidden weight matrices and
 # conv kernels, AdamW on the rest; in fp32 on a CPU without bf16 matrix instructions). DVAE_OPTIMIZER / DALLE_OPTIMIZER
 # set one each.
-OPTIMIZER ?= adamw
+OPTIMIZER ?= muon
 # the transformer's: with DALLE_IMAGES=32000, 1,600 Muon steps at lr 0.05 gave a CLIP top-1 of at least 90.6% on each
 # of three seeds in two thirds of the transformer time of 3,200 AdamW steps (bench/results/transformer_muon_zen4_cpu.json).
 # Without momentum (--muon_momentum 0), at ZeRO 2: those runs kept momentum for only one matrix per rank
@@ -116,7 +119,7 @@ demo-generator:
 		--steps $(DALLE_STEPS) --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED) $(DALLE_OPT_FLAGS)
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
-# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~35 min per seed.
+# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~25 min per seed.
 demo-seeds: setup
 	for s in $(SEEDS); do $(MAKE) demo DEMO=outputs/demo_seed$$s SEED=$$s || exit 1; done
 	$(PY) -m bench.demo_spread $(foreach s,$(SEEDS),outputs/demo_seed$(s)) --out bench/results/demo_seeds_cpu.json
@@ -130,6 +133,9 @@ EVAL_CLIP = $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE
 # `make compare`: AR (the demo's dVAE + transformer) versus unCLIP (a tiny prior + decoder trained here on the
 # same shards and the same CLIP) on held-out shapes prompts, scored by a second, independently trained
 # evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing). CPU: ~30 min after the demo.
+# docs/compare was made on the models and data of the AdamW recipe (its CLIP then read 32 caption tokens):
+# `make compare-scaling OPTIMIZER=adamw DEMO=outputs/demo_adamw` runs on that recipe (the make variables reach the demo
+# it trains first).
 compare-models: setup
 	@test -d $(DEMO)/runs/dalle/export || $(MAKE) demo
 	mkdir -p $(COMPARE) && date +%s > $(COMPARE)/.start

@@ -195,20 +195,25 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
         pytest.skip("needs make and the project's .venv (what `make test` sets up)")
 
     def commands(*args):
-        """make demo's dVAE and transformer training commands for these make variables (make -n: nothing runs)."""
+        """make demo's shards, dVAE and transformer commands for these make variables (make -n: nothing runs)."""
         plan = subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path / 'plan'}", *args], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.replace("\\\n", "")
-        return [next(line for line in plan.splitlines() if script in line and "--steps" in line)
-                for script in ("train/train_dvae.py", "train/train_dalle.py")]
+        return [next(line for line in plan.splitlines() if script in line and flag in line)
+                for script, flag in (("train/make_shards.py", "--num"), ("train/train_dvae.py", "--steps"),
+                                     ("train/train_dalle.py", "--steps"))]
 
-    dvae, dalle = commands("OPTIMIZER=muon")
-    assert "--steps 2500" in dvae and dvae.endswith("--optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02")
-    assert dalle.endswith("--optimizer muon --grad_clip 0 --muon_lr 0.05 --muon_momentum 0")
-    dvae, dalle = commands()
-    assert "--steps 4500" in dvae and dvae.endswith("--optimizer adamw") and "--zero_stage" not in dvae
+    for default in ((), ("OPTIMIZER=muon",)):  # Muon is the default: 32,000 images, 2,500 dVAE and 1,200 transformer steps
+        shards, dvae, dalle = commands(*default)
+        assert "--num 32000" in shards and "--steps 2500" in dvae and "--steps 1200" in dalle
+        assert dvae.endswith("--optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02")
+        assert dalle.endswith("--optimizer muon --grad_clip 0 --muon_lr 0.05 --muon_momentum 0")
+    shards, dvae, dalle = commands("OPTIMIZER=adamw")  # the AdamW recipe: 8,000 images, 4,500 and 1,600 steps
+    assert "--num 8000" in shards and "--steps 4500" in dvae and "--steps 1600" in dalle
+    assert dvae.endswith("--optimizer adamw") and "--zero_stage" not in dvae
     assert dalle.endswith("--optimizer adamw") and "--grad_clip" not in dalle
-    dvae, dalle = commands("DALLE_OPTIMIZER=muon")  # one of the two
-    assert dvae.endswith("--optimizer adamw") and dalle.endswith("--muon_lr 0.05 --muon_momentum 0")
+    shards, dvae, dalle = commands("DVAE_OPTIMIZER=adamw", "DALLE_STEPS=1600")  # one of the two; steps as given
+    assert dvae.endswith("--optimizer adamw") and "--steps 1600" in dalle
+    assert dalle.endswith("--muon_lr 0.05 --muon_momentum 0")
     for var in ("DALLE_OPTIMIZER", "DVAE_OPTIMIZER"):
         bad = subprocess.run(["make", "demo", f"DEMO={tmp_path / 'bad'}", f"{var}=sgd"], cwd=ROOT,
                              capture_output=True, text=True)
