@@ -1,6 +1,6 @@
 # `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (32,000 images; the
-# dVAE and the transformer trained with Muon): 26 min with setup on a 135 GFLOP/s 2-core AVX2 CPU, CLIP top-1 95.3%
-# and 89.8% of candidates right for seed 0 (bench/results/demo_muon_fast_zen2_cpu.json).
+# dVAE and the transformer trained with Muon): 26 min with setup on a 135 GFLOP/s 2-core AVX2 CPU; CLIP top-1 97.9% +- 2.4
+# (at least 95.3%) and 92.3% +- 3.1 of candidates right over three seeds (bench/results/demo_seeds_muon_cpu.json).
 # `make demo DALLE_STEPS=1600`: the transformer's full 1,600 Muon steps, CLIP top-1 >= 96.9% on every seed measured,
 # ~5 min more. `make demo OPTIMIZER=adamw`: the AdamW recipe (8,000 images), the default before Muon: 27-35 min on
 # 142-194 GFLOP/s machines, CLIP top-1 89.6% +- 3.6 over three seeds.
