@@ -115,12 +115,15 @@ def tiny_exports(d: Path, vocab_size: int = 120, text_len: int = 12, image_fmap_
 
 @pytest.fixture
 def deepspeed_newton_schulz(monkeypatch):
-    """DeepSpeed's Muon module with its own (bf16) Newton-Schulz iteration, put back after the test: `--optimizer
-    muon` on a CPU without bf16 matrix instructions puts the fp32 one in its place for the rest of the process."""
+    """DeepSpeed's Muon module with its own (bf16 / fp16) Newton-Schulz iterations, put back after the test:
+    `--optimizer muon` on a CPU without bf16 matrix instructions puts the fp32 ones in their place for the rest of the
+    process."""
     from deepspeed.runtime.zero.muon import original_muon
 
-    from dalle_ar.engine.optim import newton_schulz
+    from dalle_ar.engine.optim import gram_newton_schulz, newton_schulz
 
     assert original_muon.zeropower_via_newtonschulz5 is not newton_schulz, "a test left the fp32 iteration in place"
-    monkeypatch.setattr(original_muon, "zeropower_via_newtonschulz5", original_muon.zeropower_via_newtonschulz5)
+    assert original_muon.zeropower_via_gram_newtonschulz is not gram_newton_schulz, "a test left the fp32 iteration"
+    for name in ("zeropower_via_newtonschulz5", "zeropower_via_gram_newtonschulz"):
+        monkeypatch.setattr(original_muon, name, getattr(original_muon, name))
     return original_muon

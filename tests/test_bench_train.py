@@ -29,6 +29,17 @@ def test_train_throughput_prints_json_with_the_flop_convention(tmp_path):
     assert v["profile"]["calls"] == 1 and v["profile"]["seconds_per_call_by_kind"]["gemm"] > 0, v["profile"]
 
 
+def test_newton_schulz_times_both_methods_over_the_presets_hidden_matrices(tmp_path):
+    out = tmp_path / "ns.json"
+    proc = run_script("-m", "bench.newton_schulz", "--preset", "tiny", "--seconds", "0", "--out", str(out))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    assert result["device"].startswith("cpu") and result["matrices"] == 16  # 4 blocks x (qkv, out, fc, proj)
+    assert sorted(map(tuple, result["shapes"])) == [(256, 256), (256, 1024), (768, 256), (1024, 256)]
+    assert all(t > 0 for t in result["seconds_per_step"].values())
+    assert result["max_relative_difference"] < 1e-4  # the same result, to fp32 rounding
+
+
 def test_transformer_recipes_trains_each_recipe_and_scores_its_candidates(tmp_path, capsys):
     """bench/transformer_recipes.py: each recipe through the real trainer (its flags reach the run), each sampled on
     held-out prompts and checked from pixels; two at once; a rerun scores the finished runs without training again."""

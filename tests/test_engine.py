@@ -285,10 +285,14 @@ def hidden_update_singular_values(out, stage, optimizer):
 @pytest.mark.parametrize("stage, native_bf16", [(0, True), (2, True), (2, False)])
 def test_muon_orthogonalises_hidden_matrices_and_resumes_step_exact(tmp_path, monkeypatch, deepspeed_newton_schulz,
                                                                     stage, native_bf16):
-    # with native bf16 DeepSpeed's bf16 iteration (these 32-wide matrices are quick to orthogonalise even where bf16
-    # matmuls are slow), without it the fp32 one in DeepSpeed's place
+    # with native bf16 DeepSpeed's standard iteration in bf16 (these 32-wide matrices are quick to orthogonalise even
+    # where bf16 matmuls are slow), without it the Gram iteration in fp32 in DeepSpeed's place
     bf16 = deepspeed_newton_schulz.zeropower_via_newtonschulz5
     monkeypatch.setattr("dalle_ar.engine.optim.native_bf16_matmul", lambda: native_bf16)
+    from dalle_ar.engine import optim
+
+    calls = []
+    monkeypatch.setattr(optim, "gram_newton_schulz", lambda g, steps: calls.append(g.shape) or optim.newton_schulz(g, steps))
     # Muon's update of a hidden matrix is its momentum orthogonalised: every singular value near 1 (times
     # sqrt(rows / cols) for a tall one), where AdamW's is not; a Muon run that fell back to SGD or Adam fails here
     # (the last singular value is 0: fc's input is a LayerNorm output, whose features sum to zero)
@@ -306,6 +310,7 @@ def test_muon_orthogonalises_hidden_matrices_and_resumes_step_exact(tmp_path, mo
     _, export = train(tmp_path / "b", steps=8, stage=stage, save_every=2, **kw)
     assert_resumed_exactly_and_learned(straight, export, stage)
     assert (deepspeed_newton_schulz.zeropower_via_newtonschulz5 is bf16) == native_bf16
+    assert bool(calls) == (not native_bf16), calls  # fp32 Muon takes the Gram method
 
 
 def test_deepspeed_zero2_muon_keeps_momentum_for_one_matrix_per_partition(tmp_path, deepspeed_newton_schulz):
@@ -347,6 +352,19 @@ def test_fp32_newton_schulz_is_deepspeeds_up_to_bf16_rounding(deepspeed_newton_s
         assert (mine - deepspeeds).norm() < 0.06 * deepspeeds.norm(), (mine - deepspeeds).norm() / deepspeeds.norm()
         sv = torch.linalg.svdvals(mine)  # near 1, but for the few smallest of a nearly singular square matrix
         assert sv.max() < 1.2 and (sv > 0.6).float().mean() > 0.9, sv
+
+
+def test_gram_newton_schulz_is_the_standard_iteration_up_to_fp32_rounding():
+    """The Gram iteration fp32 Muon takes computes the standard one's result: for wide, tall and square matrices,
+    a batch of them, and a nearly low-rank gradient-like one (whose tiny singular values the restart keeps sane)."""
+    from dalle_ar.engine.optim import gram_newton_schulz, newton_schulz
+
+    torch.manual_seed(0)
+    low_rank = torch.randn(64, 4) @ torch.randn(4, 256) + 1e-3 * torch.randn(64, 256)
+    for g in (torch.randn(32, 96), torch.randn(96, 32), torch.randn(48, 48), torch.randn(3, 40, 24), low_rank):
+        gram, standard = gram_newton_schulz(g, 5), newton_schulz(g, 5)
+        assert gram.dtype == torch.float32 and gram.shape == g.shape
+        assert (gram - standard).norm() < 1e-4 * standard.norm(), (gram - standard).norm() / standard.norm()
 
 
 def test_muon_settings_that_cannot_work_are_refused(tmp_path):

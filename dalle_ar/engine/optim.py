@@ -62,10 +62,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     ids = {id(p) for p in hidden}
     for p in model.parameters():
         p.use_muon = id(p) in ids
-    # ns_method "standard": Jordan et al.'s quintic iteration on the matrix itself, which ran the demo's transformer
-    # faster on the 2-core CPU than DeepSpeed's default Gram variant (bench/results/transformer_muon_zen4_cpu.json)
     groups = [dict(params=hidden, use_muon=True, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                   weight_decay=cfg.weight_decay, ns_method="standard")]
+                   weight_decay=cfg.weight_decay, ns_method=newton_schulz_method())]
     groups += [dict(g, use_muon=False, lr=cfg.lr, betas=betas, eps=1e-8)
                for g in param_groups(model, cfg.weight_decay, exclude=ids) if g["params"]]
     return _muon_with_kernels()(groups)
@@ -85,9 +83,47 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.mT if tall else x
 
 
+def newton_schulz_method() -> str:
+    """DeepSpeed's `ns_method` for this machine. "gram" (DeepSpeed's default: the iteration carried on the small
+    Gram matrix of a rectangular matrix, fewer FLOPs) on CUDA, where it runs in fp16, and on CPUs without bf16 matrix
+    instructions, where it runs in fp32 (`gram_newton_schulz`): the demo transformer's hidden matrices, one thread of
+    a 2-core AVX2 EPYC, 0.23 s a step against 0.37 for "standard" (bench/results/newton_schulz_cpu.json). "standard"
+    (the quintic iteration on the matrix itself) on CPUs with them, where it runs in bf16 and trained the demo's
+    transformer faster than "gram" in fp32 (Zen 4: bench/results/transformer_muon_zen4_cpu.json)."""
+    return "standard" if native_bf16_matmul() and not torch.cuda.is_available() else "gram"
+
+
+def gram_newton_schulz(g: torch.Tensor, steps: int = 5, restart: int = 2) -> torch.Tensor:
+    """`newton_schulz` carried on the Gram matrix, in fp32 (Dao's Gram Newton-Schulz, DeepSpeed's "gram" method).
+    Each quintic step multiplies the wide matrix x by p(G) = a + b G + c G^2 of its Gram matrix G = x x^T, so every
+    iterate is a product Q of such polynomials times the normalised input, and the step updates G = p G p: square
+    matrices the size of the short side. x is formed only at `restart` (which sheds the rounding the products
+    collect) and at the end. For a (256, 1024) matrix that is 56 m^3 FLOPs against 90 m^3 (m = 256); a square
+    matrix gains nothing and takes `newton_schulz`."""
+    if g.size(-2) == g.size(-1):
+        return newton_schulz(g, steps)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = g.size(-2) > g.size(-1)
+    x = g.float().mT if tall else g.float()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    gram, q = x @ x.mT, None
+    for i in range(steps):
+        if i == restart and q is not None:
+            x = q @ x
+            gram, q = x @ x.mT, None
+        p = b * gram + c * gram @ gram
+        p.diagonal(dim1=-2, dim2=-1).add_(a)
+        q = p if q is None else p @ q
+        if i + 1 < steps and i + 1 != restart:
+            gram = p @ gram @ p
+    x = q @ x
+    return x.mT if tall else x
+
+
 def newton_schulz_in_fp32() -> None:
-    """Make DeepSpeed's Muon (deepspeed 0.19.7) orthogonalise in fp32 (`newton_schulz`), in this process. It runs the
-    iteration in bf16 wherever its accelerator says bf16 is supported, which its CPU accelerator always says; a CPU
+    """Make DeepSpeed's Muon (deepspeed 0.19.7) orthogonalise in fp32 (`newton_schulz`, `gram_newton_schulz`), in
+    this process. It runs the standard iteration in bf16 wherever its accelerator says bf16 is supported, which its
+    CPU accelerator always says, and the Gram one in fp16 wherever it says fp16 is; a CPU
     without bf16 matrix instructions multiplies bf16 matrices many times slower than fp32 (the demo's transformer,
     one process of batch 32 on one thread of a 2-core AVX2 EPYC: 13 s a step against 1.4). Every Muon path (ZeRO
     0, 1 and 2, and the kernels `MuonWithKernels` steps) calls DeepSpeed's `muon_update`, which looks the iteration
@@ -95,6 +131,7 @@ def newton_schulz_in_fp32() -> None:
     from deepspeed.runtime.zero.muon import original_muon
 
     original_muon.zeropower_via_newtonschulz5 = newton_schulz
+    original_muon.zeropower_via_gram_newtonschulz = gram_newton_schulz
 
 
 def _muon_with_kernels() -> type[torch.optim.Optimizer]:
