@@ -182,7 +182,7 @@ class TrainConfig:
     # hidden weight matrices (its `muon_params()`), AdamW at --lr on the rest (embeddings, heads, norms, biases)
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.02
-    muon_momentum: float = 0.95      # ZeRO 1/2 take 0 only: deepspeed 0.19.7 keeps it for one matrix per rank
+    muon_momentum: float = 0.95
 
     PRECISIONS: ClassVar[tuple[str, ...]] = get_args(Precision)
     OFFLOADS: ClassVar[tuple[str, ...]] = get_args(Offload)
@@ -220,12 +220,6 @@ class TrainConfig:
                 raise ConfigError(f"--optimizer muon at ZeRO stage {self.zero_stage} needs --grad_clip 0: DeepSpeed measures "
                                   f"the norm after orthogonalising, so a clip of {self.grad_clip} would shrink every update; "
                                   f"pass --grad_clip 0 (Muon's updates have a fixed size) or --zero_stage 0")
-            if self.zero_stage in (1, 2) and self.muon_momentum:
-                # deepspeed 0.19.7 re-copies the step's momentum from the committed one before each matrix of a
-                # rank's partition, so every matrix but the last steps as with momentum 0 (tests/test_engine.py)
-                raise ConfigError(f"--optimizer muon at ZeRO stage {self.zero_stage} keeps momentum for only the last "
-                                  f"matrix of each rank's partition (deepspeed 0.19.7), so --muon_momentum "
-                                  f"{self.muon_momentum} would be 0 for the others; pass --muon_momentum 0 or --zero_stage 0")
 
     @functools.cached_property
     def ds_json(self) -> dict:

@@ -59,6 +59,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     hidden = muon_params(model, cfg.zero_stage)
     if not native_bf16_matmul():
         newton_schulz_in_fp32()
+    if cfg.zero_stage in (1, 2):
+        zero_muon_keeps_every_momentum()
     ids = {id(p) for p in hidden}
     for p in model.parameters():
         p.use_muon = id(p) in ids
@@ -132,6 +134,40 @@ def newton_schulz_in_fp32() -> None:
 
     original_muon.zeropower_via_newtonschulz5 = newton_schulz
     original_muon.zeropower_via_gram_newtonschulz = gram_newton_schulz
+
+
+def zero_muon_keeps_every_momentum() -> None:
+    """Make deepspeed 0.19.7's ZeRO-1/2 Muon keep the momentum of every matrix of a rank's partition, in this process.
+    When it orthogonalises a partition's matrices it stages the step's momentum (a copy of the committed one, so that
+    a step skipped for overflow leaves it untouched) once per matrix, so each copy wipes what the matrices before it
+    wrote and only the last one keeps its momentum; the others step as with momentum 0. Here the copy is made once
+    per pass over the partition, and each matrix's momentum then lasts to the commit. A matrix's update is then
+    stage 0's (Muon on the averaged gradient; tests/test_engine.py)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
+
+    if getattr(Zero, "_stages_momentum_once", False):
+        return
+    stage = Zero._muon_staging_momentum
+
+    def staged_once(self, flatten_copy, param_group_idx):
+        pass_ = self.__dict__.setdefault("_muon_staged_this_pass", {})
+        if param_group_idx not in pass_:
+            pass_[param_group_idx] = stage(self, flatten_copy, param_group_idx)
+        return pass_[param_group_idx]
+
+    def one_pass(flat_partition):
+        def wrapped(self, *args, **kwargs):
+            self._muon_staged_this_pass = {}
+            try:
+                return flat_partition(self, *args, **kwargs)
+            finally:
+                self._muon_staged_this_pass = {}
+        return wrapped
+
+    Zero._muon_staging_momentum = staged_once
+    Zero.get_flat_partition = one_pass(Zero.get_flat_partition)
+    Zero._get_flat_partition_unpadded = one_pass(Zero._get_flat_partition_unpadded)
+    Zero._stages_momentum_once = True
 
 
 def _muon_with_kernels() -> type[torch.optim.Optimizer]:
