@@ -202,18 +202,18 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
                 for script, flag in (("train/make_shards.py", "--num"), ("train/train_dvae.py", "--steps"),
                                      ("train/train_dalle.py", "--steps"))]
 
-    for default in ((), ("OPTIMIZER=muon",)):  # Muon is the default: 32,000 images, 2,500 dVAE and 1,200 transformer steps
+    for default in ((), ("OPTIMIZER=muon",)):  # Muon is the default: 32,000 images, 2,500 dVAE and 800 transformer steps
         shards, dvae, dalle = commands(*default)
-        assert "--num 32000" in shards and "--steps 2500" in dvae and "--steps 1200" in dalle
+        assert "--num 32000" in shards and "--steps 2500" in dvae and "--steps 800" in dalle
         assert dvae.endswith("--optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02")
-        assert dalle.endswith("--optimizer muon --grad_clip 0 --muon_lr 0.05 --muon_momentum 0")
+        assert dalle.endswith("--optimizer muon --grad_clip 0 --muon_lr 0.01 --muon_momentum 0.95")
     shards, dvae, dalle = commands("OPTIMIZER=adamw")  # the AdamW recipe: 8,000 images, 4,500 and 1,600 steps
     assert "--num 8000" in shards and "--steps 4500" in dvae and "--steps 1600" in dalle
     assert dvae.endswith("--optimizer adamw") and "--zero_stage" not in dvae
     assert dalle.endswith("--optimizer adamw") and "--grad_clip" not in dalle
     shards, dvae, dalle = commands("DVAE_OPTIMIZER=adamw", "DALLE_STEPS=1600")  # one of the two; steps as given
     assert dvae.endswith("--optimizer adamw") and "--steps 1600" in dalle
-    assert dalle.endswith("--muon_lr 0.05 --muon_momentum 0")
+    assert dalle.endswith("--muon_lr 0.01 --muon_momentum 0.95")
     for var in ("DALLE_OPTIMIZER", "DVAE_OPTIMIZER"):
         bad = subprocess.run(["make", "demo", f"DEMO={tmp_path / 'bad'}", f"{var}=sgd"], cwd=ROOT,
                              capture_output=True, text=True)
