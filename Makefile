@@ -1,8 +1,10 @@
 # `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (32,000 images; the
-# dVAE and the transformer trained with Muon): 26 min with setup on a 135 GFLOP/s 2-core AVX2 CPU; CLIP top-1 97.9% +- 2.4
-# (at least 95.3%) and 92.3% +- 3.1 of candidates right over three seeds (bench/results/demo_seeds_muon_cpu.json).
-# `make demo DALLE_STEPS=1600`: the transformer's full 1,600 Muon steps, CLIP top-1 >= 96.9% on every seed measured,
-# ~5 min more. `make demo OPTIMIZER=adamw`: the AdamW recipe (8,000 images), the default before Muon: 27-35 min on
+# dVAE and the transformer trained with Muon, the transformer's 800 steps with momentum): 22 min with setup on a 130
+# GFLOP/s 2-core AVX2 CPU, 96.2% of candidates right and CLIP top-1 100% for seed 0
+# (bench/results/demo_momentum_zen2_cpu.json); over three seeds' tokens CLIP top-1 99.0% +- 0.9 and 95.1% +- 1.0 of
+# candidates right (bench/results/transformer_muon_momentum_cpu.json).
+# `make demo DALLE_STEPS=1200 DALLE_MUON="--muon_lr 0.05 --muon_momentum 0"`: the recipe before it (26 min, CLIP top-1
+# 97.9% +- 2.4). `make demo OPTIMIZER=adamw`: the AdamW recipe (8,000 images), the default before Muon: 27-35 min on
 # 142-194 GFLOP/s machines, CLIP top-1 89.6% +- 3.6 over three seeds.
 # `make test`: set up and run the test suite. See README.md.
 # `make play`: the browser playground on the demo's models (runs `make demo` first when they are missing).
