@@ -123,8 +123,9 @@ demo-generator:
 		--steps $(DALLE_STEPS) --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED) $(DALLE_OPT_FLAGS)
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
-# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~25 min per seed. Writes
-# bench/results/demo_seeds_<OPTIMIZER>_cpu.json (demo_seeds_cpu.json is the AdamW recipe's, from before that name).
+# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~22 min per seed. Writes
+# bench/results/demo_seeds_<OPTIMIZER>_cpu.json (demo_seeds_cpu.json is the AdamW recipe's, from before that name, and
+# demo_seeds_muon_lr05_cpu.json the Muon recipe's before the transformer's momentum).
 demo-seeds: setup
 	for s in $(SEEDS); do $(MAKE) demo DEMO=outputs/demo_seed$$s SEED=$$s || exit 1; done
 	$(PY) -m bench.demo_spread $(foreach s,$(SEEDS),outputs/demo_seed$(s)) --out bench/results/demo_seeds_$(OPTIMIZER)_cpu.json
