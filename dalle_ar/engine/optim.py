@@ -71,14 +71,22 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return _muon_with_kernels()(groups)
 
 
+QUINTIC = (3.4445, -4.7750, 2.0315)  # Jordan et al.'s (and DeepSpeed's) Newton-Schulz coefficients
+
+
+def _wide_fp32(g: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`g` in fp32, transposed to wide if it is tall (whether it was), scaled to Frobenius norm 1, which bounds the
+    spectral norm: every singular value <= 1, where the iteration converges."""
+    tall = g.size(-2) > g.size(-1)
+    x = g.float().mT if tall else g.float()
+    return x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7), tall
+
+
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """DeepSpeed's `zeropower_via_newtonschulz5` computed in fp32: Jordan et al.'s quintic Newton-Schulz iteration,
     which moves every singular value of the matrix `g` (or of each matrix of a batch) near 1."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.float()
-    tall = g.size(-2) > g.size(-1)
-    x = x.mT if tall else x
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # the Frobenius norm bounds the spectral norm: all <= 1
+    a, b, c = QUINTIC
+    x, tall = _wide_fp32(g)
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -104,10 +112,8 @@ def gram_newton_schulz(g: torch.Tensor, steps: int = 5, restart: int = 2) -> tor
     matrix gains nothing and takes `newton_schulz`."""
     if g.size(-2) == g.size(-1):
         return newton_schulz(g, steps)
-    a, b, c = 3.4445, -4.7750, 2.0315
-    tall = g.size(-2) > g.size(-1)
-    x = g.float().mT if tall else g.float()
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    a, b, c = QUINTIC
+    x, tall = _wide_fp32(g)
     gram, q = x @ x.mT, None
     for i in range(steps):
         if i == restart and q is not None:
@@ -155,18 +161,17 @@ def zero_muon_keeps_every_momentum() -> None:
             pass_[param_group_idx] = stage(self, flatten_copy, param_group_idx)
         return pass_[param_group_idx]
 
-    def one_pass(flat_partition):
-        def wrapped(self, *args, **kwargs):
+    flat_partition = Zero.get_flat_partition  # the one pass over a partition (its unpadded variant is called from it)
+
+    def one_pass(self, *args, **kwargs):
+        self._muon_staged_this_pass = {}
+        try:
+            return flat_partition(self, *args, **kwargs)
+        finally:
             self._muon_staged_this_pass = {}
-            try:
-                return flat_partition(self, *args, **kwargs)
-            finally:
-                self._muon_staged_this_pass = {}
-        return wrapped
 
     Zero._muon_staging_momentum = staged_once
-    Zero.get_flat_partition = one_pass(Zero.get_flat_partition)
-    Zero._get_flat_partition_unpadded = one_pass(Zero._get_flat_partition_unpadded)
+    Zero.get_flat_partition = one_pass
     Zero._stages_momentum_once = True
 
 
