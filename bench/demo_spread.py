@@ -7,7 +7,8 @@
       --out bench/results/demo_seeds_cpu.json
 
 Reads each run's eval/scores.json (caption accuracy taken apart: per candidate, oracle, top-1 per ranking, rerank
-efficiency, per attribute, one vs two objects), dvae_quality.json, the job's seconds (.start/.seconds) and each stage's (stages.json, bench/stage.py).
+efficiency, per attribute, one vs two objects), dvae_quality.json, the job's seconds (.start/.seconds), each stage's (stages.json, bench/stage.py) and the machine's
+fp32 matmul GFLOP/s they were measured at (machine.json, bench/machine.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def run_figures(run: Path) -> dict[str, float]:
     figures.update({f"dvae.{k}": float(dvae[k]) for k in ("psnr_db", "codebook_usage", "recon_caption_accuracy")})
     if (run / ".seconds").is_file():
         figures["job_seconds"] = float((run / ".seconds").read_text())
+    if (run / "machine.json").is_file():  # bench/machine.py: the fp32 matmul rate the seconds were measured at
+        figures["fp32_matmul_gflops"] = float(json.loads((run / "machine.json").read_text())["fp32_matmul_gflops"])
     if (run / "stages.json").is_file():  # bench/stage.py: seconds per stage
         figures.update({f"stage_seconds.{s['name']}": float(s["seconds"]) for s in json.loads((run / "stages.json").read_text())})
     return figures

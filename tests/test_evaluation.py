@@ -82,11 +82,13 @@ def test_demo_spread_reports_mean_and_spread_over_runs(tmp_path):
         (run / "dvae_quality.json").write_text(json.dumps({"psnr_db": psnr, "codebook_usage": 0.9,
                                                              "recon_caption_accuracy": 0.5}))
         (run / ".seconds").write_text("700")
+        (run / "machine.json").write_text(json.dumps({"fp32_matmul_gflops": 130.0 + 10 * seed}))
     result = main([str(tmp_path / f"demo_seed{s}") for s in range(3)] + ["--out", str(tmp_path / "spread.json")])
     top1 = result["spread"]["caption.top1.clip"]
     assert top1["mean"] == pytest.approx(0.6) and top1["std"] == pytest.approx(0.1)
     assert (top1["min"], top1["max"]) == (0.5, 0.7)
     assert result["spread"]["dvae.psnr_db"]["mean"] == pytest.approx(25.0) and result["runs"] == 3
+    assert result["per_run"][str(tmp_path / "demo_seed2")]["fp32_matmul_gflops"] == 150.0
     assert json.loads((tmp_path / "spread.json").read_text())["spread"]["job_seconds"]["std"] == 0.0
 
 
