@@ -1,8 +1,7 @@
 # `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (32,000 images; the
-# dVAE and the transformer trained with Muon, the transformer's 800 steps with momentum): 22 min with setup on a 130
-# GFLOP/s 2-core AVX2 CPU, 96.2% of candidates right and CLIP top-1 100% for seed 0
-# (bench/results/demo_momentum_zen2_cpu.json); over three seeds' tokens CLIP top-1 99.0% +- 0.9 and 95.1% +- 1.0 of
-# candidates right (bench/results/transformer_muon_momentum_cpu.json).
+# dVAE and the transformer trained with Muon, the transformer's 800 steps with momentum): 20 min with setup on a 143
+# GFLOP/s 2-core AVX2 CPU, 96.2% of candidates right and CLIP top-1 100% for seed 0; over seeds 0-2 CLIP top-1 98.4% +-
+# 2.7 and 94.7% +- 1.3 of candidates right (bench/results/demo_clip_hn2_zen2_cpu.json).
 # `make demo DALLE_STEPS=1200 DALLE_MUON="--muon_lr 0.05 --muon_momentum 0"`: the recipe before it (26 min, CLIP top-1
 # 97.9% +- 2.4). `make demo OPTIMIZER=adamw`: the AdamW recipe (8,000 images), the default before Muon: 27-35 min on
 # 142-194 GFLOP/s machines, CLIP top-1 89.6% +- 3.6 over three seeds.
@@ -126,9 +125,10 @@ demo-generator:
 		--steps $(DALLE_STEPS) --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED) $(DALLE_OPT_FLAGS)
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
-# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~22 min per seed. Writes
-# bench/results/demo_seeds_<OPTIMIZER>_cpu.json (demo_seeds_cpu.json is the AdamW recipe's, from before that name, and
-# demo_seeds_muon_lr05_cpu.json the Muon recipe's before the transformer's momentum).
+# the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~20 min per seed. Writes
+# bench/results/demo_seeds_<OPTIMIZER>_cpu.json (demo_seeds_cpu.json is the AdamW recipe's, from before that name,
+# demo_seeds_muon_lr05_cpu.json the Muon recipe's before the transformer's momentum, and demo_seeds_muon_cpu.json, as
+# committed, was made while the CLIP trained on four wrong captions per caption).
 demo-seeds: setup
 	for s in $(SEEDS); do $(MAKE) demo DEMO=outputs/demo_seed$$s SEED=$$s || exit 1; done
 	$(PY) -m bench.demo_spread $(foreach s,$(SEEDS),outputs/demo_seed$(s)) --out bench/results/demo_seeds_$(OPTIMIZER)_cpu.json
