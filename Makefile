@@ -103,7 +103,8 @@ demo: setup
 
 # The demo's two concurrent parts (run by `make demo`, which makes the shards and the tokenizer first).
 # The CLIP reads 16 caption tokens: the shapes world's longest caption is 14 with its start and end tokens, and a
-# step takes 1.38 s beside the dVAE against 1.83 s at the default 32 (a longer caption is cut and counted in clip.log).
+# step (with four wrong captions) took 1.38 s beside the dVAE against 1.83 s at the default 32 (a longer caption is cut
+# and counted in clip.log).
 # Two one-attribute-wrong captions per caption (--hard_negatives 2), not four: 400 steps in 434-452 s instead of 591-606
 # beside another one-thread job, and on the same 16 candidates per prompt the same top-1: 96.9% for both over the three
 # seeds' 800-step transformers, 95.3% for both over two 500-step ones (bench/results/rerank_clip_hard_negatives_cpu.json).
