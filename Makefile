@@ -15,7 +15,7 @@ DEMO   ?= outputs/demo
 SEED   ?= 0
 SEEDS  ?= 0 1 2
 # the demo transformer's steps: with Muon (the default), 650 (with momentum: on three seeds CLIP top-1 100% / 96.9% / 96.9%,
-# rerank efficiency at least 0.97, against 98.4% +- 2.7 for 800; bench/results/demo_clip_hn2_zen2_cpu.json);
+# rerank efficiency at least 0.97, against 98.4% +- 2.7 for 800; bench/results/demo_steps650_zen2_cpu.json);
 # with AdamW, 1,600 (3,200 draw more correct candidates from every seed's tokens, for ~11 more minutes:
 # bench/results/transformer_steps_seeds_zen4_cpu.json)
 DALLE_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),650,1600)
