@@ -156,7 +156,9 @@ def zero_muon_keeps_every_momentum() -> None:
     stage = Zero._muon_staging_momentum
 
     def staged_once(self, flatten_copy, param_group_idx):
-        pass_ = self.__dict__.setdefault("_muon_staged_this_pass", {})
+        pass_ = getattr(self, "_muon_staged_this_pass", None)
+        if pass_ is None:  # outside a pass: stage as deepspeed does, never a copy kept from an earlier step
+            return stage(self, flatten_copy, param_group_idx)
         if param_group_idx not in pass_:
             pass_[param_group_idx] = stage(self, flatten_copy, param_group_idx)
         return pass_[param_group_idx]
@@ -168,7 +170,7 @@ def zero_muon_keeps_every_momentum() -> None:
         try:
             return flat_partition(self, *args, **kwargs)
         finally:
-            self._muon_staged_this_pass = {}
+            self._muon_staged_this_pass = None
 
     Zero._muon_staging_momentum = staged_once
     Zero.get_flat_partition = one_pass
