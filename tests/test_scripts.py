@@ -194,13 +194,20 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
     if shutil.which("make") is None or not (ROOT / ".venv" / ".installed").exists():
         pytest.skip("needs make and the project's .venv (what `make test` sets up)")
 
+    def plan(*args):
+        """make demo's commands for these make variables, one per line (make -n: nothing runs)."""
+        return subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path / 'plan'}", *args], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.replace("\\\n", "").splitlines()
+
     def commands(*args):
-        """make demo's shards, dVAE and transformer commands for these make variables (make -n: nothing runs)."""
-        plan = subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path / 'plan'}", *args], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.replace("\\\n", "")
-        return [next(line for line in plan.splitlines() if script in line and flag in line)
+        """make demo's shards, dVAE and transformer commands for these make variables."""
+        lines = plan(*args)
+        return [next(line for line in lines if script in line and flag in line)
                 for script, flag in (("train/make_shards.py", "--num"), ("train/train_dvae.py", "--steps"),
                                      ("train/train_dalle.py", "--steps"))]
+
+    clip = next(line for line in plan() if "train/train_clip.py" in line)
+    assert "--hard_negatives 2 --context_length 16" in clip  # two wrong captions per caption, 16 caption tokens
 
     for default in ((), ("OPTIMIZER=muon",)):  # Muon is the default: 32,000 images, 2,500 dVAE and 650 transformer steps
         shards, dvae, dalle = commands(*default)
