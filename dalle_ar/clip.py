@@ -76,6 +76,29 @@ def clip_tokenizer(cfg: ClipConfig):
     return open_clip.get_tokenizer("RN50", context_length=cfg.context_length)  # the packaged BPE, no download
 
 
+class CachedTokenizer:
+    """Wraps an open_clip tokenizer so that each distinct caption is encoded once: a training loop that sees the same
+    captions again (the shapes world's few thousand, and their one-attribute-wrong variants) stops spending a few
+    percent of every CLIP step re-running the BPE in Python. Rows are the wrapped tokenizer's; other attributes
+    (`encode`, `context_length`) pass through. At most `max_captions` rows are kept (then the cache starts over)."""
+
+    def __init__(self, tokenizer, max_captions: int = 200_000):
+        self.tokenizer, self.max_captions, self.rows = tokenizer, max_captions, {}
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self.rows]
+        if missing:
+            if len(self.rows) + len(missing) > self.max_captions:
+                self.rows = {}
+                missing = list(dict.fromkeys(texts))
+            self.rows.update(zip(missing, self.tokenizer(missing)))
+        return torch.stack([self.rows[t] for t in texts])
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
 def overlong(tokenizer, texts: Sequence[str], tokens: torch.Tensor | None = None) -> list[tuple[str, int]]:
     """(caption, tokens with start and end) for each caption longer than the tokenizer's context_length: open_clip
     keeps the first context_length - 1 tokens and an end token without a word, so such a caption is scored on a

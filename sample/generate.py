@@ -28,7 +28,8 @@ Ranking: --rank-by clip (cosine similarity; CLIP score = 100 * max(cos, 0)) with
   CLIP, --rank-by clip keeps sampling order.
 Outputs in --out:
   grid.png                      the kept top k per prompt, one row per prompt, best first, scores under each
-  candidates.png                all candidates in sampling order
+                                (--grid-prompts K: of the first K prompts only)
+  candidates.png                all candidates in sampling order (--grid-prompts K: of the first K prompts)
   prompts/NNN/grid.png          all N candidates of prompt NNN, best first, with rank and scores
   prompts/NNN/rank_KK.png       the kept top k of prompt NNN as single images (rank_00 = best)
   scores.json                   summary (seconds per image, device, caption accuracy on shapes prompts) and per
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic_seed", "--synthetic-seed", type=int, default=synthetic.HELDOUT_SEED, help="world seed for --synthetic_prompts")
     p.add_argument("--prime-image", "--prime_image", dest="prime_image", default=None,
                    help="input image for --prime-rows / --inpaint-box / --inpaint-border")
+    p.add_argument("--grid-prompts", "--grid_prompts", dest="grid_prompts", type=int, default=0,
+                   help="grid.png and candidates.png show the first K prompts only, a grid one can look at when "
+                        "scoring many (default: 0, all)")
     p.add_argument("--out", default="outputs/samples", help="output directory (default: outputs/samples)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true", help="no progress bar")
@@ -165,6 +169,8 @@ def main(argv=None) -> dict:
         cfg = resolve(args, SampleConfig)
     except ConfigError as e:
         p.error(str(e))
+    if args.grid_prompts < 0:
+        p.error(f"--grid-prompts {args.grid_prompts}: use 0 (every prompt) or a positive count")
     if cfg.rank_by == "likelihood" and args.backend != "ar":
         p.error("--rank-by likelihood needs --backend ar (the transformer's own likelihood)")
     if args.backend == "unclip" and (args.prime_image or cfg.prime_rows or cfg.inpaint_box or cfg.inpaint_border):
@@ -217,8 +223,10 @@ def main(argv=None) -> dict:
             rows[i]["check_top"] = [caption["check"][j][t] for t in rows[i]["top"]]
             rows[i]["attributes"] = caption["attribute_verdicts"][j]
 
-    save_grid(torch.cat(best), out / "grid.png", nrow=k, row_labels=prompts, tile_labels=best_labels)
-    save_grid(images.flatten(0, 1), out / "candidates.png", nrow=N, row_labels=prompts)
+    shown = args.grid_prompts or len(prompts)
+    save_grid(torch.cat(best[:shown]), out / "grid.png", nrow=k, row_labels=prompts[:shown],
+              tile_labels=best_labels[:shown * k])
+    save_grid(images[:shown].flatten(0, 1), out / "candidates.png", nrow=N, row_labels=prompts[:shown])
     seconds = result["seconds"]
     settings = {"backend": args.backend, "dalle": args.dalle, "dvae": args.dvae, "prior": args.prior,
                 "decoder": args.decoder, "upsampler": args.upsampler, "clip": spec,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_ar.clip import (ClipScorer, build_clip, clip_tokenizer, contrastive_loss, load_clip, normalize_images,
-                           overlong, rerank)
+from dalle_ar.clip import (CachedTokenizer, ClipScorer, build_clip, clip_tokenizer, contrastive_loss, load_clip,
+                           normalize_images, overlong, rerank)
 from dalle_ar.config import ClipConfig, TrainConfig
 from dalle_ar.data import synthetic
 from dalle_ar.engine import Trainer
@@ -117,6 +117,24 @@ def test_clip_score_and_top_k_of_n():
     assert clip_score(cos).tolist() == pytest.approx([20.0, 0.0, 31.0, 20.0])
     assert best_first(cos).tolist() == [2, 0, 3, 1]  # ties keep sampling order
     assert best_first(cos, 2).tolist() == [2, 0]
+
+
+def test_cached_tokenizer_gives_the_tokenizers_rows_and_encodes_each_caption_once():
+    tok = clip_tokenizer(CFG)
+    seen = []
+
+    def counting(texts):
+        seen.extend(texts)
+        return tok(texts)
+
+    texts = [t for _, t in (synthetic.make_example(i, seed=0) for i in range(6))]
+    batch = texts + texts[:3] + ["a caption a little too long for sixteen tokens " * 2]
+    cached = CachedTokenizer(counting, max_captions=8)
+    assert torch.equal(cached(batch), tok(batch)) and sorted(seen) == sorted(set(batch))
+    assert torch.equal(cached(texts[2]), tok([texts[2]])) and len(seen) == 7  # all cached: nothing encoded
+    cached(["red", "blue"])  # past max_captions: the cache starts over with this batch
+    assert len(cached.rows) == 2 and torch.equal(cached(["blue"]), tok(["blue"]))
+    assert CachedTokenizer(tok).context_length == 16 and overlong(CachedTokenizer(tok), batch) == overlong(tok, batch)
 
 
 def test_captions_longer_than_the_context_are_found_and_warned_about():

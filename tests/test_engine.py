@@ -313,6 +313,47 @@ def test_muon_orthogonalises_hidden_matrices_and_resumes_step_exact(tmp_path, mo
     assert bool(calls) == (not native_bf16), calls  # fp32 Muon takes the Gram method
 
 
+def test_muon_keeps_the_models_matrix_order_and_its_checkpoints_record_it(tmp_path, deepspeed_newton_schulz):
+    """DeepSpeed's MuonWithAuxAdam sorts its matrices by shape, largest first; ZeRO 1/2 then gave one rank of the demo's
+    transformer seven large matrices and the other ten, each about as slow to orthogonalise. Ours keeps the model's
+    order (block by block, whole blocks per rank), checkpoints say so, and one that does not is refused by name."""
+    kw = dict(optimizer="muon", grad_clip=0.0, muon_lr=0.02)
+    trainer, _ = train(tmp_path / "a", steps=2, stage=2, save_every=1, **kw)
+    hidden = [id(p) for p in trainer.module.muon_params()]
+    assert [id(p) for p in trainer.optimizer.bit16_groups[0]] == hidden
+    shapes = [tuple(p.shape) for p in trainer.module.muon_params()]
+    assert shapes != sorted(shapes, reverse=True)  # DeepSpeed's order would differ here
+    assert trainer.checkpointer.client_state()["muon_order"] == "model"
+    states = tmp_path / "a" / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    state = torch.load(states, weights_only=False)
+    del state["muon_order"]  # a checkpoint of the shape-sorted order, as dalle-ar wrote them before
+    torch.save(state, states)
+    with pytest.raises(ConfigError, match="model's order.*--no-resume"):
+        train(tmp_path / "a", steps=4, stage=2, save_every=1, **kw)
+
+
+def test_adamw_is_torchs_fused_kernel_on_every_device_unless_told_otherwise(tmp_path):
+    from dalle_ar.engine.optim import build_optimizer
+
+    model = DalleTransformer(MODEL)  # fused on the CPU too: one pass over the parameters, 7x the for-loop's speed
+    assert build_optimizer(model, TrainConfig(out=str(tmp_path))).defaults["fused"] is True
+    assert not build_optimizer(model, TrainConfig(out=str(tmp_path), fused_adamw=False)).defaults["fused"]
+
+
+def test_no_muon_compile_runs_deepspeeds_muon_update_uncompiled(tmp_path, deepspeed_newton_schulz):
+    from deepspeed.runtime.zero import stage_1_and_2
+    from deepspeed.runtime.zero.muon import muon_optimizer, original_muon
+
+    kw = dict(optimizer="muon", grad_clip=0.0, muon_lr=0.02)
+    eager, _ = train(tmp_path / "eager", steps=2, stage=2, muon_compile=False, **kw)
+    assert eager.step == 2
+    plain = stage_1_and_2.muon_update
+    assert not hasattr(plain, "_torchdynamo_orig_callable") and original_muon.muon_update is plain
+    assert muon_optimizer.muon_update is plain
+    train(tmp_path / "compiled", steps=1, stage=2, **kw)  # the default puts DeepSpeed's compiled one back
+    assert stage_1_and_2.muon_update._torchdynamo_orig_callable is plain
+
+
 def test_zero2_muon_keeps_the_momentum_of_every_matrix_as_stage_0_does(tmp_path, deepspeed_newton_schulz):
     """deepspeed 0.19.7's ZeRO-1/2 Muon re-copies the step's momentum from the committed one before each matrix of a
     rank's partition, so only the partition's last matrix kept its momentum (`zero_muon_keeps_every_momentum` copies

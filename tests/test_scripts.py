@@ -69,6 +69,21 @@ def test_generate_writes_grid_and_scores(pipeline):
         assert {f.name for f in (d / f"samples/prompts/{i:03d}").iterdir()} == {"grid.png", "rank_00.png", "rank_01.png"}
 
 
+def test_generate_grid_prompts_shows_the_first_prompts_and_scores_every_one(pipeline):
+    from PIL import Image
+
+    d = pipeline
+    common = ["sample/generate.py", "--dalle", str(d / "dalle/export"), "--synthetic_prompts", "3", "--num_candidates",
+              "2", "--top_k_rerank", "1"]
+    run_script(*common, "--out", str(d / "all"))
+    run_script(*common, "--grid_prompts", "1", "--out", str(d / "first"))
+    height = lambda name, run: Image.open(d / run / name).size[1]
+    for name in ("grid.png", "candidates.png"):
+        assert height(name, "first") * 2 < height(name, "all")  # one row of three
+    scores = lambda run: json.loads((d / run / "scores.json").read_text())["prompts"]
+    assert len(scores("first")) == 3 and scores("first") == scores("all")
+
+
 def test_generate_guided_primed_and_ranked_by_likelihood(pipeline):
     """--cond-scale, --prime-image/--prime-rows and --rank-by likelihood together; the prime's top rows survive."""
     from PIL import Image
@@ -206,14 +221,20 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
                 for script, flag in (("train/make_shards.py", "--num"), ("train/train_dvae.py", "--steps"),
                                      ("train/train_dalle.py", "--steps"))]
 
-    clip = next(line for line in plan() if "train/train_clip.py" in line)
+    lines = plan()
+    clip = next(line for line in lines if "train/train_clip.py" in line)
     assert "--hard_negatives 2 --context_length 16" in clip  # two wrong captions per caption, 16 caption tokens
+    encode = next(line for line in lines if "train/encode.py" in line)
+    assert encode.endswith("--batch_size 64 --num_workers 1")
+    # one sampling run: 64 held-out prompts scored, the grid of the first 8 copied to the demo's top level
+    runs = [line for line in lines if "sample/generate.py" in line]
+    assert len(runs) == 1 and "--synthetic_prompts 64" in runs[0] and runs[0].endswith("--grid_prompts 8")
 
     for default in ((), ("OPTIMIZER=muon",)):  # Muon is the default: 32,000 images, 2,500 dVAE and 650 transformer steps
         shards, dvae, dalle = commands(*default)
         assert "--num 32000" in shards and "--steps 2500" in dvae and "--steps 650" in dalle
         assert dvae.endswith("--optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02")
-        assert dalle.endswith("--optimizer muon --grad_clip 0 --muon_lr 0.01 --muon_momentum 0.95")
+        assert dalle.endswith("--optimizer muon --grad_clip 0 --no-muon_compile --muon_lr 0.01 --muon_momentum 0.95")
     shards, dvae, dalle = commands("OPTIMIZER=adamw")  # the AdamW recipe: 8,000 images, 4,500 and 1,600 steps
     assert "--num 8000" in shards and "--steps 4500" in dvae and "--steps 1600" in dalle
     assert dvae.endswith("--optimizer adamw") and "--zero_stage" not in dvae

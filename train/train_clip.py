@@ -28,8 +28,8 @@ from torchvision.transforms.functional import to_tensor
 
 from dalle_ar import models
 from dalle_ar.cli import parse, run_cli
-from dalle_ar.clip import (build_clip, clip_tokenizer, contrastive_loss, export_files, normalize_images, overlong,
-                           retrieval)
+from dalle_ar.clip import (CachedTokenizer, build_clip, clip_tokenizer, contrastive_loss, export_files,
+                           normalize_images, overlong, retrieval)
 from dalle_ar.config import ClipConfig, DataError, TrainConfig
 from dalle_ar.data import synthetic
 from dalle_ar.data.decode import SkipCounter, image_to_tensor
@@ -82,7 +82,7 @@ def main(argv=None):
     world = shapes_world(cfg.data, flag) if renders else None  # before the engine: a wrong --data fails fast
     torch.manual_seed(cfg.seed)  # reproducible initialisation
     model = build_clip(clip_cfg)
-    tokenizer = clip_tokenizer(clip_cfg)
+    tokenizer = CachedTokenizer(clip_tokenizer(clip_cfg))  # the stream's captions repeat: each is encoded once
     trainer = Trainer(model, cfg, name="clip", export_config=models.export_config("clip", clip_cfg),
                       extra_files=export_files(clip_cfg, Path(cfg.out) / "open_clip"))
     skips = SkipCounter(source=cfg.data)

@@ -54,13 +54,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     orthogonalises the full matrix where the gradient is reduced, before it is partitioned."""
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas,
-                                 fused=cfg.fused_adamw and torch.cuda.is_available())
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, fused=cfg.fused_adamw)
     hidden = muon_params(model, cfg.zero_stage)
     if not native_bf16_matmul():
         newton_schulz_in_fp32()
     if cfg.zero_stage in (1, 2):
         zero_muon_keeps_every_momentum()
+    compile_muon_update(cfg.muon_compile)
     ids = {id(p) for p in hidden}
     for p in model.parameters():
         p.use_muon = id(p) in ids
@@ -70,6 +70,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                for g in param_groups(model, cfg.weight_decay, exclude=ids) if g["params"]]
     return _muon_with_kernels()(groups)
 
+
+# Written into every Muon checkpoint: its matrices are in the model's order (`_muon_with_kernels`). A checkpoint without
+# it holds DeepSpeed's shape-sorted order, in which this version would load its optimizer state onto the wrong matrices.
+MUON_ORDER = "model"
 
 QUINTIC = (3.4445, -4.7750, 2.0315)  # Jordan et al.'s (and DeepSpeed's) Newton-Schulz coefficients
 
@@ -142,6 +146,25 @@ def newton_schulz_in_fp32() -> None:
     original_muon.zeropower_via_gram_newtonschulz = gram_newton_schulz
 
 
+_COMPILED_MUON_UPDATE = []  # DeepSpeed's compiled muon_update, kept when `compile_muon_update(False)` swaps it out
+
+
+def compile_muon_update(compiled: bool) -> None:
+    """Make DeepSpeed's Muon (deepspeed 0.19.7) run `muon_update` compiled (its own way: wrapped in torch.compile,
+    which compiles it again for every matrix shape it meets) or uncompiled, in this process (`--no-muon_compile`)."""
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+    from deepspeed.runtime.zero.muon import muon_optimizer, original_muon
+
+    if not _COMPILED_MUON_UPDATE:
+        _COMPILED_MUON_UPDATE.append(original_muon.muon_update)
+    wrapped = _COMPILED_MUON_UPDATE[0]
+    # the function torch.compile wraps; DeepSpeed with its compiler off exposes the plain function
+    fn = wrapped if compiled else getattr(wrapped, "_torchdynamo_orig_callable", wrapped)
+    for module in (original_muon, muon_optimizer, stage_1_and_2, stage3):
+        if hasattr(module, "muon_update"):
+            module.muon_update = fn
+
+
 def zero_muon_keeps_every_momentum() -> None:
     """Make deepspeed 0.19.7's ZeRO-1/2 Muon keep the momentum of every matrix of a rank's partition, in this process.
     When it orthogonalises a partition's matrices it stages the step's momentum (a copy of the committed one, so that
@@ -186,6 +209,19 @@ def _muon_with_kernels() -> type[torch.optim.Optimizer]:
     from deepspeed.runtime.zero.muon.original_muon import muon_update
 
     class MuonWithKernels(MuonWithAuxAdam):
+        def __init__(self, param_groups):
+            # deepspeed 0.19.7's MuonWithAuxAdam sorts a Muon group's matrices by shape, largest first (the round robin
+            # of Jordan et al.'s own distributed Muon). ZeRO 1/2 cut the flat group into equal runs of elements, each
+            # rank orthogonalising the matrices of its run, and a matrix's Newton-Schulz time hardly depends on its
+            # size: sorted, rank 0 of the demo's transformer got its four (1024, 256) matrices and three (768, 256),
+            # rank 1 the other ten (20.7 s of Newton-Schulz per 100 steps against 13.3, the faster rank waiting).
+            # The model's order, block by block, gives each rank whole blocks. Checkpoints record it (`MUON_ORDER`).
+            order = [list(g["params"]) for g in param_groups]
+            super().__init__(param_groups)
+            for group, params in zip(self.param_groups, order):
+                if group["use_muon"]:
+                    group["params"] = params
+
         @torch.no_grad()
         def step(self, closure=None, step_id=None):
             kernels, matrices = [], {}

@@ -26,7 +26,7 @@ from dalle_ar.engine.distributed import any_rank, mean_over_ranks, rank, setup_d
 from dalle_ar.engine.ds_config import build_ds_config, compute_dtype
 from dalle_ar.engine.ema import EMA
 from dalle_ar.engine.logger import RunLogger
-from dalle_ar.engine.optim import build_optimizer
+from dalle_ar.engine.optim import MUON_ORDER, build_optimizer
 from dalle_ar.engine.rng import RNGStreams, rng_state, set_rng_state
 from dalle_ar.engine.schedules import PlateauHalving, lr_factor
 from dalle_ar.engine.signals import Interrupted, StopSignal, Stopped, fault_point, mark_completed
@@ -142,10 +142,21 @@ class Trainer:
             ckpt.register("ema_updates", StateFns(lambda: self.ema.updates, lambda n: setattr(self.ema, "updates", n)))
         if self.plateau is not None:
             ckpt.register("plateau", self.plateau)
+        if self.cfg.optimizer == "muon":
+            ckpt.register("muon_order", StateFns(lambda: MUON_ORDER, self._check_muon_order),
+                          required="a Muon checkpoint written before dalle-ar kept Muon's matrices in the model's order "
+                                   "(DeepSpeed sorts them by shape), so its optimizer state would land on the wrong "
+                                   "matrices; resume it with the dalle-ar that wrote it, or pass --no-resume to start over")
         if self.grad_scaler is not None:
             ckpt.register("resblock_grad_scaler", StateFns(self.grad_scaler.checkpoint_state,
                                                            self.grad_scaler.load_checkpoint_state))
         return ckpt
+
+    @staticmethod
+    def _check_muon_order(order: str) -> None:
+        if order != MUON_ORDER:
+            raise ConfigError(f"checkpoint: Muon matrices in order {order!r}, this version keeps them in {MUON_ORDER!r}; "
+                              f"resume it with the dalle-ar that wrote it, or pass --no-resume to start over")
 
     def _counters(self) -> dict:
         return {"step": self.step, "consumed": self.consumed, "nonfinite": self.nonfinite}
