@@ -58,7 +58,7 @@ NPROC   := $(shell nproc 2>/dev/null || echo 2)
 THREADS ?= $(shell n=$(NPROC); echo $$(( n > 1 ? n / 2 : 1 )))
 THREADS_ENV = OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS)
 
-.PHONY: setup setup-dev demo demo-clip demo-generator demo-seeds test test-browser play bench clean compare compare-models compare-matched \
+.PHONY: setup setup-dev demo demo-clip demo-dvae demo-tokens demo-dvae-check demo-seeds test test-browser play bench clean compare compare-models compare-matched \
 	compare-scaling
 
 # `make setup`: what the demo, the comparisons and the benchmarks run on; `make setup-dev` adds the test and playground
@@ -82,12 +82,14 @@ $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps dall-e==0.1
 	touch $(DEV_STAMP)
 
-# The CLIP trains beside the chain dVAE -> tokens -> transformer (`make -j2` of the two targets below), each process on
+# The CLIP trains beside the dVAE and its encoding of the images (`make -j2` of the targets below), each process on
 # half the cores (THREADS): on the 2-core CPU one thread per process is faster than two for the dVAE (4,500 steps:
-# 701-746 s on one thread beside another job, 817 s alone on two), and the CLIP's ~10 minutes on one thread hide beside
+# 701-746 s on one thread beside another job, 817 s alone on two), and the CLIP's ~7 minutes on one thread hide beside
 # the dVAE. The transformer, which runs alone, trains data-parallel on two ranks of half the cores each (torchrun,
 # DeepSpeed ZeRO-2 over gloo), 16 sequences per rank: the demo's global batch of 32, at 1.58 steps/s on the 2-core CPU
-# against 1.0 for one process of batch 32 on one thread (same machine, same minute; ~1.0 on two threads).
+# against 1.0 for one process of batch 32 on one thread (same machine, same minute; ~1.0 on two threads), 1.63 since
+# each rank orthogonalises whole blocks (dalle_ar/engine/optim.py) with DeepSpeed's muon_update uncompiled
+# (--no-muon_compile: as fast, without 12-19 s of compiling).
 # The dVAE decodes its images in one loader worker (--num_workers 1): the same batches in the same order, so the same
 # weights bit for bit, ~12% faster on the 2-core CPU (the PNG decoding overlaps the training step). 4,500 crop steps
 # pass the caption check on 97.3% of held-out reconstructions against 92.7% for 3,000 (bench/results/dvae_crop_steps_cpu.json).
@@ -102,7 +104,10 @@ demo: setup
 	$(STAGE) shards -- $(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num $(DALLE_IMAGES)
 	$(STAGE) tokenizer -- $(PY) train/train_tokenizer.py --data '$(BASE_SHARDS)' --out $(DEMO)/runs/tokenizer --vocab_size 512
 	@echo "the CLIP trains beside the dVAE, $(THREADS) thread(s) each, then the transformer on 2 ranks; CLIP progress: tail -f $(DEMO)/clip.log"
-	$(MAKE) --no-print-directory -j2 demo-clip demo-generator
+	$(MAKE) --no-print-directory -j2 demo-clip demo-tokens demo-dvae-check
+	$(THREADS_ENV) $(STAGE) transformer -- $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
+		train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
+		--steps $(DALLE_STEPS) --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED) $(DALLE_OPT_FLAGS)
 	$(STAGE) eval -- $(PY) sample/generate.py --dalle $(DEMO)/runs/dalle/export --clip $(DEMO)/runs/clip/export \
 		--synthetic_prompts 64 --num_candidates 16 --top_k_rerank 4 --temperature 0.7 --seed $(SEED) --out $(DEMO)/eval \
 		--grid_prompts 8
@@ -110,7 +115,9 @@ demo: setup
 	echo $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) > $(DEMO)/.seconds
 	@echo "demo finished in $$(cat $(DEMO)/.seconds) s ($$(cat $(DEMO)/machine.json)): see $(DEMO)/grid.png, $(DEMO)/eval/scores.json"
 
-# The demo's two concurrent parts (run by `make demo`, which makes the shards and the tokenizer first).
+# The demo's concurrent parts (run by `make demo -j2` after the shards and the tokenizer, before the transformer): the CLIP
+# on one core; the dVAE on the other, then the encoding of the images into tokens there, and the dVAE's check on the
+# core the CLIP leaves (on the 2-core CPU the dVAE and the encoding take ~447 s, the CLIP and the check ~448).
 # The CLIP reads 16 caption tokens: the shapes world's longest caption is 14 with its start and end tokens, and a
 # step (with four wrong captions) took 1.38 s beside the dVAE against 1.83 s at the default 32 (a longer caption is cut
 # and counted in clip.log).
@@ -123,17 +130,18 @@ demo-clip:
 		> $(DEMO)/clip.log 2>&1 \
 		|| { tail -n 20 $(DEMO)/clip.log; echo "CLIP training failed: $(DEMO)/clip.log"; exit 1; }
 
-demo-generator:
+demo-dvae:
 	$(THREADS_ENV) $(STAGE) dvae -- $(PY) train/train_dvae.py --data '$(BASE_SHARDS)' --out $(DEMO)/runs/dvae \
 		--steps $(DVAE_STEPS) --crop_size 32 --batch_size 32 --lr 3e-3 --warmup_steps 50 --ema_decay 0.99 --sample_every 1000 --num_workers 1 --seed $(SEED) \
 		$(DVAE_OPT_FLAGS)
-	$(THREADS_ENV) $(STAGE) dvae_quality -- $(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
-		--out $(DEMO)/dvae_quality.json
+
+demo-tokens: demo-dvae
 	$(THREADS_ENV) $(STAGE) encode -- $(PY) train/encode.py --dvae $(DEMO)/runs/dvae/export --data $(DEMO)/data/shapes --out $(DEMO)/data/tokens \
 		--batch_size 64 --num_workers 1
-	$(THREADS_ENV) $(STAGE) transformer -- $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
-		train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
-		--steps $(DALLE_STEPS) --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED) $(DALLE_OPT_FLAGS)
+
+demo-dvae-check: demo-dvae
+	$(THREADS_ENV) $(STAGE) dvae_quality -- $(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
+		--out $(DEMO)/dvae_quality.json
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
 # the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~20 min per seed. Writes

@@ -23,6 +23,22 @@ def test_image_shards_round_trip(tmp_path):
         assert torch.equal(img, expected)  # PNG is lossless
 
 
+def test_synthetic_shards_are_the_same_for_any_number_of_workers(tmp_path):
+    import tarfile
+
+    def members(out):
+        with tarfile.open(out / "000001.tar") as tar:  # the second shard: workers' chunks cross its boundaries
+            return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+    for workers in (1, 3):
+        run_script("train/make_shards.py", "synthetic", "--out", str(tmp_path / f"w{workers}"), "--num", "150",
+                   "--samples_per_shard", "50", "--workers", str(workers))
+    one, three = members(tmp_path / "w1"), members(tmp_path / "w3")
+    assert len(one) == 100 and one == three  # the PNG and caption of samples 50-99, in order
+    image, caption = synthetic.make_example(50)
+    assert one[:2] == [("000000050.png", write.encode_image(image, "png")), ("000000050.txt", caption.encode())]
+
+
 def test_import_folder_with_sidecar_captions(tmp_path):
     src = tmp_path / "src" / "sub"
     src.mkdir(parents=True)

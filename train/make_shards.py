@@ -12,7 +12,10 @@ says what was written and what was skipped, by reason (folder: no caption file, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,6 +35,9 @@ def main(argv=None) -> dict:
     s.add_argument("--max_shapes", type=int, default=2, choices=(1, 2), help="shapes per image at most (default: 2)")
     s.add_argument("--p_two", type=float, default=0.5, help="probability of a two-shape scene (default: 0.5)")
     s.add_argument("--samples_per_shard", type=int, default=1000, help="(default: 1000)")
+    s.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="processes rendering and PNG-encoding the images; the shards are the same for any count "
+                        "(default: min(CPU count, 8))")
     f = sub.add_parser("folder", help="pack NAME.jpg|png + NAME.txt files from a folder (recursively)")
     f.add_argument("--src", required=True, help="folder with images and sidecar .txt captions")
     f.add_argument("--out", required=True, help="output directory for NNNNNN.tar shards")
@@ -42,12 +48,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     if args.source == "synthetic":
-        def examples():
-            for i in tqdm(range(args.num), desc="render", mininterval=1.0):
-                image, text = synthetic.make_example(i, seed=args.seed, image_size=args.image_size,
-                                                     max_shapes=args.max_shapes, p_two=args.p_two)
-                yield f"{i:09d}", image, text
-        n = write.write_image_shards(examples(), args.out, args.samples_per_shard)
+        if args.workers < 1:
+            p.error(f"--workers {args.workers}: use 1 or more")
+        render = functools.partial(_render, seed=args.seed, image_size=args.image_size, max_shapes=args.max_shapes,
+                                   p_two=args.p_two)
+        with multiprocessing.Pool(args.workers) if args.workers > 1 else _InProcess() as pool:
+            examples = pool.imap(render, range(args.num), chunksize=64)  # in order: the same shards for any count
+            n = write.write_image_shards(tqdm(examples, total=args.num, desc="render", mininterval=1.0), args.out,
+                                         args.samples_per_shard)
         stats = {"written": n, "source": "synthetic", "seed": args.seed, "image_size": args.image_size,
                  "max_shapes": args.max_shapes, "p_two": args.p_two}
     else:
@@ -56,6 +64,26 @@ def main(argv=None) -> dict:
     (Path(args.out) / "stats.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats))
     return stats
+
+
+def _render(i: int, **world) -> tuple[str, bytes, str]:
+    """Example i of the shapes world: its key, its PNG bytes and its caption."""
+    image, text = synthetic.make_example(i, **world)
+    return f"{i:09d}", write.encode_image(image, "png"), text
+
+
+class _InProcess:
+    """`--workers 1`: a Pool's imap, in this process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap(fn, items, chunksize=1):
+        return map(fn, items)
 
 
 if __name__ == "__main__":

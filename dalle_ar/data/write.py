@@ -67,13 +67,15 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def write_image_shards(examples: Iterable[tuple[str, Image.Image, str]], out_dir: str | Path,
+def write_image_shards(examples: Iterable[tuple[str, Image.Image | bytes, str]], out_dir: str | Path,
                        samples_per_shard: int = 1000, image_format: str = "png") -> int:
-    """Write (key, image, caption) triples; returns the number written."""
+    """Write (key, image, caption) triples, the image a PIL image or its bytes already encoded as `image_format`;
+    returns the number written."""
     n = 0
     with _Writer(out_dir, samples_per_shard) as sink:
         for key, image, caption in examples:
-            sink.write({"__key__": key, image_format: encode_image(image, image_format), "txt": caption})
+            data = image if isinstance(image, bytes) else encode_image(image, image_format)
+            sink.write({"__key__": key, image_format: data, "txt": caption})
             n += 1
     return n
 
