@@ -1,7 +1,7 @@
 # `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (32,000 images; the
-# dVAE and the transformer trained with Muon, the transformer's 650 steps with momentum): 18 min with setup on a 147
-# GFLOP/s 2-core AVX2 CPU, 95.0% of candidates right and CLIP top-1 100% for seed 0; over seeds 0-2 CLIP top-1 97.9% +-
-# 1.8 and 93.9% +- 2.9 of candidates right (bench/results/demo_steps650_zen2_cpu.json).
+# dVAE and the transformer trained with Muon, the transformer's 650 steps with momentum): 16.6 min with setup on a 147
+# GFLOP/s 2-core AVX2 CPU, 95.0% of candidates right and CLIP top-1 96.9% for seed 0; over seeds 0-2 CLIP top-1 97.4% +-
+# 0.9 and 93.9% +- 2.9 of candidates right (bench/results/demo_speed_zen2_cpu.json, demo_steps650_zen2_cpu.json).
 # `make demo DALLE_STEPS=1200 DALLE_MUON="--muon_lr 0.05 --muon_momentum 0"`: the recipe before it (26 min, CLIP top-1
 # 97.9% +- 2.4). `make demo OPTIMIZER=adamw`: the AdamW recipe (8,000 images), the default before Muon: 27-35 min on
 # 142-194 GFLOP/s machines, CLIP top-1 89.6% +- 3.6 over three seeds.

@@ -64,19 +64,24 @@ def _wrap(text: str, max_chars: int) -> list[str]:
 
 
 def _label_tiles(grid: Image.Image, hw: tuple[int, int], ncol: int, labels: list[str], scale: int,
-                 strip: int = 12) -> Image.Image:
-    """Open a `strip`-pixel band under each row of make_grid's layout (padding 2) and write each tile's label."""
+                 line: int = 12) -> Image.Image:
+    """Open a band under each row of make_grid's layout (padding 2) and write each tile's label there, wrapped to the
+    tile's width (a word longer than that is cut): `line` pixels per line of the longest label."""
     (h, w), pad = hw, 2
     band = (h + pad) * scale
+    width = max(1, w * scale // 6)  # characters of the default font that fit under a tile
+    wrapped = [[word[:width] for word in _wrap(label, width)] for label in labels]
+    strip = line * max(1, max(map(len, wrapped), default=1))
     rows = -(-len(labels) // ncol)
     canvas = Image.new("RGB", (grid.width, grid.height + rows * strip), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     for r in range(rows):
         canvas.paste(grid.crop((0, r * band, grid.width, (r + 1) * band + pad * scale)), (0, r * (band + strip)))
-    for i, label in enumerate(labels):
+    for i, lines in enumerate(wrapped):
         r, c = divmod(i, ncol)
         x, y = c * (w + pad) * scale + pad * scale, r * (band + strip) + band + pad * scale - 1
-        draw.text((x, y), label[: max(1, w * scale // 6)], fill="black", font=font)
+        for j, text in enumerate(lines):
+            draw.text((x, y + line * j), text, fill="black", font=font)
     return canvas
 
 

@@ -153,3 +153,20 @@ def test_stage_training_flops_reads_steps_from_the_run(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir()
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000047\n")
     assert run_info(export)["steps"] == 47
+
+
+def test_grid_tile_labels_wrap_to_the_tile_instead_of_being_cut(tmp_path):
+    """A rank, CLIP score and likelihood under a 64 px tile do not fit one line: the band grows a line, and each tile's
+    label is drawn whole (the band under it is not blank where a cut label would end)."""
+    import numpy as np
+    from PIL import Image
+
+    from dalle_ar.report import save_grid
+
+    images = torch.zeros(4, 3, 64, 64)
+    short = save_grid(images, tmp_path / "short.png", nrow=2, tile_labels=["#1 cos 0.97"] * 4)
+    full = save_grid(images, tmp_path / "long.png", nrow=2, tile_labels=["#1 cos 0.974 (97) ll -170"] * 4)
+    h_short, h_long = Image.open(short).size[1], Image.open(full).size[1]
+    assert h_long == h_short + 2 * 12  # one more 12 px line under each of the two rows
+    band = np.asarray(Image.open(full).convert("L"))[132 + 12:132 + 24, 4:128]  # the second line under tile 1
+    assert (band < 128).any()  # "-170" is there
