@@ -95,7 +95,9 @@ class CachedTokenizer:
             self.rows.update(zip(missing, self.tokenizer(missing)))
         return torch.stack([self.rows[t] for t in texts])
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for what the instance lacks
+        if name == "tokenizer":  # not set yet (e.g. while unpickling): no recursion through this method
+            raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
 

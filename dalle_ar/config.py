@@ -185,7 +185,7 @@ class TrainConfig:
     muon_momentum: float = 0.95
     # DeepSpeed's muon_update runs torch.compile'd, which compiles it afresh for every matrix shape. --no-muon_compile runs
     # it eagerly: on the CPU the demo's transformer steps as fast without it and skips 12-19 s of compiling; the dVAE's
-    # 38 kernels step 5 ms slower eagerly (README, "Muon").
+    # 38 kernels step 5 ms slower eagerly (README, *What the demo does*).
     muon_compile: bool = True
 
     PRECISIONS: ClassVar[tuple[str, ...]] = get_args(Precision)
