@@ -1,5 +1,5 @@
 # `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (32,000 images; the
-# dVAE and the transformer trained with Muon, the transformer's 650 steps with momentum): 16.6 min with setup on a 147
+# dVAE and the transformer trained with Muon, the transformer's 650 steps with momentum): 16.3 min with setup on a 149
 # GFLOP/s 2-core AVX2 CPU, 95.0% of candidates right and CLIP top-1 96.9% for seed 0; over seeds 0-2 CLIP top-1 97.4% +-
 # 0.9 and 93.9% +- 2.9 of candidates right (bench/results/demo_speed_zen2_cpu.json, demo_steps650_zen2_cpu.json).
 # `make demo DALLE_STEPS=1200 DALLE_MUON="--muon_lr 0.05 --muon_momentum 0"`: the recipe before it (26 min, CLIP top-1
@@ -121,7 +121,7 @@ demo: setup
 
 # The demo's concurrent parts (run by `make demo -j2` after the shards and the tokenizer, before the transformer): the CLIP
 # on one core; the dVAE on the other, then the encoding of the images into tokens there, and the dVAE's check on the
-# core the CLIP leaves (on the 2-core CPU the dVAE and the encoding take ~447 s, the CLIP and the check ~448).
+# first core free (on the 2-core CPU the dVAE and the encoding took 439-448 s, the CLIP 444-456 s, the check 12-13 s).
 # The CLIP reads 16 caption tokens: the shapes world's longest caption is 14 with its start and end tokens, and a
 # step (with four wrong captions) took 1.38 s beside the dVAE against 1.83 s at the default 32 (a longer caption is cut
 # and counted in clip.log).
