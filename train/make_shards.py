@@ -12,6 +12,7 @@ says what was written and what was skipped, by reason (folder: no caption file, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -52,8 +53,9 @@ def main(argv=None) -> dict:
             p.error(f"--workers {args.workers}: use 1 or more")
         render = functools.partial(_render, seed=args.seed, image_size=args.image_size, max_shapes=args.max_shapes,
                                    p_two=args.p_two)
-        with multiprocessing.Pool(args.workers) if args.workers > 1 else _InProcess() as pool:
-            examples = pool.imap(render, range(args.num), chunksize=64)  # in order: the same shards for any count
+        with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
+            # in order: the same shards for any count
+            examples = pool.imap(render, range(args.num), chunksize=64) if pool else map(render, range(args.num))
             n = write.write_image_shards(tqdm(examples, total=args.num, desc="render", mininterval=1.0), args.out,
                                          args.samples_per_shard)
         stats = {"written": n, "source": "synthetic", "seed": args.seed, "image_size": args.image_size,
@@ -70,20 +72,6 @@ def _render(i: int, **world) -> tuple[str, bytes, str]:
     """Example i of the shapes world: its key, its PNG bytes and its caption."""
     image, text = synthetic.make_example(i, **world)
     return f"{i:09d}", write.encode_image(image, "png"), text
-
-
-class _InProcess:
-    """`--workers 1`: a Pool's imap, in this process."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def imap(fn, items, chunksize=1):
-        return map(fn, items)
 
 
 if __name__ == "__main__":

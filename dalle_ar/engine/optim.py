@@ -146,23 +146,18 @@ def newton_schulz_in_fp32() -> None:
     original_muon.zeropower_via_gram_newtonschulz = gram_newton_schulz
 
 
-_COMPILED_MUON_UPDATE = []  # DeepSpeed's compiled muon_update, kept when `compile_muon_update(False)` swaps it out
-
-
 def compile_muon_update(compiled: bool) -> None:
     """Make DeepSpeed's Muon (deepspeed 0.19.7) run `muon_update` compiled (its own way: wrapped in torch.compile,
-    which compiles it again for every matrix shape it meets) or uncompiled, in this process (`--no-muon_compile`)."""
+    which compiles it again for every matrix shape it meets) or uncompiled, in this process (`--no-muon_compile`). The
+    modules that step Muon parameters call the one chosen; DeepSpeed's own stays in `original_muon`."""
     from deepspeed.runtime.zero import stage3, stage_1_and_2
     from deepspeed.runtime.zero.muon import muon_optimizer, original_muon
 
-    if not _COMPILED_MUON_UPDATE:
-        _COMPILED_MUON_UPDATE.append(original_muon.muon_update)
-    wrapped = _COMPILED_MUON_UPDATE[0]
+    wrapped = original_muon.muon_update
     # the function torch.compile wraps; DeepSpeed with its compiler off exposes the plain function
     fn = wrapped if compiled else getattr(wrapped, "_torchdynamo_orig_callable", wrapped)
-    for module in (original_muon, muon_optimizer, stage_1_and_2, stage3):
-        if hasattr(module, "muon_update"):
-            module.muon_update = fn
+    for module in (muon_optimizer, stage_1_and_2, stage3):
+        module.muon_update = fn
 
 
 def zero_muon_keeps_every_momentum() -> None:
@@ -205,8 +200,8 @@ def _muon_with_kernels() -> type[torch.optim.Optimizer]:
     et al.'s treatment of hidden convolutions). deepspeed 0.19.7's `muon_update` flattens a kernel's update but then
     broadcasts it against the 4-D gradient (an (out, in, out, in) tensor) and scales it by k/k instead of
     out/(in*k*k). Matrices take DeepSpeed's own step unchanged."""
+    from deepspeed.runtime.zero.muon import muon_optimizer
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
-    from deepspeed.runtime.zero.muon.original_muon import muon_update
 
     class MuonWithKernels(MuonWithAuxAdam):
         def __init__(self, param_groups):
@@ -240,8 +235,8 @@ def _muon_with_kernels() -> type[torch.optim.Optimizer]:
                 state = self.state[p]
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                update = muon_update(grad.view(len(p), -1), state["momentum_buffer"].view(len(p), -1),
-                                     beta=group["momentum"], ns_method=group.get("ns_method", "gram"))
+                update = muon_optimizer.muon_update(grad.view(len(p), -1), state["momentum_buffer"].view(len(p), -1),
+                                                    beta=group["momentum"], ns_method=group.get("ns_method", "gram"))
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.view_as(p), alpha=-group["lr"])
             return loss
