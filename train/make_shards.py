@@ -53,7 +53,9 @@ def main(argv=None) -> dict:
             p.error(f"--workers {args.workers}: use 1 or more")
         render = functools.partial(_render, seed=args.seed, image_size=args.image_size, max_shapes=args.max_shapes,
                                    p_two=args.p_two)
-        with multiprocessing.Pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
+        # spawned, not forked: a fork copies this process's threads' locks (torch, tqdm) into the workers
+        pool = multiprocessing.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
+        with pool or contextlib.nullcontext():
             # in order: the same shards for any count
             examples = pool.imap(render, range(args.num), chunksize=64) if pool else map(render, range(args.num))
             n = write.write_image_shards(tqdm(examples, total=args.num, desc="render", mininterval=1.0), args.out,
