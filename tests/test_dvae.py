@@ -11,7 +11,7 @@ from dvae.config import DVAEConfig, DVAELossConfig
 from dvae.loss import (codebook_usage, dvae_loss, kl_to_uniform, kl_weight, logit_laplace_nll, random_crop,
                        temperature)
 from dvae.metrics import psnr, ssim
-from dvae.model import gumbel_softmax, map_pixels, unmap_pixels
+from dvae.model import map_pixels, unmap_pixels
 
 
 def images(n, seed=0):
@@ -148,27 +148,6 @@ def test_encoder_runs_channels_last_and_gives_the_codes_of_the_nchw_layout():
     with torch.no_grad():
         nchw = model.encoder(map_pixels(x).contiguous()).argmax(dim=1)
     assert torch.equal(codes, nchw)
-
-
-def test_gumbel_softmax_samples_the_categorical_and_passes_the_soft_gradient_through_hard_codes():
-    # Gumbel-max: argmax(logits + noise) is distributed as softmax(logits) only if the noise is Gumbel(0, 1)
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    torch.manual_seed(0)
-    codes = gumbel_softmax(probs.log().expand(200_000, 4), tau=1.0, hard=True, dim=1)
-    assert torch.equal(codes.sum(1), torch.ones(200_000)) and set(codes.unique().tolist()) == {0.0, 1.0}
-    assert torch.allclose(codes.mean(0), probs, atol=0.005)
-
-    logits = torch.randn(2, 8, 3, 3, requires_grad=True)
-    weights = torch.randn(2, 8, 3, 3)
-    torch.manual_seed(1)
-    soft = gumbel_softmax(logits, tau=0.5, dim=1)
-    assert torch.allclose(soft.sum(1), torch.ones(2, 3, 3))
-    (grad_soft,) = torch.autograd.grad((soft * weights).sum(), logits)
-    torch.manual_seed(1)  # the same noise
-    hard = gumbel_softmax(logits, tau=0.5, hard=True, dim=1)
-    assert torch.equal(hard.argmax(1), soft.argmax(1)) and torch.equal(hard.detach().amax(1), torch.ones(2, 3, 3))
-    (grad_hard,) = torch.autograd.grad((hard * weights).sum(), logits)
-    assert torch.allclose(grad_hard, grad_soft)
 
 
 def test_codebook_usage_and_perplexity():
