@@ -19,14 +19,14 @@ SEEDS  ?= 0 1 2
 # rerank efficiency at least 0.97, against 98.4% +- 2.7 for 800; bench/results/demo_steps650_zen2_cpu.json);
 # with AdamW, 1,600 (3,200 draw more correct candidates from every seed's tokens, for ~11 more minutes:
 # bench/results/transformer_steps_seeds_zen4_cpu.json)
-DALLE_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),575,1600)
+DALLE_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),650,1600)
 # the images the transformer trains on. The dVAE, the tokenizer and the CLIP train on the first 8,000 of them (shards
 # 000000-000007 at make_shards.py's 1,000 images per shard: BASE_SHARDS) whatever this is. 32,000 with Muon (the
 # default), 8,000 with AdamW (its former default; DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates
 # and a CLIP top-1 of at least 92% on every seed: bench/results/transformer_data_steps_zen4_cpu.json)
 # the CLIP's steps (batch 64)
-CLIP_STEPS ?= 350
-DALLE_IMAGES ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),20000,8000)
+CLIP_STEPS ?= 400
+DALLE_IMAGES ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),32000,8000)
 # the optimizer of the demo's dVAE and transformer: adamw, or muon (DeepSpeed's Muon on the hidden weight matrices and
 # conv kernels, AdamW on the rest; in fp32 on a CPU without bf16 matrix instructions). DVAE_OPTIMIZER / DALLE_OPTIMIZER
 # set one each.
