@@ -1,10 +1,11 @@
-# `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (32,000 images; the
-# dVAE and the transformer trained with Muon, the transformer's 650 steps with momentum): 16.3 min with setup on a 149
-# GFLOP/s 2-core AVX2 CPU, 95.0% of candidates right and CLIP top-1 96.9% for seed 0; over seeds 0-2 CLIP top-1 97.4% +-
-# 0.9 and 93.9% +- 2.9 of candidates right (bench/results/demo_speed_zen2_cpu.json, demo_steps650_zen2_cpu.json).
-# `make demo DALLE_STEPS=1200 DALLE_MUON="--muon_lr 0.05 --muon_momentum 0"`: the recipe before it (26 min, CLIP top-1
-# 97.9% +- 2.4). `make demo OPTIMIZER=adamw`: the AdamW recipe (8,000 images), the default before Muon: 27-35 min on
-# 142-194 GFLOP/s machines, CLIP top-1 89.6% +- 3.6 over three seeds.
+# `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (20,000 images; the
+# dVAE and the transformer trained with Muon, the transformer's 575 steps with momentum; the CLIP's 350 steps): 871-901 s
+# with setup from fresh clones of three seeds on a 148-149 GFLOP/s 2-core AVX2 CPU, CLIP top-1 96.4% +- 0.9 (at least
+# 95.3%), 90.5% +- 2.3 of candidates right, rerank efficiency at least 0.95 (bench/results/demo_fast_zen2_cpu.json).
+# `make demo DALLE_STEPS=650 DALLE_IMAGES=32000 CLIP_STEPS=400`: the recipe before it (16.3 min, CLIP top-1 97.4% +- 0.9,
+# 93.9% +- 2.9 of candidates right: demo_speed_zen2_cpu.json, demo_steps650_zen2_cpu.json). `make demo OPTIMIZER=adamw`:
+# the AdamW recipe (8,000 images), the default before Muon: 27-35 min on 142-194 GFLOP/s machines, CLIP top-1 89.6% +-
+# 3.6 over three seeds.
 # `make test`: set up and run the test suite. See README.md.
 # `make play`: the browser playground on the demo's models (runs `make demo` first when they are missing).
 PYTHON ?= python3
@@ -15,18 +16,24 @@ DEV_STAMP := $(VENV)/.installed-dev
 DEMO   ?= outputs/demo
 SEED   ?= 0
 SEEDS  ?= 0 1 2
-# the demo transformer's steps: with Muon (the default), 650 (with momentum: on three seeds CLIP top-1 100% / 96.9% / 96.9%,
-# rerank efficiency at least 0.97, against 98.4% +- 2.7 for 800; bench/results/demo_steps650_zen2_cpu.json);
+# the demo transformer's steps: with Muon (the default), 575 on 20,000 images (with momentum: on three seeds CLIP top-1
+# 96.9% / 96.9% / 95.3%, rerank efficiency at least 0.95, with the CLIP's 350 steps, the job fitting 15 minutes with
+# setup on the 2-core CPU: bench/results/demo_fast_zen2_cpu.json; 650 on 32,000 images with the CLIP's 400 steps drew
+# CLIP top-1 100% / 96.9% / 96.9% and rerank efficiency at least 0.97, in 16.3 minutes; 800, 98.4% +- 2.7:
+# bench/results/demo_steps650_zen2_cpu.json);
 # with AdamW, 1,600 (3,200 draw more correct candidates from every seed's tokens, for ~11 more minutes:
 # bench/results/transformer_steps_seeds_zen4_cpu.json)
-DALLE_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),650,1600)
+DALLE_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),575,1600)
 # the images the transformer trains on. The dVAE, the tokenizer and the CLIP train on the first 8,000 of them (shards
-# 000000-000007 at make_shards.py's 1,000 images per shard: BASE_SHARDS) whatever this is. 32,000 with Muon (the
-# default), 8,000 with AdamW (its former default; DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates
-# and a CLIP top-1 of at least 92% on every seed: bench/results/transformer_data_steps_zen4_cpu.json)
-# the CLIP's steps (batch 64)
-CLIP_STEPS ?= 400
-DALLE_IMAGES ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),32000,8000)
+# 000000-000007 at make_shards.py's 1,000 images per shard: BASE_SHARDS) whatever this is. 20,000 with Muon (the
+# default: its 575 steps of 32 draw 18,400 samples, and 12,000 fewer images to render and encode take ~35 s less),
+# 8,000 with AdamW (its former default; DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates and a CLIP
+# top-1 of at least 92% on every seed: bench/results/transformer_data_steps_zen4_cpu.json)
+DALLE_IMAGES ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),20000,8000)
+# the CLIP's steps (batch 64): 350, so that it ends with the dVAE and its encoding of the images. On the same 16
+# candidates per prompt of a seed-2 transformer the 350-step CLIP and the 400-step one both pick 95.3% right
+# (bench/results/demo_fast_zen2_cpu.json); 1,000 steps were no better than 400 (rerank_clip_steps_cpu.json).
+CLIP_STEPS ?= 350
 # the optimizer of the demo's dVAE and transformer: adamw, or muon (DeepSpeed's Muon on the hidden weight matrices and
 # conv kernels, AdamW on the rest; in fp32 on a CPU without bf16 matrix instructions). DVAE_OPTIMIZER / DALLE_OPTIMIZER
 # set one each.
@@ -123,7 +130,8 @@ demo: setup
 
 # The demo's concurrent parts (run by `make demo -j2` after the shards and the tokenizer, before the transformer): the CLIP
 # on one core; the dVAE on the other, then the encoding of the images into tokens there, and the dVAE's check on the
-# first core free (on the 2-core CPU the dVAE and the encoding took 439-448 s, the CLIP 444-456 s, the check 12-13 s).
+# first core free (on the 2-core CPU the dVAE took 353-380 s and the encoding of 20,000 images 42-44 s, the CLIP's 350
+# steps 386-400 s, the check 14-15 s).
 # The CLIP reads 16 caption tokens: the shapes world's longest caption is 14 with its start and end tokens, and a
 # step (with four wrong captions) took 1.38 s beside the dVAE against 1.83 s at the default 32 (a longer caption is cut
 # and counted in clip.log).

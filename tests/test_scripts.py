@@ -224,16 +224,16 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
     lines = plan()
     clip = next(line for line in lines if "train/train_clip.py" in line)
     assert "--hard_negatives 2 --context_length 16" in clip  # two wrong captions per caption, 16 caption tokens
-    assert "--steps 400 " in clip and "--steps 300 " in next(line for line in plan("CLIP_STEPS=300") if "train_clip.py" in line)
+    assert "--steps 350 " in clip and "--steps 300 " in next(line for line in plan("CLIP_STEPS=300") if "train_clip.py" in line)
     encode = next(line for line in lines if "train/encode.py" in line)
     assert encode.endswith("--batch_size 64 --num_workers 1")
     # one sampling run: 64 held-out prompts scored, the grid of the first 8 copied to the demo's top level
     runs = [line for line in lines if "sample/generate.py" in line]
     assert len(runs) == 1 and "--synthetic_prompts 64" in runs[0] and runs[0].endswith("--grid_prompts 8")
 
-    for default in ((), ("OPTIMIZER=muon",)):  # Muon is the default: 32,000 images, 2,500 dVAE and 650 transformer steps
+    for default in ((), ("OPTIMIZER=muon",)):  # Muon is the default: 20,000 images, 2,500 dVAE and 575 transformer steps
         shards, dvae, dalle = commands(*default)
-        assert "--num 32000" in shards and "--steps 2500" in dvae and "--steps 650" in dalle
+        assert "--num 20000" in shards and "--steps 2500" in dvae and "--steps 575" in dalle
         assert dvae.endswith("--optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02")
         assert dalle.endswith("--optimizer muon --grad_clip 0 --no-muon_compile --muon_lr 0.01 --muon_momentum 0.95")
     shards, dvae, dalle = commands("OPTIMIZER=adamw")  # the AdamW recipe: 8,000 images, 4,500 and 1,600 steps
