@@ -224,7 +224,11 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
     lines = plan()
     clip = next(line for line in lines if "train/train_clip.py" in line)
     assert "--hard_negatives 2 --context_length 16" in clip  # two wrong captions per caption, 16 caption tokens
-    assert "--steps 350 " in clip and "--steps 300 " in next(line for line in plan("CLIP_STEPS=300") if "train_clip.py" in line)
+    def clip_steps(*args):
+        return next(line for line in plan(*args) if "train_clip.py" in line).split("--steps ")[1].split()[0]
+
+    # the CLIP's steps: 350 with Muon (the default), 400 with AdamW (as its recipe was measured), or as given
+    assert (clip_steps(), clip_steps("OPTIMIZER=adamw"), clip_steps("CLIP_STEPS=300")) == ("350", "400", "300")
     encode = next(line for line in lines if "train/encode.py" in line)
     assert encode.endswith("--batch_size 64 --num_workers 1")
     # one sampling run: 64 held-out prompts scored, the grid of the first 8 copied to the demo's top level
