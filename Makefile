@@ -31,9 +31,10 @@ DALLE_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),575,1600)
 # 8,000 with AdamW (its former default; DALLE_IMAGES=32000 with DALLE_STEPS=3200 draws more correct candidates and a CLIP
 # top-1 of at least 92% on every seed: bench/results/transformer_data_steps_zen4_cpu.json)
 DALLE_IMAGES ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),20000,8000)
-# the CLIP's steps (batch 64): with Muon 350 (400 with AdamW, as measured), so that it ends with the dVAE and its encoding of the images. On the same 16
-# candidates per prompt of a seed-2 transformer the 350-step CLIP and the 400-step one both pick 95.3% right
-# (bench/results/demo_fast_zen2_cpu.json); 1,000 steps were no better than 400 (rerank_clip_steps_cpu.json).
+# the CLIP's steps (batch 64): 350 in the Muon recipe, so that it ends with the dVAE and its encoding of the images (400
+# in the AdamW recipe, as measured). On the same 16 candidates per prompt of a seed-2 transformer the 350-step CLIP and
+# the 400-step one both pick 95.3% right (bench/results/demo_fast_zen2_cpu.json); 1,000 steps were no better than 400
+# (rerank_clip_steps_cpu.json).
 CLIP_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),350,400)
 # the optimizer of the demo's dVAE and transformer: adamw, or muon (DeepSpeed's Muon on the hidden weight matrices and
 # conv kernels, AdamW on the rest; in fp32 on a CPU without bf16 matrix instructions). DVAE_OPTIMIZER / DALLE_OPTIMIZER

@@ -224,6 +224,7 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
     lines = plan()
     clip = next(line for line in lines if "train/train_clip.py" in line)
     assert "--hard_negatives 2 --context_length 16" in clip  # two wrong captions per caption, 16 caption tokens
+
     def clip_steps(*args):
         return next(line for line in plan(*args) if "train_clip.py" in line).split("--steps ")[1].split()[0]
 
