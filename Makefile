@@ -1,7 +1,7 @@
 # `make demo`: set up and run the whole pipeline on the synthetic shapes world with the Muon recipe (20,000 images; the
 # dVAE and the transformer trained with Muon, the transformer's 575 steps with momentum; the CLIP's 350 steps): 871-901 s
-# with setup from fresh clones of three seeds on a 148-149 GFLOP/s 2-core AVX2 CPU (~17 s more on a machine's first run,
-# with a cold torch Inductor cache), CLIP top-1 96.4% +- 0.9 (at least 95.3%), 90.5% +- 2.3 of candidates right, rerank
+# with setup from fresh clones of three seeds on a 148-149 GFLOP/s 2-core AVX2 CPU (seed 0 on a machine's first run, with
+# an empty torch Inductor cache: 905 s), CLIP top-1 96.4% +- 0.9 (at least 95.3%), 90.5% +- 2.3 of candidates right, rerank
 # efficiency at least 0.95 (bench/results/demo_fast_zen2_cpu.json).
 # `make demo DALLE_STEPS=650 DALLE_IMAGES=32000 CLIP_STEPS=400`: the recipe before it (16.3 min, CLIP top-1 97.4% +- 0.9,
 # 93.9% +- 2.9 of candidates right: demo_speed_zen2_cpu.json, demo_steps650_zen2_cpu.json). `make demo OPTIMIZER=adamw`:
