@@ -1,5 +1,7 @@
 """The DeepSpeed engine on CPU: ZeRO stages, resume, export."""
 
+import os
+
 import pytest
 import torch
 
@@ -252,6 +254,28 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     assert first.logger.wandb_run.id == run_id and first.logger.wandb_run.name == "my-run"
     again, _ = train(tmp_path / "r", steps=4, stage=0, save_every=1, wandb="offline", wandb_name="my-run")
     assert again.step == 4 and again.logger.wandb_run.id == run_id
+
+
+def test_a_run_started_under_another_processs_wandb_service_starts_its_own(tmp_path):
+    """A parent that used wandb leaves WANDB_SERVICE to the trainers it starts; its service holds the id of a run killed
+    mid-step and refuses the resume. The trainer uses a service of its own: here the inherited token names another
+    pid and a socket that does not exist, and the run still logs. In a subprocess: this process's wandb is set up."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, script_env
+
+    code = ("import os, sys; from pathlib import Path; from dalle_ar.engine.logger import RunLogger\n"
+            "log = RunLogger(Path(sys.argv[1]), enabled=True)\n"
+            "log.start_wandb('offline', 'p', 'n', {})\n"
+            "log.log({'loss': 1.0}, step=1); log.finish({})\n"
+            "print(os.environ['WANDB_SERVICE'].split('-')[1] == str(os.getpid()))")
+    env = {**script_env(), "WANDB_SERVICE": f"3-{os.getpid()}-unix-{tmp_path / 'no-such.sock'}"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "True"
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1
 
 
 def test_deepspeed_cli_convention_is_accepted(tmp_path):

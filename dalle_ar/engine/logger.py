@@ -4,6 +4,7 @@ wandb is imported only here, and only when a run turns it on."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,12 @@ class RunLogger:
             return
         import wandb
 
+        # A parent process that used wandb leaves WANDB_SERVICE to its children, and wandb would route this run
+        # through the parent's service: it still holds the id of a run of ours killed mid-step, and refuses the resume
+        # ("run ID ... is in use"). A trainer talks to a service of its own (the token names the pid that started it).
+        service = os.environ.get("WANDB_SERVICE", "").split("-")
+        if len(service) > 1 and service[1] != str(os.getpid()):
+            del os.environ["WANDB_SERVICE"]
         id_file = self.out / "wandb_run_id"
         if not id_file.is_file():
             id_file.write_text(uuid.uuid4().hex[:8])  # wandb's own ids are 8 lowercase characters too
