@@ -68,6 +68,9 @@ STAGE   = $(PY) -m bench.stage --log $(DEMO)/stages.json --name
 NPROC   := $(shell nproc 2>/dev/null || echo 2)
 THREADS ?= $(shell n=$(NPROC); echo $$(( n > 1 ? n / 2 : 1 )))
 THREADS_ENV = OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS)
+# `make test`'s pytest-xdist workers, each given a whole test file (its module fixtures are built once) and its share
+# of the cores
+TEST_WORKERS ?= 2
 
 .PHONY: setup setup-dev demo demo-clip demo-dvae demo-tokens demo-dvae-check demo-seeds test test-browser play bench clean compare compare-models compare-matched \
 	compare-scaling
@@ -241,7 +244,7 @@ compare-scaling: setup
 	@echo "compare-scaling finished in $$(( $$(date +%s) - $$(cat $(SCALING)/.start) )) s: see docs/compare/scaling/report.md"
 
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # `make test-browser`: tests/browser drives the playground in a real headless chromium (Debian's chromium and
 # chromium-driver, installed here when missing; selenium is pointed at /usr/bin/chromedriver, nothing is downloaded).

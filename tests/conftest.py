@@ -16,6 +16,12 @@ os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="dalle-ar-wandb-"))
 os.environ["DS_ACCELERATOR"] = "cpu"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ["HF_HUB_OFFLINE"] = "1"
+# `make test` runs the files on pytest-xdist workers, one per core: each worker's torch, and the scripts it starts, get
+# their share of the cores (two workers of two threads each on two cores spin against each other: the dVAE overfit
+# test takes 20 s alone and 70-97 s so)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
