@@ -49,6 +49,8 @@ OPTIMIZER ?= muon
 DALLE_OPTIMIZER ?= $(OPTIMIZER)
 DALLE_MUON ?= --muon_lr 0.01 --muon_momentum 0.95
 DALLE_OPT_FLAGS = --optimizer $(DALLE_OPTIMIZER)$(if $(filter muon,$(DALLE_OPTIMIZER)), --grad_clip 0 --no-muon_compile $(DALLE_MUON))
+# the comparisons' AR transformer (compare-matched, compare-scaling) trains with the demo transformer's optimizer too
+COMPARE_AR_ARGS = --transformer-args="$(DALLE_OPT_FLAGS)"
 # the dVAE's: Muon at lr 0.02 on its residual blocks' kernels (ZeRO stage 0, one process) passes the reconstruction
 # check on more held-out images in 2,500 steps than AdamW in 4,500 (bench/results/dvae_muon_zen4_cpu.json)
 DVAE_OPTIMIZER ?= $(OPTIMIZER)
@@ -222,7 +224,7 @@ compare-matched: setup
 		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
 		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 16 \
 		--samples-per-prompt 4 --seed 0 --ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 \
-		--unclip-steps 16,64 --real-images 256 --out $(MATCHED)
+		--unclip-steps 16,64 --real-images 256 $(COMPARE_AR_ARGS) --out $(MATCHED)
 	@echo "compare-matched finished in $$(( $$(date +%s) - $$(cat $(MATCHED)/.start) )) s: see $(MATCHED)/report.md"
 
 # `make compare-scaling [BUDGETS=2.2e13,4.4e13,8.8e13]`: compare-matched at each budget in $(BUDGETS) (train/compare_scaling.py
@@ -240,7 +242,8 @@ compare-scaling: setup
 		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
 		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 32 \
 		--samples-per-prompt 4 --seed 0 --ar-rerank 1,16 --ar-temperature 0.7 --ar-top-k 16 --unclip-guidance 1,3 \
-		--unclip-steps 16,64 --real-images 256 --decoder-args=--use_caption --out $(SCALING) --report docs/compare/scaling
+		--unclip-steps 16,64 --real-images 256 --decoder-args=--use_caption $(COMPARE_AR_ARGS) --out $(SCALING) \
+		--report docs/compare/scaling
 	@echo "compare-scaling finished in $$(( $$(date +%s) - $$(cat $(SCALING)/.start) )) s: see docs/compare/scaling/report.md"
 
 test: setup-dev
