@@ -253,3 +253,31 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
                              capture_output=True, text=True)
         assert bad.returncode != 0 and f"{var}=sgd: use adamw or muon" in bad.stdout + bad.stderr
         assert not (tmp_path / "bad").exists()  # stopped before anything was made
+
+
+def test_make_comparisons_train_the_ar_transformer_with_the_demos_optimizer(tmp_path):
+    """compare-matched and compare-scaling pass the demo transformer's optimizer flags to train_matched.py's
+    transformer: Muon by default, AdamW with OPTIMIZER=adamw (the recipe docs/compare was made with)."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None or not (ROOT / ".venv" / ".installed").exists():
+        pytest.skip("needs make and the project's .venv (what `make test` sets up)")
+    demo = tmp_path / "demo"  # a demo that looks done, so that make -n plans no demo before the comparison
+    (demo / "data" / "tokens").mkdir(parents=True)
+    (demo / "data" / "tokens" / "meta.json").write_text("{}")
+
+    def transformer_args(target, *args):
+        out = subprocess.run(["make", "-n", target, f"DEMO={demo}", f"COMPARE={tmp_path / 'c'}",
+                              f"MATCHED={tmp_path / 'm'}", f"SCALING={tmp_path / 's'}", *args], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.replace("\\\n", "")
+        script = {"compare-matched": "train/train_matched.py", "compare-scaling": "train/compare_scaling.py"}[target]
+        argv = shlex.split(next(line for line in out.splitlines() if script in line))
+        return [a.split("=", 1)[1] for a in argv if a.startswith("--transformer-args=")]
+
+    for target in ("compare-matched", "compare-scaling"):
+        assert transformer_args(target) == ["--optimizer muon --grad_clip 0 --no-muon_compile --muon_lr 0.01 "
+                                            "--muon_momentum 0.95"]
+        assert transformer_args(target, "OPTIMIZER=adamw") == ["--optimizer adamw"]
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()  # make -n: nothing ran
