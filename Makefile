@@ -208,14 +208,16 @@ compare: compare-models
 	@echo "compare finished in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s: see $(COMPARE)/report/report.md"
 
 # `make compare-matched [BUDGET=5e13]`: the same comparison at a matched training budget. train/train_matched.py
-# --train-budget-flops trains the AR transformer and the unCLIP prior + decoder, on the demo's 8,000 shapes
-# (images, and their tokens for AR), for the steps that bring each backend's training FLOPs to $(BUDGET): the
-# demo's dVAE counts in AR's, the prior gets 2% of unCLIP's (make compare's split). Same model recipes as `make
-# compare`, and the same evaluation (it then runs sample/compare.py on the exports); reuses the demo's dVAE, tokenizer
-# and CLIP and compare-models' evaluator CLIP (trained here when missing: +16 min). The default budget is about half the demo's AR
-# (its dVAE + ~780 transformer steps). Rerunning skips finished runs. 2-core CPU, quiet: ~15 min after the demo
-# (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5), measured with one backend after the other: the
-# transformer and the prior + decoder now train at once, one process each on half the cores.
+# --train-budget-flops trains the AR transformer and the unCLIP prior + decoder, on the demo's shapes (20,000 in the
+# Muon recipe, 8,000 in the AdamW one: images, and their tokens for AR), for the steps that bring each backend's
+# training FLOPs to $(BUDGET): the demo's dVAE counts in AR's, the prior gets 2% of unCLIP's (make compare's split).
+# Same model recipes as `make compare` (the transformer with the demo transformer's optimizer), and the same
+# evaluation (it then runs sample/compare.py on the exports); reuses the demo's dVAE, tokenizer and CLIP and
+# compare-models' evaluator CLIP (trained here when missing: +16 min). The default budget is about half the AdamW
+# demo's AR (its dVAE + ~780 transformer steps). Rerunning skips finished runs. AdamW recipe, 2-core CPU, quiet:
+# ~15 min after the demo (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5), measured with one
+# backend after the other: the transformer and the prior + decoder now train at once, one process each on half the
+# cores.
 compare-matched: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(MATCHED) && date +%s > $(MATCHED)/.start
@@ -232,8 +234,8 @@ compare-matched: setup
 # backend's best setting per budget side by side: caption accuracy (all, 1-shape and 2-shape prompts), evaluator CLIP
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
 # docs/compare/scaling. Same demo models and evaluator CLIP as compare-matched; rerunning skips finished budgets.
-# AR and unCLIP train at once, one process each on half the cores: 55 min on the 2-core CPU at 183 GFLOP/s after the
-# demo and the evaluator CLIP (+14 min).
+# AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the AdamW recipe's models) took
+# 55 min on the 2-core CPU at 183 GFLOP/s after the demo and the evaluator CLIP (+14 min).
 compare-scaling: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(SCALING) && date +%s > $(SCALING)/.start

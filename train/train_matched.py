@@ -15,9 +15,10 @@ Steps per stage = floor(FLOPs for the stage / FLOPs of one of its steps) (metric
 with FlopCounterMode on the model its trainer would build (`<trainer> --dry_run` writes that export config, and
 `dalle_ar.models` builds it and runs its example batch and loss), so each backend ends below F by less than one
 step of its last stage, and the report's "Matched training budget" table shows the plan next to the FLOPs counted
-on the exports. Each stage trains with make compare's recipe (RECIPES below: the AdamW demo recipe's
-transformer, compare-models' prior and decoder) followed by --transformer-args / --prior-args / --decoder-args, flags of that
-trainer (later flags win), e.g. --decoder-args "--channels 64 --batch_size 64".
+on the exports. Each stage trains with make compare's recipe (RECIPES below: the demo transformer's settings
+with AdamW, compare-models' prior and decoder) followed by --transformer-args / --prior-args / --decoder-args, flags
+of that trainer (later flags win), e.g. --decoder-args "--channels 64 --batch_size 64", or --transformer-args
+"--optimizer muon --grad_clip 0 --muon_lr 0.01" (make compare-matched passes the demo transformer's optimizer).
 
 Each trainer runs as its own process (python train/<trainer>.py) under <out>/runs/<stage> (+ <out>/runs/plan.json,
 <out>/runs/budget.json). On CPU with 2+ cores the two backends train at once, each process on half the cores (the
@@ -48,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # the trainer of each stage and its recipe, `make compare`'s (Makefile targets demo for the transformer,
 # compare-models for the prior and decoder); --<stage>-args come after it, so they override it. The transformer's is
-# the AdamW demo recipe's (`make demo OPTIMIZER=adamw`: lr 2e-3) as one process of the demo's global batch of 32.
+# the demo's (lr 2e-3) as one process of the demo's global batch of 32, with AdamW: make compare-matched and
+# compare-scaling add the demo transformer's optimizer flags (Muon by default) as --transformer-args.
 TRAINERS = {"transformer": "train_dalle", "prior": "train_prior", "decoder": "train_decoder"}
 RECIPES = {
     "transformer": "--dim 256 --depth 4 --heads 4 --batch_size 32 --lr 2e-3 --warmup_steps 50",
