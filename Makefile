@@ -182,7 +182,8 @@ EVAL_CLIP = $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE
 # `make compare`: AR (the demo's dVAE + transformer) versus unCLIP (a tiny prior + decoder trained here on the
 # same shards and the same CLIP) on held-out shapes prompts, scored by a second, independently trained
 # evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing). CPU: ~30 min after the demo.
-# docs/compare was made on the models and data of the AdamW recipe (its CLIP then read 32 caption tokens):
+# docs/compare (not docs/compare/scaling) was made on the models and data of the AdamW recipe (its CLIP then read
+# 32 caption tokens):
 # `make compare-scaling OPTIMIZER=adamw DEMO=outputs/demo_adamw` runs on that recipe (the make variables reach the demo
 # it trains first).
 compare-models: setup
@@ -234,8 +235,9 @@ compare-matched: setup
 # backend's best setting per budget side by side: caption accuracy (all, 1-shape and 2-shape prompts), evaluator CLIP
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
 # docs/compare/scaling. Same demo models and evaluator CLIP as compare-matched; rerunning skips finished budgets.
-# AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the AdamW recipe's models) took
-# 55 min on the 2-core CPU at 183 GFLOP/s after the demo and the evaluator CLIP (+14 min).
+# AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the default demo's models) took
+# 69 min on the 2-core CPU at 152 GFLOP/s after the demo and the evaluator CLIP (+15 min); docs/compare/scaling_adamw
+# (the AdamW recipe's) 55 min at 183 GFLOP/s.
 compare-scaling: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(SCALING) && date +%s > $(SCALING)/.start
