@@ -202,17 +202,24 @@ def test_mismatched_tokens_are_a_one_line_error(pipeline):
     assert "Traceback" not in proc.stderr
 
 
-def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_refuses_others(tmp_path):
+def make_plan(target: str, *variables: str) -> list[str]:
+    """The commands `make <target>` would run with these make variables, one per line (make -n: nothing runs).
+    Skips the test without make or the project's .venv."""
     import shutil
     import subprocess
 
     if shutil.which("make") is None or not (ROOT / ".venv" / ".installed").exists():
         pytest.skip("needs make and the project's .venv (what `make test` sets up)")
+    return subprocess.run(["make", "-n", target, *variables], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.replace("\\\n", "").splitlines()
+
+
+def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_refuses_others(tmp_path):
+    import subprocess
 
     def plan(*args):
-        """make demo's commands for these make variables, one per line (make -n: nothing runs)."""
-        return subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path / 'plan'}", *args], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.replace("\\\n", "").splitlines()
+        """make demo's commands for these make variables."""
+        return make_plan("demo", f"DEMO={tmp_path / 'plan'}", *args)
 
     def commands(*args):
         """make demo's shards, dVAE and transformer commands for these make variables."""
@@ -259,21 +266,16 @@ def test_make_comparisons_train_the_ar_transformer_with_the_demos_optimizer(tmp_
     """compare-matched and compare-scaling pass the demo transformer's optimizer flags to train_matched.py's
     transformer: Muon by default, AdamW with OPTIMIZER=adamw (the recipe docs/compare was made with)."""
     import shlex
-    import shutil
-    import subprocess
 
-    if shutil.which("make") is None or not (ROOT / ".venv" / ".installed").exists():
-        pytest.skip("needs make and the project's .venv (what `make test` sets up)")
     demo = tmp_path / "demo"  # a demo that looks done, so that make -n plans no demo before the comparison
     (demo / "data" / "tokens").mkdir(parents=True)
     (demo / "data" / "tokens" / "meta.json").write_text("{}")
 
     def transformer_args(target, *args):
-        out = subprocess.run(["make", "-n", target, f"DEMO={demo}", f"COMPARE={tmp_path / 'c'}",
-                              f"MATCHED={tmp_path / 'm'}", f"SCALING={tmp_path / 's'}", *args], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.replace("\\\n", "")
+        lines = make_plan(target, f"DEMO={demo}", f"COMPARE={tmp_path / 'c'}", f"MATCHED={tmp_path / 'm'}",
+                          f"SCALING={tmp_path / 's'}", *args)
         script = {"compare-matched": "train/train_matched.py", "compare-scaling": "train/compare_scaling.py"}[target]
-        argv = shlex.split(next(line for line in out.splitlines() if script in line))
+        argv = shlex.split(next(line for line in lines if script in line))
         return [a.split("=", 1)[1] for a in argv if a.startswith("--transformer-args=")]
 
     for target in ("compare-matched", "compare-scaling"):
