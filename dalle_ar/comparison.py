@@ -33,16 +33,22 @@ def real_set(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([to_tensor(im) for im, _ in examples]), [c for _, c in examples]
 
 
-def nfe(setting: dict, image_seq_len: int, has_upsampler: bool) -> dict:
+def _guidance_rows(scale: float) -> int:
+    """Batch rows per sample and step: classifier-free guidance adds the unconditional row, except at scale 1."""
+    return 1 if scale == 1 else 2
+
+
+def nfe(setting: dict, image_seq_len: int, has_upsampler: bool, prior_guidance: float = 1.0) -> dict:
     """Network evaluations per kept image: `nfe_calls` sequential forwards, `nfe_rows` batch rows (see
     sample/compare.py's docstring)."""
     if setting["backend"] == "ar":
         calls = setting["rerank"] * image_seq_len
-        return {"nfe_calls": calls, "nfe_rows": calls * (2 if setting["cond_scale"] != 1 else 1),
+        return {"nfe_calls": calls, "nfe_rows": calls * _guidance_rows(setting["cond_scale"]),
                 "nfe_note": f"{setting['rerank']} candidates x {image_seq_len} decode steps (+ {setting['rerank']} dVAE decodes)"}
     s = setting["steps"]
     calls = s + s + (s if has_upsampler else 0)
-    rows = s * PRIOR_CANDIDATES * 2 + s * 2 + (s if has_upsampler else 0)  # guided(): 2 rows at any scale
+    rows = (s * PRIOR_CANDIDATES * _guidance_rows(prior_guidance) + s * _guidance_rows(setting["guidance"])
+            + (s if has_upsampler else 0))
     return {"nfe_calls": calls, "nfe_rows": rows,
             "nfe_note": f"prior {s} + decoder {s}" + (f" + upsampler {s}" if has_upsampler else "") + " steps"}
 

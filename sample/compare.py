@@ -29,8 +29,8 @@ Cost: parameters by stage; training FLOPs = torch FlopCounterMode over one real 
 train_config.json), one rank; seconds per kept image at batch 1 and at --batch-size (on CUDA halved until it
 fits: the largest batch tried); network evaluations per kept image: `nfe_calls` sequential forward passes
 (AR: N x image_seq_len decode steps, guidance rows in the same call; unCLIP: prior steps + decoder steps
-[+ upsampler steps]) and `nfe_rows` batch rows (AR: x2 with guidance; unCLIP: prior steps x 2 candidates x 2
-guidance rows + decoder steps x 2 guidance rows). Same device for both; on CUDA the AR transformer runs in
+[+ upsampler steps]) and `nfe_rows` batch rows (x2 wherever a guidance scale is not 1; AR: N x image_seq_len;
+unCLIP: prior steps x 2 candidates + decoder steps [+ upsampler steps]). Same device for both; on CUDA the AR transformer runs in
 bf16 (dalle_ar/pipeline.py) and unCLIP under bf16 autocast; fp32 on CPU.
 
 Outputs in --out: report.md (tables, plots), report.json, quality_vs_training_flops.png,
@@ -302,7 +302,8 @@ def main(argv=None) -> dict:
         kept[setting["setting"]] = images
         row = {**setting, "batch_size": used, "seconds_per_image": seconds / (len(prompts) * k),
                "seconds_per_image_batch1": time_batch1(args, setting, prompts, k, rerank, ar, pipe),
-               **comparison.nfe(setting, ar.transformer.config.image_seq_len, args.unclip_upsampler is not None),
+               **comparison.nfe(setting, ar.transformer.config.image_seq_len, args.unclip_upsampler is not None,
+                               args.unclip_prior_guidance),
                **comparison.score(images, prompts, evaluator, text_feats, real_feats, checkable, args.bootstrap)}
         rows.append(row)
         save_grid(images.flatten(0, 1), out / "samples" / f"{slug(setting['setting'])}.png", nrow=k,

@@ -49,7 +49,11 @@ def test_report_builds_end_to_end(models, tmp_path):
         assert lo <= r["clip_score"] <= hi
     ar1, ar2, un = saved["settings"]
     assert ar1["nfe_calls"] == 16 and ar2["nfe_calls"] == 32  # N candidates x 4x4 decode steps per kept image
-    assert un["nfe_calls"] == 2 + 2 and un["nfe_rows"] == 2 * 2 * 2 + 2 * 2
+    # prior unguided (scale 1): 2 candidates x 1 row; decoder at scale 3: 2 guidance rows
+    assert un["nfe_calls"] == 2 + 2 and un["nfe_rows"] == 2 * 2 * 1 + 2 * 2
+    unguided = {"backend": "unclip", "guidance": 1.0, "steps": 16}
+    assert comparison.nfe(unguided, 16, False)["nfe_rows"] == 16 * 2 + 16
+    assert comparison.nfe(unguided, 16, True, prior_guidance=2.0)["nfe_rows"] == 16 * 2 * 2 + 16 + 16
     cost = saved["cost"]
     assert set(cost["ar"]["params"]) == {"transformer", "dvae", "total"}
     assert set(cost["unclip"]["params"]) == {"prior", "decoder", "total"}

@@ -151,6 +151,12 @@ def test_guidance_scale_one_is_the_conditional_output(kind):
         assert (c - u).abs().max() > 1e-3
         assert torch.allclose(guided(model, cond, 1.0)(x, t), c, atol=1e-5)
         assert torch.allclose(guided(model, cond, 3.0)(x, t), u + 3 * (c - u), atol=1e-4)
+    rows = []  # scale 1 is the conditional forward alone: no unconditional rows to pay for
+    counting = lambda x, t, cond, drop: rows.append((len(x), int(drop.sum()))) or model(x, t, cond, drop)  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(guided(counting, cond, 1.0)(x, t), c)
+        guided(counting, cond, 3.0)(x, t)
+    assert rows == [(3, 0), (6, 3)]
 
 
 # ------------------------------------------------------------------------------------------------
