@@ -60,7 +60,7 @@ BASE_SHARDS = $(DEMO)/data/shapes/{000000..000007}.tar
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13
 MATCHED ?= outputs/compare_matched_$(BUDGET)
-BUDGETS ?= 2.2e13,4.4e13,8.8e13
+BUDGETS ?= 1.5e13,3e13,6e13
 SCALING ?= outputs/compare_scaling
 HOST    ?= 127.0.0.1
 PORT    ?= 7860
@@ -230,7 +230,7 @@ compare-matched: setup
 		--unclip-steps 16,64 --real-images 256 $(COMPARE_AR_ARGS) --out $(MATCHED)
 	@echo "compare-matched finished in $$(( $$(date +%s) - $$(cat $(MATCHED)/.start) )) s: see $(MATCHED)/report.md"
 
-# `make compare-scaling [BUDGETS=2.2e13,4.4e13,8.8e13]`: compare-matched at each budget in $(BUDGETS) (train/compare_scaling.py
+# `make compare-scaling [BUDGETS=1.5e13,3e13,6e13]`: compare-matched at each budget in $(BUDGETS) (train/compare_scaling.py
 # runs train/train_matched.py per budget into $(SCALING)/budget_<B>, all on one CLIP-embedding precompute), then each
 # backend's best setting per budget side by side: caption accuracy (all, 1-shape and 2-shape prompts), evaluator CLIP
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
