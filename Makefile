@@ -181,7 +181,8 @@ EVAL_CLIP = $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE
 
 # `make compare`: AR (the demo's dVAE + transformer) versus unCLIP (a tiny prior + decoder trained here on the
 # same shards and the same CLIP) on held-out shapes prompts, scored by a second, independently trained
-# evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing). CPU: ~30 min after the demo.
+# evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing) and an evaluator CLIP already trained in
+# $(COMPARE) (compare-matched and compare-scaling share it). CPU: ~30 min after the demo, ~14 without the evaluator.
 # docs/compare (not docs/compare/scaling) was made on the models and data of the AdamW recipe (its CLIP then read
 # 32 caption tokens):
 # `make compare-scaling OPTIMIZER=adamw DEMO=outputs/demo_adamw` runs on that recipe (the make variables reach the demo
@@ -189,7 +190,7 @@ EVAL_CLIP = $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE
 compare-models: setup
 	@test -d $(DEMO)/runs/dalle/export || $(MAKE) demo
 	mkdir -p $(COMPARE) && date +%s > $(COMPARE)/.start
-	$(EVAL_CLIP)
+	@test -d $(COMPARE)/runs/eval_clip/export || $(EVAL_CLIP)
 	$(PY) train/precompute_clip.py --clip $(DEMO)/runs/clip/export --data '$(DEMO)/data/shapes/00000{0..2}.tar' \
 		--out $(COMPARE)/data/shapes_clip --num_workers 0
 	$(PY) train/train_prior.py --data $(COMPARE)/data/shapes_clip --tokenizer $(DEMO)/runs/tokenizer \

@@ -283,3 +283,18 @@ def test_make_comparisons_train_the_ar_transformer_with_the_demos_optimizer(tmp_
                                             "--muon_momentum 0.95"]
         assert transformer_args(target, "OPTIMIZER=adamw") == ["--optimizer adamw"]
     assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()  # make -n: nothing ran
+
+
+def test_make_comparisons_train_the_evaluator_clip_only_when_it_is_missing(tmp_path):
+    """compare-models, compare-matched and compare-scaling share $(COMPARE)'s evaluator CLIP: each trains it (16 min
+    on the 2-core CPU) only behind a test for its export, so a second comparison reuses the first one's."""
+    demo = tmp_path / "demo"
+    for d in ("runs/dalle/export", "data/tokens"):
+        (demo / d).mkdir(parents=True)
+    (demo / "data" / "tokens" / "meta.json").write_text("{}")
+    compare = tmp_path / "c"
+    for target in ("compare-models", "compare-matched", "compare-scaling"):
+        lines = make_plan(target, f"DEMO={demo}", f"COMPARE={compare}", f"MATCHED={tmp_path / 'm'}",
+                          f"SCALING={tmp_path / 's'}")
+        trains = [line.strip() for line in lines if "train/train_clip.py" in line]
+        assert len(trains) == 1 and trains[0].startswith(f"test -d {compare}/runs/eval_clip/export || "), (target, trains)
