@@ -128,6 +128,12 @@ def sci(x) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
+def batch(training: dict) -> str:
+    """A run's micro-batch for the cost table, with its data-parallel ranks when there are several."""
+    b, ranks = training.get("batch_size"), training.get("world_size") or 1
+    return "-" if not b else f"{b} x {ranks} ranks" if ranks > 1 else str(b)
+
+
 def budget_section(report: dict) -> str:
     """Markdown: the --train-budget-flops plan per backend and stage next to the FLOPs counted on the exports."""
     b = report.get("train_budget")
@@ -227,12 +233,12 @@ def write_report(out: Path, report: dict) -> None:
                 continue
             t = c["training"][stage]
             cost_rows.append({"backend": backend, "stage": stage, "params": f"{n:,}", "steps": t["steps"] or "-",
-                              "batch": t["batch_size"] or "-", "fps": sci(t["flops_per_step"]), "flops": sci(t["flops"])})
+                              "batch": batch(t), "fps": sci(t["flops_per_step"]), "flops": sci(t["flops"])})
         cost_rows.append({"backend": f"**{backend} total**", "stage": "", "params": f"**{c['params']['total']:,}**",
                           "steps": "", "batch": "", "fps": "", "flops": f"**{sci(c['training_flops'])}**"})
     clip_t = cost["clip"]["training"] or {}
     cost_rows.append({"backend": "shared CLIP", "stage": "rerank / condition", "params": f"{cost['clip']['params']:,}",
-                      "steps": clip_t.get("steps") or "-", "batch": clip_t.get("batch_size") or "-",
+                      "steps": clip_t.get("steps") or "-", "batch": batch(clip_t),
                       "fps": sci(clip_t.get("flops_per_step")), "flops": sci(clip_t.get("flops"))})
     cost_table = markdown_table(cost_rows, [("backend", "backend"), ("stage", "stage"), ("parameters", "params"),
                                             ("steps", "steps"), ("batch", "batch"), ("FLOPs / step", "fps"),
@@ -262,8 +268,8 @@ network forwards per kept image, rows = batch rows (AR rerank N costs N candidat
 {cost_table}
 
 Training FLOPs: torch `FlopCounterMode` over one real training step (forward + backward at the run's
-micro-batch; optimizer and elementwise work not counted) x gradient accumulation x the steps the run logged, one
-rank.
+micro-batch; optimizer and elementwise work not counted) x gradient accumulation x data-parallel ranks x the steps
+the run logged. Batch: the micro-batch, x ranks for a data-parallel run.
 
 {budget_section(report)}
 

@@ -156,12 +156,12 @@ def training_flops(step_fn: Callable[[], object], steps: int) -> int:
 def run_info(export_dir: str | Path) -> dict:
     """How long a run trained, from what it wrote next to its export (`<run>/export`): steps = the step of
     its latest checkpoint (`checkpoints/latest`; a run stopped early and exported), else the last step in
-    metrics.jsonl, else train_config.json's `steps`; micro-batch and accumulation from train_config.json.
-    Missing files -> None."""
+    metrics.jsonl, else train_config.json's `steps`; micro-batch, accumulation and data-parallel ranks from
+    train_config.json (a run written before it recorded `world_size` counts as one rank). Missing files -> None."""
     run = Path(export_dir).resolve().parent
     cfg_path = run / "train_config.json"
     if not cfg_path.exists():
-        return {"run": str(run), "steps": None, "batch_size": None, "grad_accum": 1, "source": None}
+        return {"run": str(run), "steps": None, "batch_size": None, "grad_accum": 1, "world_size": 1, "source": None}
     cfg = json.loads(cfg_path.read_text())
     steps, source = cfg.get("steps"), "train_config.json"
     metrics = run / "metrics.jsonl"
@@ -173,21 +173,21 @@ def run_info(export_dir: str | Path) -> dict:
     if latest.exists() and latest.read_text().strip().startswith("step_"):
         steps, source = int(latest.read_text().strip()[5:]), "checkpoints/latest"
     return {"run": str(run), "steps": steps, "batch_size": cfg.get("batch_size"), "grad_accum": cfg.get("grad_accum", 1),
-            "source": source}
+            "world_size": cfg.get("world_size", 1), "source": source}
 
 
 def stage_training_flops(model: nn.Module, export_dir: str | Path, export_config: dict,
                          device: str | torch.device = "cpu") -> dict:
     """Training FLOPs of the run that produced `export_dir`: FlopCounterMode over one micro-batch step of
-    its batch size, x gradient accumulation x steps (one rank; multiply by the world size for data-parallel
-    runs). The model's weights are left as they were (gradients are dropped afterwards)."""
+    its micro-batch, x gradient accumulation x data-parallel ranks x steps: `flops_per_step` is one optimizer
+    step of the whole run. The model's weights are left as they were (gradients are dropped afterwards)."""
     info = run_info(export_dir)
     if not info["steps"] or not info["batch_size"]:
         return {**info, "flops_per_step": None, "flops": None}
     per_micro = count_flops(models.train_step(model, export_config, info["batch_size"], device))
     model.zero_grad(set_to_none=True)
     model.eval()
-    per_step = per_micro * (info["grad_accum"] or 1)
+    per_step = per_micro * (info["grad_accum"] or 1) * (info["world_size"] or 1)
     return {**info, "flops_per_step": per_step, "flops": per_step * info["steps"]}
 
 

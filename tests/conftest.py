@@ -87,10 +87,11 @@ def tiny_exports(d: Path, vocab_size: int = 120, text_len: int = 12, image_fmap_
     from dvae import DiscreteVAE
     from dvae.config import DVAEConfig
 
-    def export(model, run_dir, config, extra=None, steps=5, batch_size=2):
+    def export(model, run_dir, config, extra=None, steps=5, batch_size=2, world_size=1):
         """An export plus the train_config.json a trainer writes beside it (for the FLOP accounting)."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(json.dumps({"steps": steps, "batch_size": batch_size, "grad_accum": 1}))
+        (run_dir / "train_config.json").write_text(json.dumps({"steps": steps, "batch_size": batch_size, "grad_accum": 1,
+                                                               "world_size": world_size}))
         return save_pretrained(model, run_dir / "export", config, extra)
 
     torch.manual_seed(0)
@@ -102,7 +103,7 @@ def tiny_exports(d: Path, vocab_size: int = 120, text_len: int = 12, image_fmap_
     dalle_cfg = DalleConfig(text_vocab_size=tok.vocab_size, text_len=text_len, num_image_tokens=32, image_fmap_size=image_fmap_size,
                             dim=32, depth=1, heads=2)
     dalle = export(DalleTransformer(dalle_cfg), d / "dalle", {"kind": "dalle", "dvae": str(dvae), "model": dalle_cfg.__dict__},
-                   {"tokenizer.json": str(d / "tokenizer.json")})
+                   {"tokenizer.json": str(d / "tokenizer.json")}, world_size=2)  # as if trained on two ranks
     clips = {}
     for name, seed, patch in (("clip", 0, 16), ("eval_clip", 1, 8)):  # another seed and architecture
         torch.manual_seed(seed)

@@ -61,6 +61,11 @@ def test_report_builds_end_to_end(models, tmp_path):
         stages = cost[backend]["training"]
         assert all(s["steps"] == 5 and s["flops"] == 5 * s["flops_per_step"] > 0 for s in stages.values())
         assert cost[backend]["training_flops"] == sum(s["flops"] for s in stages.values())
+    # the transformer's run recorded two data-parallel ranks: its steps count twice
+    transformer, dvae = cost["ar"]["training"]["transformer"], cost["ar"]["training"]["dvae"]
+    assert transformer["world_size"] == 2 and dvae["world_size"] == 1
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ar | transformer |"))
+    assert "| 2 x 2 ranks |" in row
     assert saved["real"]["caption_accuracy"] == 1.0  # the world's own renders pass its checker
     objects = {str(len(synthetic.parse_caption(p).shapes)) for p in saved["prompts"]}
     for r in [*saved["settings"], saved["real"]]:  # caption accuracy split by the number of shapes a prompt names

@@ -146,6 +146,10 @@ def test_stage_training_flops_reads_steps_from_the_run(tmp_path):
     out = stage_training_flops(model, export, {"kind": "dalle"})
     assert out["steps"] == 100 and out["source"] == "train_config.json"
     assert out["flops"] == 100 * out["flops_per_step"] == 100 * 2 * count_flops(train_step(model, {"kind": "dalle"}, 4))
+    # a data-parallel run: every rank's steps count (the world size its trainer recorded)
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({"steps": 100, "batch_size": 4, "grad_accum": 2,
+                                                                     "world_size": 3}))
+    assert stage_training_flops(model, export, {"kind": "dalle"})["flops"] == 3 * out["flops"]
     # a run stopped early: the last logged step counts
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 10, "loss": 3.0}\n{"step": 40, "loss": 2.0}\n')
     assert stage_training_flops(model, export, {"kind": "dalle"})["steps"] == 40

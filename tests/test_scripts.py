@@ -153,6 +153,9 @@ def test_train_dalle_with_two_processes(pipeline, launcher):
         assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "export/model.safetensors").exists()
     assert (out / "checkpoints/step_00000003/zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
+    from dalle_ar.metrics import run_info
+
+    assert run_info(out / "export")["world_size"] == 2  # so that its training FLOPs count both ranks
 
 
 def test_dvae_benchmarks_print_json(pipeline, tmp_path):

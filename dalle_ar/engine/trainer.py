@@ -169,7 +169,8 @@ class Trainer:
     def _write_run_files(self, ds_config: dict) -> None:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        save_json(self.out / "train_config.json", asdict(cfg))
+        # + the world size, so that a run's training FLOPs count every rank (metrics.stage_training_flops)
+        save_json(self.out / "train_config.json", {**asdict(cfg), "world_size": world_size()})
         save_json(self.out / "ds_config.resolved.json", ds_config)
         zero = ds_config["zero_optimization"]
         offload = {k: v.get("device") for k, v in zero.items() if k.startswith("offload_") and isinstance(v, dict)}
