@@ -267,7 +267,7 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
 
 def test_make_comparisons_train_the_ar_transformer_with_the_demos_optimizer(tmp_path):
     """compare-matched and compare-scaling pass the demo transformer's optimizer flags to train_matched.py's
-    transformer: Muon by default, AdamW with OPTIMIZER=adamw (the recipe docs/compare was made with)."""
+    transformer: Muon by default, AdamW with OPTIMIZER=adamw (the recipe docs/compare/scaling_adamw was made with)."""
     import shlex
 
     demo = tmp_path / "demo"  # a demo that looks done, so that make -n plans no demo before the comparison
