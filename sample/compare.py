@@ -27,11 +27,11 @@ ceiling) and fd of a second real set (the noise floor at this sample size).
 Cost: parameters by stage; training FLOPs = torch FlopCounterMode over one real training step of each stage
 (forward + backward at the run's batch size) x the steps the run logged (metrics.jsonl, else train_config.json) x
 the data-parallel ranks it recorded (train_config.json's world_size); seconds per kept image at batch 1 and at
---batch-size (on CUDA halved until it fits: the largest batch tried); network evaluations per kept image: `nfe_calls` sequential forward passes
-(AR: N x image_seq_len decode steps, guidance rows in the same call; unCLIP: prior steps + decoder steps
-[+ upsampler steps]) and `nfe_rows` batch rows (x2 wherever a guidance scale is not 1; AR: N x image_seq_len;
-unCLIP: prior steps x 2 candidates + decoder steps [+ upsampler steps]). Same device for both; on CUDA the AR transformer runs in
-bf16 (dalle_ar/pipeline.py) and unCLIP under bf16 autocast; fp32 on CPU.
+--batch-size (on CUDA halved until it fits: the largest batch tried); network evaluations per kept image:
+`nfe_calls` sequential forward passes (AR: N x image_seq_len decode steps, guidance rows in the same call; unCLIP:
+prior steps + decoder steps [+ upsampler steps]) and `nfe_rows` batch rows (x2 wherever a guidance scale is not 1;
+AR: N x image_seq_len; unCLIP: prior steps x 2 candidates + decoder steps [+ upsampler steps]). Same device for
+both; on CUDA the AR transformer runs in bf16 (dalle_ar/pipeline.py) and unCLIP under bf16 autocast; fp32 on CPU.
 
 Outputs in --out: report.md (tables, plots), report.json, quality_vs_training_flops.png,
 quality_vs_seconds.png (Pareto front), clip_score_vs_diversity.png, side_by_side.png (per prompt an AR row

@@ -289,7 +289,7 @@ def test_make_comparisons_train_the_ar_transformer_with_the_demos_optimizer(tmp_
 
 
 def test_make_comparisons_train_the_evaluator_clip_only_when_it_is_missing(tmp_path):
-    """compare-models, compare-matched and compare-scaling share $(COMPARE)'s evaluator CLIP: each trains it (16 min
+    """compare-models, compare-matched and compare-scaling share $(COMPARE)'s evaluator CLIP: each trains it (15 min
     on the 2-core CPU) only behind a test for its export, so a second comparison reuses the first one's."""
     demo = tmp_path / "demo"
     for d in ("runs/dalle/export", "data/tokens"):
