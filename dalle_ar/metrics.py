@@ -157,7 +157,8 @@ def run_info(export_dir: str | Path) -> dict:
     """How long a run trained, from what it wrote next to its export (`<run>/export`): steps = the step of
     its latest checkpoint (`checkpoints/latest`; a run stopped early and exported), else the last step in
     metrics.jsonl, else train_config.json's `steps`; micro-batch, accumulation and data-parallel ranks from
-    train_config.json (a run written before it recorded `world_size` counts as one rank). Missing files -> None."""
+    train_config.json (a run written before it recorded `world_size` counts as one rank; one resumed on another
+    number of ranks counts all its steps at the last one). Missing files -> None."""
     run = Path(export_dir).resolve().parent
     cfg_path = run / "train_config.json"
     if not cfg_path.exists():
