@@ -206,6 +206,48 @@ def test_decoder_overfits_a_few_images():
     assert after < 0.35 * before, (before, after)  # measured: 0.17 after 30 steps
 
 
+def test_decoder_trains_its_hidden_weights_with_muon(deepspeed_newton_schulz):
+    """--optimizer muon on the decoder (ZeRO stage 0): Muon takes the residual blocks' and attention blocks' kernels
+    in the down, middle and up paths (each kernel as an (out, in*k*k) matrix); the pixel-facing convs and the
+    timestep embedding stay with AdamW; and the model overfits the same images as with AdamW."""
+    from dalle_ar.config import TrainConfig
+    from dalle_ar.engine.optim import build_optimizer
+    from dalle_ar.unclip.decoder import ResBlock
+
+    torch.manual_seed(0)
+    model = UnetDecoder(UnetConfig(**{**asdict(UNET), "image_embed_drop": 0.0}), DiffusionConfig())
+    hidden = {id(p) for p in model.muon_params()}
+    blocks = [m for m in model.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+    assert len(blocks) >= 6 and all(p.ndim >= 2 for p in model.muon_params())
+    for block in blocks:
+        kernels = ([block.in_layers[-1].weight, block.out_layers[-1].weight] if isinstance(block, ResBlock)
+                   else [block.qkv.weight, block.proj.weight])
+        assert all(id(k) in hidden for k in kernels), type(block).__name__
+    outside = [model.input_conv.weight, model.out[-1].weight, *model.time_embed.parameters()]
+    assert hidden.isdisjoint(id(p) for p in outside)
+
+    images = torch.zeros(2, 3, 16, 16)
+    images[0, 0, 4:12, 4:12] = 1
+    images[1, 2, :, 8:] = 1
+    embeds = F.normalize(torch.randn(2, 32), dim=-1)
+
+    def fixed_loss():
+        with torch.no_grad():
+            return model.loss(images.repeat(16, 1, 1, 1), embeds.repeat(16, 1), generator=torch.Generator().manual_seed(9))[0].item()
+
+    before = fixed_loss()
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", zero_stage=0, grad_clip=0.0, lr=3e-3, muon_lr=0.02,
+                                             weight_decay=0.0))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        loss, _ = model.loss(images.repeat(4, 1, 1, 1), embeds.repeat(4, 1), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = fixed_loss()
+    assert after < 0.35 * before, (before, after)
+
+
 def test_attention_position_table_tells_every_pixel_where_it_is():
     table = sin_cos_2d(16, 8)
     assert table.shape == (16, 64) and table.abs().max() <= 1

@@ -205,6 +205,13 @@ class UnetDecoder(nn.Module):
                 self.up.append(Stage(layers))
         self.out = nn.Sequential(group_norm(cur), nn.SiLU(), zero_init(nn.Conv2d(cur, 3, 3, padding=1)))
 
+    def muon_params(self) -> list[nn.Parameter]:
+        """The U-Net's hidden weights for `--optimizer muon` (at ZeRO stage 0, which steps a kernel as an
+        (out, in*k*k) matrix): every residual block's, attention block's and resampler's kernels and matrices
+        in the down, middle and up paths. The pixel-facing input and output convs, the timestep and
+        conditioning embeddings, the caption encoder, norms and biases train with AdamW."""
+        return [p for path in (self.down, self.middle, self.up) for p in path.parameters() if p.ndim >= 2]
+
     # -- conditioning ------------------------------------------------------------------------------
     def null_text(self, batch: int, device) -> torch.Tensor:
         return null_caption(self.config.text_vocab_size, self.config.text_len, batch, device)
