@@ -265,9 +265,24 @@ def copy_budget_report(src: Path, out: Path, budget: float) -> str:
     return f"{dst.name}/report.md"
 
 
+def remove_other_budget_reports(out: Path, budgets) -> list[str]:
+    """Delete the budget reports in `out` (budget_<B> directories with a report.json, as `copy_budget_report` writes
+    them) of budgets other than `budgets`: left by an earlier report into the same directory, they would sit beside
+    this report's without being in it. Returns their names."""
+    keep = {f"budget_{budget_name(b)}" for b in budgets}
+    stale = sorted(d for d in out.glob("budget_*") if d.is_dir() and d.name not in keep and (d / "report.json").exists())
+    for d in stale:
+        shutil.rmtree(d)
+    return [d.name for d in stale]
+
+
 def write_report(out: Path, scaling: dict) -> None:
-    """report.md and scaling.json (plots beside them) in `out`."""
+    """report.md and scaling.json (plots beside them) in `out`, with a copy of each budget's report; the copies of
+    other budgets' reports that an earlier report left in `out` are deleted."""
     rows, real = scaling["rows"], scaling["real"]
+    out.mkdir(parents=True, exist_ok=True)
+    for name in remove_other_budget_reports(out, scaling["budgets"]):
+        print(f"{out / name}: removed, a budget this report does not have (from an earlier report into {out})")
     plot(rows, real, out)
     table = [{"budget": budget_name(r["budget"]), "backend": BACKENDS[r["backend"]], "setting": r["setting"],
               "flops": f"{r['training_flops']:.4g}" if r["training_flops"] is not None else "-",

@@ -320,10 +320,18 @@ def test_scaling_trains_each_budget_on_one_embedding_precompute_and_reports(scal
         assert (out / "report" / png).stat().st_size > 1000, png
 
     # the same command again: both budgets are done, so nothing is trained or evaluated; the report is rebuilt
+    # into a directory holding an earlier report of other budgets: their copies go, what else is there stays
+    stale = out / "again" / "budget_9e9"
+    stale.mkdir(parents=True)
+    (stale / "report.json").write_text("{}")
+    (out / "again" / "budget_notes").mkdir()
     capsys.readouterr()
     again = compare_scaling([*scaling_run["argv"], "--report", str(out / "again")])
-    assert capsys.readouterr().out.count("already made by this command; skipped") == 2
+    printed = capsys.readouterr().out
+    assert printed.count("already made by this command; skipped") == 2
     assert again["rows"] == result["rows"] and (out / "again" / "report.md").exists()
+    assert not stale.exists() and "budget_9e9: removed" in printed and (out / "again" / "budget_notes").is_dir()
+    assert sorted(p.parent.name for p in (out / "again").glob("budget_*/report.md")) == ["budget_2e9", "budget_4e9"]
 
 
 def test_embeddings_from_another_clip_or_other_images_are_refused(models, training_data, scaling_run, tmp_path):
