@@ -51,6 +51,13 @@ DALLE_MUON ?= --muon_lr 0.01 --muon_momentum 0.95
 DALLE_OPT_FLAGS = --optimizer $(DALLE_OPTIMIZER)$(if $(filter muon,$(DALLE_OPTIMIZER)), --grad_clip 0 --no-muon_compile $(DALLE_MUON))
 # the comparisons' AR transformer (compare-matched, compare-scaling) trains with the demo transformer's optimizer too
 COMPARE_AR_ARGS = --transformer-args="$(DALLE_OPT_FLAGS)"
+# and their unCLIP decoder, which reads the caption: with Muon (the default) on its U-Net's hidden kernels at lr 0.02
+# (ZeRO stage 0, one process; AdamW on the rest): at the 6e13 budget's 1,201 steps, beside the same prior, it drew
+# more right images than AdamW on two seeds (bench/results/unclip_decoder_muon_cpu.json). DECODER_OPTIMIZER=adamw: the
+# recipe before it.
+DECODER_OPTIMIZER ?= $(OPTIMIZER)
+DECODER_OPT_FLAGS = $(if $(filter muon,$(DECODER_OPTIMIZER)), --optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02)
+COMPARE_UNCLIP_ARGS = --decoder-args="--use_caption$(DECODER_OPT_FLAGS)"
 # the dVAE's: Muon at lr 0.02 on its residual blocks' kernels (ZeRO stage 0, one process) passes the reconstruction
 # check on more held-out images in 2,500 steps than AdamW in 4,500 (bench/results/dvae_muon_zen4_cpu.json)
 DVAE_OPTIMIZER ?= $(OPTIMIZER)
@@ -212,11 +219,11 @@ compare: compare-models
 # --train-budget-flops trains the AR transformer and the unCLIP prior + decoder, on the demo's shapes (20,000 in the
 # Muon recipe, 8,000 in the AdamW one: images, and their tokens for AR), for the steps that bring each backend's
 # training FLOPs to $(BUDGET): the demo's dVAE counts in AR's, the prior gets 2% of unCLIP's (make compare's split).
-# Same model recipes as `make compare` (the transformer with the demo transformer's optimizer), and the same
-# evaluation (it then runs sample/compare.py on the exports); reuses the demo's dVAE, tokenizer and CLIP and
-# compare-models' evaluator CLIP (trained here when missing: +16 min). The default budget is about half the AdamW
-# demo's AR (its dVAE + ~780 transformer steps). Rerunning skips finished runs. AdamW recipe, 2-core CPU, quiet:
-# ~15 min after the demo (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5), measured with one
+# Same model recipes as `make compare` (but the transformer with the demo transformer's optimizer, and the decoder
+# reading the caption, with DECODER_OPTIMIZER), and the same evaluation (it then runs sample/compare.py on the
+# exports); reuses the demo's dVAE, tokenizer and CLIP and compare-models' evaluator CLIP (trained here when missing:
+# +16 min). The default budget is about half the AdamW demo's AR (its dVAE + ~780 transformer steps). Rerunning skips
+# finished runs. AdamW recipe, 2-core CPU, quiet: ~15 min after the demo (embeddings 1, transformer 5, prior 0.3, decoder 5, evaluation 2.5), measured with one
 # backend after the other: the transformer and the prior + decoder now train at once, one process each on half the
 # cores.
 compare-matched: setup
@@ -227,7 +234,7 @@ compare-matched: setup
 		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
 		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 16 \
 		--samples-per-prompt 4 --seed 0 --ar-rerank 1,4,16 --ar-temperature 1.0,0.7 --unclip-guidance 1,3 \
-		--unclip-steps 16,64 --real-images 256 $(COMPARE_AR_ARGS) --out $(MATCHED)
+		--unclip-steps 16,64 --real-images 256 $(COMPARE_AR_ARGS) $(COMPARE_UNCLIP_ARGS) --out $(MATCHED)
 	@echo "compare-matched finished in $$(( $$(date +%s) - $$(cat $(MATCHED)/.start) )) s: see $(MATCHED)/report.md"
 
 # `make compare-scaling [BUDGETS=1.5e13,3e13,6e13]`: compare-matched at each budget in $(BUDGETS) (train/compare_scaling.py
@@ -247,7 +254,7 @@ compare-scaling: setup
 		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
 		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 32 \
 		--samples-per-prompt 4 --seed 0 --ar-rerank 1,16 --ar-temperature 0.7 --ar-top-k 16 --unclip-guidance 1,3 \
-		--unclip-steps 16,64 --real-images 256 --decoder-args=--use_caption $(COMPARE_AR_ARGS) --out $(SCALING) \
+		--unclip-steps 16,64 --real-images 256 $(COMPARE_AR_ARGS) $(COMPARE_UNCLIP_ARGS) --out $(SCALING) \
 		--report docs/compare/scaling
 	@echo "compare-scaling finished in $$(( $$(date +%s) - $$(cat $(SCALING)/.start) )) s: see docs/compare/scaling/report.md"
 

@@ -265,26 +265,31 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
         assert not (tmp_path / "bad").exists()  # stopped before anything was made
 
 
-def test_make_comparisons_train_the_ar_transformer_with_the_demos_optimizer(tmp_path):
+def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
     """compare-matched and compare-scaling pass the demo transformer's optimizer flags to train_matched.py's
-    transformer: Muon by default, AdamW with OPTIMIZER=adamw (the recipe docs/compare/scaling_adamw was made with)."""
+    transformer, and the decoder's (with the caption) to its unCLIP decoder: Muon by default, AdamW with
+    OPTIMIZER=adamw (the recipe docs/compare/scaling_adamw was made with); DECODER_OPTIMIZER sets the decoder's alone."""
     import shlex
 
     demo = tmp_path / "demo"  # a demo that looks done, so that make -n plans no demo before the comparison
     (demo / "data" / "tokens").mkdir(parents=True)
     (demo / "data" / "tokens" / "meta.json").write_text("{}")
 
-    def transformer_args(target, *args):
+    def stage_args(target, *args):
         lines = make_plan(target, f"DEMO={demo}", f"COMPARE={tmp_path / 'c'}", f"MATCHED={tmp_path / 'm'}",
                           f"SCALING={tmp_path / 's'}", *args)
         script = {"compare-matched": "train/train_matched.py", "compare-scaling": "train/compare_scaling.py"}[target]
         argv = shlex.split(next(line for line in lines if script in line))
-        return [a.split("=", 1)[1] for a in argv if a.startswith("--transformer-args=")]
+        return {stage: [a.split("=", 1)[1] for a in argv if a.startswith(f"--{stage}-args=")]
+                for stage in ("transformer", "prior", "decoder")}
 
+    muon = "--optimizer muon --grad_clip 0 --no-muon_compile --muon_lr 0.01 --muon_momentum 0.95"
+    decoder_muon = "--use_caption --optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02"
     for target in ("compare-matched", "compare-scaling"):
-        assert transformer_args(target) == ["--optimizer muon --grad_clip 0 --no-muon_compile --muon_lr 0.01 "
-                                            "--muon_momentum 0.95"]
-        assert transformer_args(target, "OPTIMIZER=adamw") == ["--optimizer adamw"]
+        assert stage_args(target) == {"transformer": [muon], "prior": [], "decoder": [decoder_muon]}
+        assert stage_args(target, "OPTIMIZER=adamw") == {"transformer": ["--optimizer adamw"], "prior": [],
+                                                         "decoder": ["--use_caption"]}
+        assert stage_args(target, "DECODER_OPTIMIZER=adamw")["decoder"] == ["--use_caption"]
     assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()  # make -n: nothing ran
 
 

@@ -18,7 +18,9 @@ step of its last stage, and the report's "Matched training budget" table shows t
 on the exports. Each stage trains with make compare's recipe (RECIPES below: the demo transformer's settings
 with AdamW, compare-models' prior and decoder) followed by --transformer-args / --prior-args / --decoder-args, flags
 of that trainer (later flags win), e.g. --decoder-args "--channels 64 --batch_size 64", or --transformer-args
-"--optimizer muon --grad_clip 0 --muon_lr 0.01" (make compare-matched passes the demo transformer's optimizer).
+"--optimizer muon --grad_clip 0 --muon_lr 0.01" (make compare-matched and compare-scaling pass the demo transformer's
+optimizer, and the caption and Muon to the decoder: --decoder-args "--use_caption --optimizer muon --zero_stage 0
+--grad_clip 0 --muon_lr 0.02").
 
 Each trainer runs as its own process (python train/<trainer>.py) under <out>/runs/<stage> (+ <out>/runs/plan.json,
 <out>/runs/budget.json). On CPU with 2+ cores the two backends train at once, each process on half the cores (the
@@ -50,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the trainer of each stage and its recipe, `make compare`'s (Makefile targets demo for the transformer,
 # compare-models for the prior and decoder); --<stage>-args come after it, so they override it. The transformer's is
 # the demo's (lr 2e-3) as one process of the demo's global batch of 32, with AdamW: make compare-matched and
-# compare-scaling add the demo transformer's optimizer flags (Muon by default) as --transformer-args.
+# compare-scaling add the demo transformer's optimizer flags (Muon by default) as --transformer-args, and the
+# decoder's caption and optimizer (Muon by default) as --decoder-args.
 TRAINERS = {"transformer": "train_dalle", "prior": "train_prior", "decoder": "train_decoder"}
 RECIPES = {
     "transformer": "--dim 256 --depth 4 --heads 4 --batch_size 32 --lr 2e-3 --warmup_steps 50",
