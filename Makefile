@@ -243,9 +243,10 @@ compare-matched: setup
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
 # docs/compare/scaling. Same demo models and evaluator CLIP as compare-matched; rerunning skips finished budgets.
 # AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the default demo's models) took
-# 49 min on the 2-core CPU at 150-152 GFLOP/s after the demo and the evaluator CLIP (+15 min). At BUDGETS=2.2e13,4.4e13,
-# 8.8e13, docs/compare/scaling_to_8.8e13 took 69 min at 152 GFLOP/s, and docs/compare/scaling_adamw (the AdamW
-# recipe's) 55 min at 183.
+# 50 min on the 2-core CPU at 150-152 GFLOP/s after the demo and the evaluator CLIP (+15 min); with the AdamW decoder
+# (DECODER_OPTIMIZER=adamw), 49 min. At BUDGETS=2.2e13,4.4e13,8.8e13 with the AdamW decoder,
+# docs/compare/scaling_to_8.8e13 took 69 min at 152 GFLOP/s, and docs/compare/scaling_adamw (the AdamW recipe's) 55
+# min at 183.
 compare-scaling: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(SCALING) && date +%s > $(SCALING)/.start
