@@ -280,7 +280,6 @@ def write_report(out: Path, scaling: dict) -> None:
     """report.md and scaling.json (plots beside them) in `out`, with a copy of each budget's report; the copies of
     other budgets' reports that an earlier report left in `out` are deleted."""
     rows, real = scaling["rows"], scaling["real"]
-    out.mkdir(parents=True, exist_ok=True)
     for name in remove_other_budget_reports(out, scaling["budgets"]):
         print(f"{out / name}: removed, a budget this report does not have (from an earlier report into {out})")
     plot(rows, real, out)
