@@ -56,8 +56,8 @@ COMPARE_AR_ARGS = --transformer-args="$(DALLE_OPT_FLAGS)"
 # more right images than AdamW on two seeds (bench/results/unclip_decoder_muon_cpu.json). DECODER_OPTIMIZER=adamw: the
 # recipe before it.
 DECODER_OPTIMIZER ?= $(OPTIMIZER)
-DECODER_OPT_FLAGS = $(if $(filter muon,$(DECODER_OPTIMIZER)), --optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02)
-COMPARE_UNCLIP_ARGS = --decoder-args="--use_caption$(DECODER_OPT_FLAGS)"
+DECODER_OPT_FLAGS = --optimizer $(DECODER_OPTIMIZER)$(if $(filter muon,$(DECODER_OPTIMIZER)), --zero_stage 0 --grad_clip 0 --muon_lr 0.02)
+COMPARE_UNCLIP_ARGS = --decoder-args="--use_caption $(DECODER_OPT_FLAGS)"
 # the dVAE's: Muon at lr 0.02 on its residual blocks' kernels (ZeRO stage 0, one process) passes the reconstruction
 # check on more held-out images in 2,500 steps than AdamW in 4,500 (bench/results/dvae_muon_zen4_cpu.json)
 DVAE_OPTIMIZER ?= $(OPTIMIZER)

@@ -288,8 +288,10 @@ def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
     for target in ("compare-matched", "compare-scaling"):
         assert stage_args(target) == {"transformer": [muon], "prior": [], "decoder": [decoder_muon]}
         assert stage_args(target, "OPTIMIZER=adamw") == {"transformer": ["--optimizer adamw"], "prior": [],
-                                                         "decoder": ["--use_caption"]}
-        assert stage_args(target, "DECODER_OPTIMIZER=adamw")["decoder"] == ["--use_caption"]
+                                                         "decoder": ["--use_caption --optimizer adamw"]}
+        assert stage_args(target, "DECODER_OPTIMIZER=adamw")["decoder"] == ["--use_caption --optimizer adamw"]
+        # any other name reaches the decoder's trainer, which refuses it, instead of training AdamW in its place
+        assert stage_args(target, "DECODER_OPTIMIZER=sgd")["decoder"] == ["--use_caption --optimizer sgd"]
     assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()  # make -n: nothing ran
 
 
