@@ -51,12 +51,15 @@ DALLE_MUON ?= --muon_lr 0.01 --muon_momentum 0.95
 DALLE_OPT_FLAGS = --optimizer $(DALLE_OPTIMIZER)$(if $(filter muon,$(DALLE_OPTIMIZER)), --grad_clip 0 --no-muon_compile $(DALLE_MUON))
 # the comparisons' AR transformer (compare-matched, compare-scaling) trains with the demo transformer's optimizer too
 COMPARE_AR_ARGS = --transformer-args="$(DALLE_OPT_FLAGS)"
-# and their unCLIP decoder, which reads the caption: with Muon (the default) on its U-Net's hidden kernels at lr 0.02
-# (ZeRO stage 0, one process; AdamW on the rest): at the 6e13 budget's 1,201 steps, beside the same prior, it drew
-# more right images than AdamW on two seeds (bench/results/unclip_decoder_muon_cpu.json). DECODER_OPTIMIZER=adamw: the
-# recipe before it.
+# and their unCLIP decoder, which reads the caption: with Muon (the default) on its U-Net's hidden kernels (ZeRO stage 0,
+# one process; AdamW on the rest): at the 6e13 budget's 1,201 steps, beside the same prior, it drew more right images
+# than AdamW on two seeds (bench/results/unclip_decoder_muon_cpu.json; DECODER_OPTIMIZER=adamw: the recipe before it).
+# Its Muon lr, DECODER_MUON_LR: 0.01, of 0.005 / 0.01 / 0.02 / 0.04 at that budget the one that drew the most right
+# images (single objects 97.6% against 66.9% at 0.02, the lr before it, which docs/compare/scaling was made with:
+# bench/results/unclip_decoder_muon_lr_cpu.json).
 DECODER_OPTIMIZER ?= $(OPTIMIZER)
-DECODER_OPT_FLAGS = --optimizer $(DECODER_OPTIMIZER)$(if $(filter muon,$(DECODER_OPTIMIZER)), --zero_stage 0 --grad_clip 0 --muon_lr 0.02)
+DECODER_MUON_LR ?= 0.01
+DECODER_OPT_FLAGS = --optimizer $(DECODER_OPTIMIZER)$(if $(filter muon,$(DECODER_OPTIMIZER)), --zero_stage 0 --grad_clip 0 --muon_lr $(DECODER_MUON_LR))
 COMPARE_UNCLIP_ARGS = --decoder-args="--use_caption $(DECODER_OPT_FLAGS)"
 # the dVAE's: Muon at lr 0.02 on its residual blocks' kernels (ZeRO stage 0, one process) passes the reconstruction
 # check on more held-out images in 2,500 steps than AdamW in 4,500 (bench/results/dvae_muon_zen4_cpu.json)
@@ -223,9 +226,9 @@ compare: compare-models
 # reading the caption, with DECODER_OPTIMIZER), and the same evaluation (it then runs sample/compare.py on the
 # exports); reuses the demo's dVAE, tokenizer and CLIP and compare-models' evaluator CLIP (trained here when missing:
 # +16 min). The default budget is about half the AdamW demo's AR (its dVAE + ~780 transformer steps). Rerunning skips
-# finished runs. The two backends train at once, one process each on half the cores: on the default demo's models, 21
-# min (1,254 s) on the 2-core CPU at 148-153 GFLOP/s after the demo and the evaluator CLIP (embeddings 1.5, transformer
-# 16.5 beside the prior + decoder, evaluation 3).
+# finished runs. The two backends train at once, one process each on half the cores: on the default demo's models
+# (DECODER_MUON_LR=0.02), 21 min (1,254 s) on the 2-core CPU at 148-153 GFLOP/s after the demo and the evaluator CLIP
+# (embeddings 1.5, transformer 16.5 beside the prior + decoder, evaluation 3).
 compare-matched: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(MATCHED) && date +%s > $(MATCHED)/.start
@@ -242,9 +245,9 @@ compare-matched: setup
 # backend's best setting per budget side by side: caption accuracy (all, 1-shape and 2-shape prompts), evaluator CLIP
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
 # docs/compare/scaling. Same demo models and evaluator CLIP as compare-matched; rerunning skips finished budgets.
-# AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the default demo's models) took
-# 50 min on the 2-core CPU at 150-152 GFLOP/s after the demo and the evaluator CLIP (+15 min); with the AdamW decoder
-# (DECODER_OPTIMIZER=adamw), 49 min. At BUDGETS=2.2e13,4.4e13,8.8e13 with the AdamW decoder,
+# AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the default demo's models,
+# DECODER_MUON_LR=0.02) took 50 min on the 2-core CPU at 150-152 GFLOP/s after the demo and the evaluator CLIP (+15
+# min); with the AdamW decoder (DECODER_OPTIMIZER=adamw), 49 min. At BUDGETS=2.2e13,4.4e13,8.8e13 with the AdamW decoder,
 # docs/compare/scaling_to_8.8e13 took 69 min at 152 GFLOP/s, and docs/compare/scaling_adamw (the AdamW recipe's) 55
 # min at 183.
 compare-scaling: setup

@@ -268,7 +268,8 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
 def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
     """compare-matched and compare-scaling pass the demo transformer's optimizer flags to train_matched.py's
     transformer, and the decoder's (with the caption) to its unCLIP decoder: Muon by default, AdamW with
-    OPTIMIZER=adamw (the recipe docs/compare/scaling_adamw was made with); DECODER_OPTIMIZER sets the decoder's alone."""
+    OPTIMIZER=adamw (the recipe docs/compare/scaling_adamw was made with); DECODER_OPTIMIZER sets the decoder's alone,
+    DECODER_MUON_LR its Muon lr."""
     import shlex
 
     demo = tmp_path / "demo"  # a demo that looks done, so that make -n plans no demo before the comparison
@@ -284,9 +285,11 @@ def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
                 for stage in ("transformer", "prior", "decoder")}
 
     muon = "--optimizer muon --grad_clip 0 --no-muon_compile --muon_lr 0.01 --muon_momentum 0.95"
-    decoder_muon = "--use_caption --optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.02"
+    decoder_muon = "--use_caption --optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.01"
     for target in ("compare-matched", "compare-scaling"):
         assert stage_args(target) == {"transformer": [muon], "prior": [], "decoder": [decoder_muon]}
+        # the decoder's lr before (docs/compare/scaling's)
+        assert stage_args(target, "DECODER_MUON_LR=0.02")["decoder"] == [decoder_muon.replace("0.01", "0.02")]
         assert stage_args(target, "OPTIMIZER=adamw") == {"transformer": ["--optimizer adamw"], "prior": [],
                                                          "decoder": ["--use_caption --optimizer adamw"]}
         assert stage_args(target, "DECODER_OPTIMIZER=adamw")["decoder"] == ["--use_caption --optimizer adamw"]

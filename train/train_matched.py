@@ -20,7 +20,7 @@ with AdamW, compare-models' prior and decoder) followed by --transformer-args / 
 of that trainer (later flags win), e.g. --decoder-args "--channels 64 --batch_size 64", or --transformer-args
 "--optimizer muon --grad_clip 0 --muon_lr 0.01" (make compare-matched and compare-scaling pass the demo transformer's
 optimizer, and the caption and Muon to the decoder: --decoder-args "--use_caption --optimizer muon --zero_stage 0
---grad_clip 0 --muon_lr 0.02").
+--grad_clip 0 --muon_lr 0.01").
 
 Each trainer runs as its own process (python train/<trainer>.py) under <out>/runs/<stage> (+ <out>/runs/plan.json,
 <out>/runs/budget.json). On CPU with 2+ cores the two backends train at once, each process on half the cores (the
