@@ -8,6 +8,7 @@ torch's weights-only unpickler: no code from a checkpoint runs, whatever it cont
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -25,6 +26,12 @@ from dalle_ar.config import ConfigError, config_diff, load_json, save_json
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
+
+
+def weights_sha256(export_dir: str | Path) -> str:
+    """sha256 of an export's model.safetensors: which weights made a set of token shards, wherever the export
+    has moved since."""
+    return hashlib.sha256((Path(export_dir) / WEIGHTS).read_bytes()).hexdigest()
 
 
 def save_pretrained(weights: nn.Module | dict[str, torch.Tensor], out_dir: str | Path, config: dict,

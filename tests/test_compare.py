@@ -284,6 +284,39 @@ def test_budget_mode_refuses_exports_and_missing_inputs(models, training_data, t
         compare(only_ar)
 
 
+def test_budget_mode_takes_the_encoding_dvae_from_another_path_and_refuses_other_weights(models, training_data,
+                                                                                         tmp_path):
+    """A demo directory copied or moved after encoding: its token shards name the dVAE's old path, and --dvae at the
+    new one holds the same weights, so training goes on; a dVAE with other weights is refused in one line, also for
+    token shards whose meta.json predates the weights' sha256 (the shards' progress records name it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    moved = shutil.copytree(models["dvae"], tmp_path / "moved_dvae")
+    other = shutil.copytree(models["dvae"], tmp_path / "other_dvae")
+    weights = load_file(other / "model.safetensors")
+    name = next(iter(weights))
+    save_file({**weights, name: weights[name] + 1}, other / "model.safetensors")
+    tokens = Path(training_data["tokens"])
+    old_meta = tmp_path / "old_meta" / "tokens"  # the same shards, meta.json without dvae_sha256
+    shutil.copytree(tokens, old_meta)
+    meta = json.loads((tokens / "meta.json").read_text())
+    assert meta["dvae"] == str(Path(models["dvae"]).resolve()) and len(meta["dvae_sha256"]) == 64
+    (old_meta / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "dvae_sha256"}))
+
+    def check(dvae, tokens_dir):
+        argv = budget_args(models, {**training_data, "tokens": str(tokens_dir)}, tmp_path / "r", "--dvae", str(dvae))
+        matched["check_training_inputs"](matched["parse"](argv)[0])
+
+    for tokens_dir in (tokens, old_meta):
+        check(moved, tokens_dir)
+        with pytest.raises(ConfigError, match=r"meta.json: the tokens were encoded with .*, not --dvae .*other_dvae "
+                                              r"\(other weights\); pass that dVAE or re-encode") as e:
+            check(other, tokens_dir)
+        assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------------
 # train/compare_scaling.py and dalle_ar.scaling
 # ------------------------------------------------------------------------------------------------

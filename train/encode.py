@@ -10,7 +10,6 @@ command after a crash encodes only the shards not yet done; <out>/meta.json sums
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dalle_ar import models
-from dalle_ar.checkpoint import WEIGHTS
+from dalle_ar.checkpoint import weights_sha256
 from dalle_ar.cli import run_cli
 from dalle_ar.config import ConfigError, save_json
 from dalle_ar.data.read import shard_urls
@@ -48,7 +47,7 @@ def main(argv=None) -> Path:
     if dcfg.num_tokens > 2 ** 16:
         raise ConfigError(f"{Path(args.dvae) / 'config.json'}: num_tokens {dcfg.num_tokens} does not fit the uint16 "
                           f"codes of token shards; use a dVAE with at most 65536 codes")
-    fingerprint = hashlib.sha256((Path(args.dvae) / WEIGHTS).read_bytes()).hexdigest()
+    fingerprint = weights_sha256(args.dvae)
     device = torch.device(args.device)
 
     def encode(url, images, captions, keys):
@@ -59,7 +58,7 @@ def main(argv=None) -> Path:
     with TokenShards(args.out, urls, str(Path(args.dvae).resolve()), fingerprint) as out, autocast:
         totals = out.process(dcfg.image_size, args.batch_size, args.num_workers, device, encode, "encode", "encoded")
 
-    meta = {"num_samples": totals["num_samples"], "dvae": str(Path(args.dvae).resolve()),
+    meta = {"num_samples": totals["num_samples"], "dvae": str(Path(args.dvae).resolve()), "dvae_sha256": fingerprint,
             "num_tokens": dcfg.num_tokens, "grid_size": dcfg.grid_size, "skipped": totals["skipped"],
             "num_shards": totals["num_shards"]}
     save_json(Path(args.out) / "meta.json", meta)

@@ -43,9 +43,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dalle_ar import cli, metrics, models
+from dalle_ar.checkpoint import WEIGHTS, weights_sha256
 from dalle_ar.cli import run_cli
 from dalle_ar.config import ConfigError, load_json, save_json
 from dalle_ar.data.embeddings import read_meta, reusable
+from dalle_ar.data.write import encoded_with_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,11 +144,19 @@ def check_training_inputs(args) -> None:
     encoded_with = load_json(meta).get("dvae")
     if args.dvae is None:
         args.dvae = encoded_with
-    elif encoded_with and Path(encoded_with).resolve() != Path(args.dvae).resolve():
-        raise ConfigError(f"{meta}: the tokens were encoded with {encoded_with}, not --dvae {args.dvae}; pass that dVAE or "
-                          f"re-encode: python train/encode.py --dvae {args.dvae} --data {args.train_images} --out DIR")
+    elif encoded_with and Path(encoded_with).resolve() != Path(args.dvae).resolve() and not same_weights(args):
+        raise ConfigError(f"{meta}: the tokens were encoded with {encoded_with}, not --dvae {args.dvae} (other weights); "
+                          f"pass that dVAE or re-encode: python train/encode.py --dvae {args.dvae} --data "
+                          f"{args.train_images} --out DIR")
     if not args.dvae:
         raise ConfigError(f"{meta} names no dVAE; pass --dvae (the export the tokens were encoded with)")
+
+
+def same_weights(args) -> bool:
+    """Whether --dvae holds the weights the tokens were encoded with, though under another path (a demo directory
+    copied or moved since it was encoded)."""
+    recorded = encoded_with_sha256(args.train_tokens)
+    return bool(recorded) and (Path(args.dvae) / WEIGHTS).is_file() and weights_sha256(args.dvae) == recorded
 
 
 def stage_argv(args, stage: str, runs: Path, embeddings: Path) -> list[str]:

@@ -280,3 +280,14 @@ class TokenShards:
             sink.stream.close()
             self._tmp(url).unlink(missing_ok=True)
         self._open.clear()
+
+
+def encoded_with_sha256(tokens_dir: str | Path) -> str | None:
+    """sha256 of the dVAE weights that made `tokens_dir`'s shards: its meta.json's, or, in a meta.json written
+    before it recorded one, the shards' progress records' when they all name the same weights (else None)."""
+    tokens_dir = Path(tokens_dir)
+    recorded = load_json(tokens_dir / "meta.json").get("dvae_sha256")
+    if recorded:
+        return recorded
+    records = {load_json(path).get("dvae_sha256") for path in (tokens_dir / "progress").glob("*.json")}
+    return records.pop() if len(records) == 1 else None
