@@ -55,8 +55,7 @@ COMPARE_AR_ARGS = --transformer-args="$(DALLE_OPT_FLAGS)"
 # one process; AdamW on the rest): at the 6e13 budget's 1,201 steps, beside the same prior, it drew more right images
 # than AdamW on two seeds (bench/results/unclip_decoder_muon_cpu.json; DECODER_OPTIMIZER=adamw: the recipe before it).
 # Its Muon lr, DECODER_MUON_LR: 0.01, of 0.005 / 0.01 / 0.02 / 0.04 at that budget the one that drew the most right
-# images (single objects 97.6% against 66.9% at 0.02, the lr before it, which docs/compare/scaling was made with:
-# bench/results/unclip_decoder_muon_lr_cpu.json).
+# images (single objects 97.6% against 66.9% at 0.02, the lr before it: bench/results/unclip_decoder_muon_lr_cpu.json).
 DECODER_OPTIMIZER ?= $(OPTIMIZER)
 DECODER_MUON_LR ?= 0.01
 DECODER_OPT_FLAGS = --optimizer $(DECODER_OPTIMIZER)$(if $(filter muon,$(DECODER_OPTIMIZER)), --zero_stage 0 --grad_clip 0 --muon_lr $(DECODER_MUON_LR))
@@ -245,11 +244,11 @@ compare-matched: setup
 # backend's best setting per budget side by side: caption accuracy (all, 1-shape and 2-shape prompts), evaluator CLIP
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
 # docs/compare/scaling. Same demo models and evaluator CLIP as compare-matched; rerunning skips finished budgets.
-# AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the default demo's models,
-# DECODER_MUON_LR=0.02) took 50 min on the 2-core CPU at 150-152 GFLOP/s after the demo and the evaluator CLIP (+15
-# min); with the AdamW decoder (DECODER_OPTIMIZER=adamw), 49 min. At BUDGETS=2.2e13,4.4e13,8.8e13 with the AdamW decoder,
-# docs/compare/scaling_to_8.8e13 took 69 min at 152 GFLOP/s, and docs/compare/scaling_adamw (the AdamW recipe's) 55
-# min at 183.
+# AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the default demo's models)
+# took 61 min on a 2-core Zen 3 at 159-180 GFLOP/s after the demo and the evaluator CLIP (+16 min); the same work
+# (DECODER_MUON_LR=0.02) 50 min on a 2-core Zen 2 at 150-152, with the AdamW decoder (DECODER_OPTIMIZER=adamw) 49. At
+# BUDGETS=2.2e13,4.4e13,8.8e13 with the AdamW decoder, docs/compare/scaling_to_8.8e13 took 69 min at 152 GFLOP/s, and
+# docs/compare/scaling_adamw (the AdamW recipe's) 55 min at 183.
 compare-scaling: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(SCALING) && date +%s > $(SCALING)/.start
