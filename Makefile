@@ -189,8 +189,8 @@ EVAL_CLIP = $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE
 	--steps 1000 --batch_size 64 --lr 1e-3 --warmup_steps 20 --hard_negatives 4 --save_every 0
 
 # `make compare`: AR (the demo's dVAE + transformer) versus unCLIP (a tiny prior + decoder trained here on the
-# same shards and the same CLIP) on held-out shapes prompts, scored by a second, independently trained
-# evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing) and an evaluator CLIP already trained in
+# same shards and the same CLIP; the decoder reads the caption and trains with DECODER_OPT_FLAGS, as in the matched
+# comparisons) on held-out shapes prompts, scored by a second, independently trained evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing) and an evaluator CLIP already trained in
 # $(COMPARE) (compare-matched and compare-scaling share it). 2-core CPU at 150 GFLOP/s: 18 min after the demo and the
 # evaluator (docs/compare, on the default demo's models), ~15 more to train the evaluator.
 # `make compare-scaling OPTIMIZER=adamw DEMO=outputs/demo_adamw BUDGETS=2.2e13,4.4e13,8.8e13` runs on the AdamW recipe
@@ -207,7 +207,8 @@ compare-models: setup
 	$(PY) train/train_decoder.py --data '$(DEMO)/data/shapes/00000{0..2}.tar' --embeddings $(COMPARE)/data/shapes_clip \
 		--out $(COMPARE)/runs/decoder --image_size 32 --channels 32 --channel_mult 1,2,2 --num_res_blocks 1 \
 		--attention_resolutions 8 --head_channels 32 --steps 1500 --batch_size 32 --lr 1e-3 --warmup_steps 50 \
-		--ema_decay 0.995 --save_every 0 --sample_steps 32 --sample_every 500
+		--ema_decay 0.995 --save_every 0 --sample_steps 32 --sample_every 500 \
+		--use_caption --tokenizer $(DEMO)/runs/tokenizer $(DECODER_OPT_FLAGS)
 	@echo "compare models trained in $$(( $$(date +%s) - $$(cat $(COMPARE)/.start) )) s"
 
 compare: compare-models

@@ -267,13 +267,14 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
 
 def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
     """compare-matched and compare-scaling pass the demo transformer's optimizer flags to train_matched.py's
-    transformer, and the decoder's (with the caption) to its unCLIP decoder: Muon by default, AdamW with
-    OPTIMIZER=adamw (the recipe docs/compare/scaling_adamw was made with); DECODER_OPTIMIZER sets the decoder's alone,
-    DECODER_MUON_LR its Muon lr."""
+    transformer, and the decoder's (with the caption) to its unCLIP decoder, as compare-models (make compare) passes
+    them to its own decoder: Muon by default, AdamW with OPTIMIZER=adamw (the recipe docs/compare/scaling_adamw was
+    made with); DECODER_OPTIMIZER sets the decoder's alone, DECODER_MUON_LR its Muon lr."""
     import shlex
 
     demo = tmp_path / "demo"  # a demo that looks done, so that make -n plans no demo before the comparison
     (demo / "data" / "tokens").mkdir(parents=True)
+    (demo / "runs" / "dalle" / "export").mkdir(parents=True)
     (demo / "data" / "tokens" / "meta.json").write_text("{}")
 
     def stage_args(target, *args):
@@ -295,6 +296,16 @@ def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
         assert stage_args(target, "DECODER_OPTIMIZER=adamw")["decoder"] == ["--use_caption --optimizer adamw"]
         # any other name reaches the decoder's trainer, which refuses it, instead of training AdamW in its place
         assert stage_args(target, "DECODER_OPTIMIZER=sgd")["decoder"] == ["--use_caption --optimizer sgd"]
+
+    # make compare's own decoder (compare-models) reads the caption and trains with the same optimizer flags
+    def compare_models_decoder(*args):
+        lines = make_plan("compare-models", f"DEMO={demo}", f"COMPARE={tmp_path / 'c'}", *args)
+        argv = shlex.split(next(line for line in lines if "train/train_decoder.py" in line))
+        return " ".join(argv[argv.index("--use_caption"):])
+
+    caption = f"--use_caption --tokenizer {demo}/runs/tokenizer"
+    assert compare_models_decoder() == decoder_muon.replace("--use_caption", caption)
+    assert compare_models_decoder("OPTIMIZER=adamw") == f"{caption} --optimizer adamw"
     assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()  # make -n: nothing ran
 
 
