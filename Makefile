@@ -226,9 +226,9 @@ compare: compare-models
 # reading the caption, with DECODER_OPTIMIZER), and the same evaluation (it then runs sample/compare.py on the
 # exports); reuses the demo's dVAE, tokenizer and CLIP and compare-models' evaluator CLIP (trained here when missing:
 # +16 min). The default budget is about half the AdamW demo's AR (its dVAE + ~780 transformer steps). Rerunning skips
-# finished runs. The two backends train at once, one process each on half the cores: on the default demo's models
-# (DECODER_MUON_LR=0.02), 21 min (1,254 s) on the 2-core CPU at 148-153 GFLOP/s after the demo and the evaluator CLIP
-# (embeddings 1.5, transformer 16.5 beside the prior + decoder, evaluation 3).
+# finished runs. The two backends train at once, one process each on half the cores: on the default demo's models,
+# 24 min (1,466 s) on a 2-core Zen 3 at 180 GFLOP/s after the demo and the evaluator CLIP (the decoder's 1,001 steps
+# 18 min after the prior, beside the transformer); at DECODER_MUON_LR=0.02, 21 min (1,254 s) on a Zen 2 at 148-153.
 compare-matched: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(MATCHED) && date +%s > $(MATCHED)/.start
