@@ -190,8 +190,9 @@ EVAL_CLIP = $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE
 
 # `make compare`: AR (the demo's dVAE + transformer) versus unCLIP (a tiny prior + decoder trained here on the
 # same shards and the same CLIP; the decoder reads the caption and trains with DECODER_OPT_FLAGS, as in the matched
-# comparisons) on held-out shapes prompts, scored by a second, independently trained evaluator CLIP. Reuses $(DEMO) (runs `make demo` first when it is missing) and an evaluator CLIP already trained in
-# $(COMPARE) (compare-matched and compare-scaling share it). 2-core CPU at 150 GFLOP/s: 18 min after the demo and the
+# comparisons) on held-out shapes prompts, scored by a second, independently trained evaluator CLIP. Reuses $(DEMO)
+# (runs `make demo` first when it is missing) and an evaluator CLIP already trained in $(COMPARE) (compare-matched
+# and compare-scaling share it). 2-core CPU at 150 GFLOP/s: 18 min after the demo and the
 # evaluator (docs/compare, on the default demo's models), ~15 more to train the evaluator.
 # `make compare-scaling OPTIMIZER=adamw DEMO=outputs/demo_adamw BUDGETS=2.2e13,4.4e13,8.8e13` runs on the AdamW recipe
 # (the make variables reach the demo it trains first): docs/compare/scaling_adamw.
