@@ -192,8 +192,9 @@ EVAL_CLIP = $(PY) train/train_clip.py --data $(DEMO)/data/shapes --out $(COMPARE
 # same shards and the same CLIP; the decoder reads the caption and trains with DECODER_OPT_FLAGS, as in the matched
 # comparisons) on held-out shapes prompts, scored by a second, independently trained evaluator CLIP. Reuses $(DEMO)
 # (runs `make demo` first when it is missing) and an evaluator CLIP already trained in $(COMPARE) (compare-matched
-# and compare-scaling share it). 2-core CPU at 150 GFLOP/s: 18 min after the demo and the
-# evaluator (docs/compare, on the default demo's models), ~15 more to train the evaluator.
+# and compare-scaling share it). docs/compare (the default demo's models): 35 min on a 2-core Zen 3 at 180 GFLOP/s
+# after the demo and the evaluator, the decoder's first 13 min beside another job (0.8 s a step alone); ~16 more to
+# train the evaluator. With the AdamW decoder without the caption, before: 18 min on a Zen 2 at 150.
 # `make compare-scaling OPTIMIZER=adamw DEMO=outputs/demo_adamw BUDGETS=2.2e13,4.4e13,8.8e13` runs on the AdamW recipe
 # (the make variables reach the demo it trains first): docs/compare/scaling_adamw.
 compare-models: setup
