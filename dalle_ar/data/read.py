@@ -24,8 +24,8 @@ import webdataset as wds
 from webdataset.gopen import gopen_schemes
 
 from dalle_ar.config import ConfigError, DataError
-from dalle_ar.data.decode import (IMAGE_MEMBERS, MAX_PIXELS, MIN_IMAGE_SIZE, SkipCounter, SkipSample, decode_caption,
-                                  decode_sample, decode_token_sample, image_to_uint8)
+from dalle_ar.data.decode import (IMAGE_MEMBERS, MAX_PIXELS, MIN_IMAGE_SIZE, SHARD_REASONS, SkipCounter, SkipSample,
+                                  decode_caption, decode_sample, decode_token_sample, image_to_uint8)
 
 
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):")  # a URL scheme, as webdataset's gopen reads it (not a path)
@@ -128,19 +128,45 @@ def _tar_samples(stream, url: str, skips: SkipCounter, select) -> Iterator[dict]
         skips.skip("empty_shard", url)
 
 
-def _read_shards(src: Iterator[dict], skips: SkipCounter, select=None, give_up: int = 0) -> Iterator[dict]:
+# What a resampled stream keeps of the shards it has read whole, per reader (each rank's DataLoader workers keep their
+# own): their samples' bytes, up to this many. A small dataset trained for many epochs then parses each tar once (the
+# demo's dVAE reads its 8,000 images ten times, and tarfile's header parsing was half the reader's time).
+SHARD_CACHE_BYTES = 256 * 2 ** 20
+
+
+def _read_shards(src: Iterator[dict], skips: SkipCounter, select=None, give_up: int = 0,
+                 cache_bytes: int = 0) -> Iterator[dict]:
     """Pipeline stage: {"url"} -> samples. With resampled shards the stream never ends, so `give_up`
-    consecutive shards without a sample (all empty or unreadable) stop it with a DataError."""
-    barren = 0
+    consecutive shards without a sample (all empty or unreadable) stop it with a DataError. With `cache_bytes`, the
+    samples of each shard read without damage are kept (while they fit) and given again when the shard comes again:
+    the same samples in the same order, without reading the tar."""
+    barren, cache, held = 0, {}, 0
     for shard in src:
-        got = False
-        for sample in shard_samples(shard["url"], skips, select):
+        url = shard["url"]
+        if url in cache:
+            yield from cache[url]
+            barren = 0
+            continue
+        got, damage = False, _shard_damage(skips)
+        kept = [] if held < cache_bytes else None
+        for sample in shard_samples(url, skips, select):
             got = True
+            if kept is not None:
+                kept.append(sample)
             yield sample
+        if kept and _shard_damage(skips) == damage:
+            size = sum(len(v) for sample in kept for k, v in sample.items() if not k.startswith("__"))
+            if held + size <= cache_bytes:
+                cache[url], held = kept, held + size
         barren = 0 if got else barren + 1
         if give_up and barren >= give_up:
             raise DataError(f"{barren} shards in a row gave no sample ({skips.summary()}); run "
                             f"`python train/validate_shards.py {skips.source or 'DATA'}` to see what is wrong")
+
+
+def _shard_damage(skips: SkipCounter) -> tuple[int, ...]:
+    counts = skips.counts
+    return tuple(counts.get(reason, 0) for reason in SHARD_REASONS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +246,8 @@ def raw_dataset(spec: str | list[str], resampled: bool, shuffle: int, seed: int,
             stages += [wds.split_by_node, wds.split_by_worker]
         if shuffle:
             stages.append(wds.shuffle(len(urls), seed=seed))
-    stages.append(partial(_read_shards, skips=skips, select=select, give_up=10 * len(urls) if resampled else 0))
+    stages.append(partial(_read_shards, skips=skips, select=select, give_up=10 * len(urls) if resampled else 0,
+                          cache_bytes=SHARD_CACHE_BYTES if resampled else 0))
     if shuffle:
         stages.append(wds.shuffle(shuffle, seed=seed))
     return FluidPipeline(*stages)
