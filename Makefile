@@ -64,7 +64,7 @@ COMPARE_UNCLIP_ARGS = --decoder-args="--use_caption $(DECODER_OPT_FLAGS)"
 # check on more held-out images in 2,500 steps than AdamW in 4,500 (bench/results/dvae_muon_zen4_cpu.json)
 DVAE_OPTIMIZER ?= $(OPTIMIZER)
 DVAE_STEPS ?= $(if $(filter muon,$(DVAE_OPTIMIZER)),2500,4500)
-DVAE_OPT_FLAGS = --optimizer $(DVAE_OPTIMIZER)$(if $(filter muon,$(DVAE_OPTIMIZER)), --zero_stage 0 --grad_clip 0 --no-muon_compile --muon_lr 0.02)
+DVAE_OPT_FLAGS = --optimizer $(DVAE_OPTIMIZER)$(if $(filter muon,$(DVAE_OPTIMIZER)), --zero_stage 0 --grad_clip 0 --muon_lr 0.02)
 BASE_SHARDS = $(DEMO)/data/shapes/{000000..000007}.tar
 COMPARE ?= outputs/compare
 BUDGET  ?= 5e13

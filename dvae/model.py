@@ -143,10 +143,6 @@ class DiscreteVAE(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        # kernels laid out as the activations are (channels_last, see `logits`): oneDNN then convolves without
-        # reordering them at every call. 15% less time a demo training step on one thread of a 2-core Zen 3; the same
-        # values (a state dict loads into either layout; exports are written contiguous)
-        self.to(memory_format=torch.channels_last)
 
     def muon_params(self) -> list[nn.Parameter]:
         """The hidden conv kernels (every residual block's, shortcut convs included) for `--optimizer muon`, which

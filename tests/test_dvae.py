@@ -1,4 +1,3 @@
-import copy
 import math
 
 import numpy as np
@@ -214,26 +213,15 @@ def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_mom
     assert len(kernels) == 2 * (4 * 4 + 3)  # 2 halves x (4 groups of one block of 4 convs + 3 shortcut convs)
     pixel_and_code_convs = [c.w for half in (model.encoder, model.decoder) for c in (half.blocks.input, half.blocks.output.conv)]
     assert {id(k) for k in kernels}.isdisjoint(id(w) for w in pixel_and_code_convs)
-    # the kernels are kept channels_last (faster convolutions), and Muon steps them as it steps the same kernels laid
-    # out contiguous, to rounding: (out, k*k*in) is the (out, in*k*k) matrix with its columns permuted, and the
-    # orthogonalised update is too
-    assert all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
-    assert sum(not k.is_contiguous() for k in kernels) == 2 * 4 * 3  # all but the 1x1 ones, which are both
-    contiguous = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    opt, opt_contiguous = build_optimizer(model, cfg), build_optimizer(contiguous, cfg)
+    opt = build_optimizer(model, cfg)
     before = [k.detach().clone() for k in kernels]
-    for p, q in zip(model.parameters(), contiguous.parameters()):
+    for p in model.parameters():
         p.grad = torch.randn_like(p)
-        q.grad = p.grad.contiguous()
     opt.step()
-    opt_contiguous.step()
-    for k, k0, k_contiguous in zip(kernels, before, contiguous.muon_params()):
-        sv = torch.linalg.svdvals((k0 - k.detach()).reshape(len(k), -1) / lr)
+    for k, k0 in zip(kernels, before):
+        sv = torch.linalg.svdvals((k0 - k.detach()).view(len(k), -1) / lr)
         scale = max(1, len(k) / k[0].numel()) ** 0.5
         assert sv.min() > 0.5 * scale and sv.max() < 1.25 * scale, (tuple(k.shape), sv / scale)
-        # (bf16's Newton-Schulz rounds an identical matrix differently from one call to another)
-        torch.testing.assert_close((k0 - k.detach()) / lr, (k0 - k_contiguous.detach()) / lr, rtol=0,
-                                   atol=3e-2 if native_bf16 else 1e-5)
 
     loss_cfg = DVAELossConfig(reference_steps=0, kl_weight=0.0)
     x = images(8)

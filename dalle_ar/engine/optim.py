@@ -235,34 +235,10 @@ def _muon_with_kernels() -> type[torch.optim.Optimizer]:
                 state = self.state[p]
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                layout = _kernel_layout(state["momentum_buffer"])
-                update = muon_optimizer.muon_update(_kernel_matrix(grad, layout),
-                                                    _kernel_matrix(state["momentum_buffer"], layout),
+                update = muon_optimizer.muon_update(grad.view(len(p), -1), state["momentum_buffer"].view(len(p), -1),
                                                     beta=group["momentum"], ns_method=group.get("ns_method", "gram"))
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(_kernel_from_matrix(update, p, layout), alpha=-group["lr"])
+                p.add_(update.view_as(p), alpha=-group["lr"])
             return loss
 
     return MuonWithKernels
-
-
-def _kernel_layout(t: torch.Tensor) -> torch.memory_format:
-    """channels_last for a kernel laid out so (`DiscreteVAE` keeps its convs' kernels channels_last), else contiguous."""
-    return torch.channels_last if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
-
-
-def _kernel_matrix(t: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
-    """A conv kernel (out, in, k, k) as the matrix Muon orthogonalises: (out, in*k*k), or for `layout` channels_last
-    (out, k*k*in), the same matrix with its columns permuted, which orthogonalisation commutes with. A view of `t`
-    when `t` is laid out so (the momentum, which Muon updates in place), else of a copy laid out so."""
-    t = t.contiguous(memory_format=layout)
-    return (t.permute(0, 2, 3, 1) if layout == torch.channels_last else t).view(len(t), -1)
-
-
-def _kernel_from_matrix(m: torch.Tensor, like: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
-    """The (out, in, k, k) kernel of a matrix from `_kernel_matrix(·, layout)`."""
-    if layout == torch.channels_last:
-        out, n_in, kh, kw = like.shape
-        return m.view(out, kh, kw, n_in).permute(0, 3, 1, 2)
-    return m.view_as(like)
