@@ -91,7 +91,7 @@ def test_a_resampled_stream_reads_each_sound_shard_once_with_the_same_samples_an
     """A resampled stream keeps the samples of each shard it has read whole (read.SHARD_CACHE_BYTES) and gives them
     again when the shard comes again: the same samples in the same order and the same skip counts as reading the tar
     every time (a bad sample is skipped and counted at every pass; a truncated or empty shard is read, and counted,
-    every time it comes), each sound shard's tar read once."""
+    every time it comes), each sound shard's tar read once; a shard that does not fit is not kept."""
     from dalle_ar.data import read as reader
 
     opened, shard_samples = Counter(), reader.shard_samples
@@ -117,6 +117,8 @@ def test_a_resampled_stream_reads_each_sound_shard_once_with_the_same_samples_an
     assert counts == plain_counts and counts["truncated_shard"] > 1 and counts["corrupt_image"] > 2 * 3
     assert opens["000000.tar"] == 1 < plain_opens["000000.tar"]
     assert opens["000001.tar"] == plain_opens["000001.tar"] > 1 and opens["000002.tar"] == plain_opens["000002.tar"]
+    small, small_counts, small_opens = stream(1000)  # smaller than any shard: nothing is kept, every tar read again
+    assert [key for _, _, key in small] == [key for _, _, key in plain] and small_opens == plain_opens
 
 
 def test_token_trainer_given_image_shards_stops_within_seconds_naming_encode(shapes_shards, tmp_path):

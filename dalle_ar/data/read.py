@@ -148,16 +148,18 @@ def _read_shards(src: Iterator[dict], skips: SkipCounter, select=None, give_up: 
             barren = 0
             continue
         got, damage = False, _shard_damage(skips)
-        kept = [] if held < cache_bytes else None
+        kept, size = ([] if held < cache_bytes else None), 0
         for sample in shard_samples(url, skips, select):
             got = True
-            if kept is not None:
-                kept.append(sample)
+            if kept is not None:  # let go as soon as the shard cannot fit: a big shard is never held whole
+                size += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+                if held + size <= cache_bytes:
+                    kept.append(sample)
+                else:
+                    kept = None
             yield sample
         if kept and _shard_damage(skips) == damage:
-            size = sum(len(v) for sample in kept for k, v in sample.items() if not k.startswith("__"))
-            if held + size <= cache_bytes:
-                cache[url], held = kept, held + size
+            cache[url], held = kept, held + size
         barren = 0 if got else barren + 1
         if give_up and barren >= give_up:
             raise DataError(f"{barren} shards in a row gave no sample ({skips.summary()}); run "
