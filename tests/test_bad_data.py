@@ -119,6 +119,7 @@ def test_a_resampled_stream_reads_each_sound_shard_once_with_the_same_samples_an
     assert opens["000001.tar"] == plain_opens["000001.tar"] > 1 and opens["000002.tar"] == plain_opens["000002.tar"]
     small, small_counts, small_opens = stream(1000)  # smaller than any shard: nothing is kept, every tar read again
     assert [key for _, _, key in small] == [key for _, _, key in plain] and small_opens == plain_opens
+    assert small_counts == plain_counts
 
 
 def test_token_trainer_given_image_shards_stops_within_seconds_naming_encode(shapes_shards, tmp_path):
