@@ -246,6 +246,13 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
     runs = [line for line in lines if "sample/generate.py" in line]
     assert len(runs) == 1 and "--synthetic_prompts 64" in runs[0] and runs[0].endswith("--grid_prompts 8")
 
+    def temperature(*args):
+        return next(line for line in plan(*args) if "sample/generate.py" in line).split("--temperature ")[1].split()[0]
+
+    # the eval's sampling temperature: 0.35 for the Muon transformer (the default), 0.7 for AdamW's, or as given
+    assert (temperature(), temperature("OPTIMIZER=adamw"), temperature("DALLE_OPTIMIZER=adamw"),
+            temperature("DVAE_OPTIMIZER=adamw"), temperature("DEMO_TEMPERATURE=1.0")) == ("0.35", "0.7", "0.7", "0.35", "1.0")
+
     for default in ((), ("OPTIMIZER=muon",)):  # Muon is the default: 20,000 images, 2,500 dVAE and 575 transformer steps
         shards, dvae, dalle = commands(*default)
         assert "--num 20000" in shards and "--steps 2500" in dvae and "--steps 575" in dalle
