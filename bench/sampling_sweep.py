@@ -96,6 +96,13 @@ def main(argv=None) -> dict:
         for sub in ("runs/dalle/export", "runs/clip/export"):
             if not (run / sub).is_dir():
                 p.error(f"{run}: no {sub} (pass `make demo` output directories)")
+    # a run's samples go to --work/<set>/<its directory's name>: two runs of one name would read each other's
+    seen = {}
+    for run in args.runs:
+        if run.name in seen:
+            p.error(f"{seen[run.name]} and {run}: both are named {run.name!r}, so their samples would share "
+                    f"{Path(args.work) / '<set>' / run.name}; pass directories with distinct names (symlinks will do)")
+        seen[run.name] = run
     seeds = {run: run_seed(run, args.seed) for run in args.runs}
     sets = {}
     for name in names:

@@ -115,8 +115,13 @@ def test_sampling_sweep_samples_each_run_at_each_temperature_on_each_prompt_set(
     before = written.stat().st_mtime_ns
     assert sweep(argv)["sets"] == r["sets"] and written.stat().st_mtime_ns == before  # nothing sampled again
     capsys.readouterr()
+    twin = tmp_path / "clone" / "demo_seed0"
+    twin.parent.mkdir()
+    twin.symlink_to(runs[1], target_is_directory=True)
     for bad, message in (([*runs, "--temperatures", "0"], "must be above 0"), ([*runs, "--sets", "train"], "unknown"),
-                         ([str(tmp_path)], "no runs/dalle/export")):
+                         ([str(tmp_path)], "no runs/dalle/export"),
+                         # two runs of one name (outputs/demo of two clones) would read each other's samples in --work
+                         ([runs[0], str(twin)], "both are named 'demo_seed0'")):
         with pytest.raises(SystemExit):
             sweep(bad)
         assert message in capsys.readouterr().err
