@@ -257,7 +257,7 @@ compare-matched: setup
 # score, FD and seconds per image against training FLOPs, and a verdict computed from those numbers, in
 # docs/compare/scaling. Same demo models and evaluator CLIP as compare-matched; rerunning skips finished budgets.
 # AR and unCLIP train at once, one process each on half the cores: docs/compare/scaling (the default demo's models)
-# took 61 min on a 2-core Zen 3 at 159-180 GFLOP/s after the demo and the evaluator CLIP (+16 min); the same work
+# took 57.5 min on a 2-core Zen 3 at 175-181 GFLOP/s after the demo and the evaluator CLIP (+16 min); the same work
 # (DECODER_MUON_LR=0.02) 50 min on a 2-core Zen 2 at 150-152, with the AdamW decoder (DECODER_OPTIMIZER=adamw) 49. At
 # BUDGETS=2.2e13,4.4e13,8.8e13 with the AdamW decoder, docs/compare/scaling_to_8.8e13 took 69 min at 152 GFLOP/s, and
 # docs/compare/scaling_adamw (the AdamW recipe's) 55 min at 183.
