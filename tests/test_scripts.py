@@ -235,8 +235,12 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
     clip = next(line for line in lines if "train/train_clip.py" in line)
     assert "--hard_negatives 2 --context_length 16" in clip  # two wrong captions per caption, 16 caption tokens
 
+    def value(script, flag, *args):
+        """The value `flag` takes in make demo's command running `script`, for these make variables."""
+        return next(line for line in plan(*args) if script in line).split(f"{flag} ")[1].split()[0]
+
     def clip_steps(*args):
-        return next(line for line in plan(*args) if "train_clip.py" in line).split("--steps ")[1].split()[0]
+        return value("train_clip.py", "--steps", *args)
 
     # the CLIP's steps: 350 with Muon (the default), 400 with AdamW (as its recipe was measured), or as given
     assert (clip_steps(), clip_steps("OPTIMIZER=adamw"), clip_steps("CLIP_STEPS=300")) == ("350", "400", "300")
@@ -247,7 +251,7 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
     assert len(runs) == 1 and "--synthetic_prompts 64" in runs[0] and runs[0].endswith("--grid_prompts 8")
 
     def temperature(*args):
-        return next(line for line in plan(*args) if "sample/generate.py" in line).split("--temperature ")[1].split()[0]
+        return value("sample/generate.py", "--temperature", *args)
 
     # the eval's sampling temperature: 0.35 for the Muon transformer (the default), 0.7 for AdamW's, or as given
     assert (temperature(), temperature("OPTIMIZER=adamw"), temperature("DALLE_OPTIMIZER=adamw"),
