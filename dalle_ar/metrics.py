@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -158,11 +159,13 @@ def run_info(export_dir: str | Path) -> dict:
     its latest checkpoint (`checkpoints/latest`; a run stopped early and exported), else the last step in
     metrics.jsonl, else train_config.json's `steps`; micro-batch, accumulation and data-parallel ranks from
     train_config.json (a run written before it recorded `world_size` counts as one rank; one resumed on another
-    number of ranks counts all its steps at the last one). Missing files -> None."""
+    number of ranks counts all its steps at the last one). Missing files -> None. `run` is relative to the working
+    directory when it lies under it (so a committed report names no machine's folders)."""
     run = Path(export_dir).resolve().parent
+    shown = os.path.relpath(run) if run.is_relative_to(Path.cwd()) else str(run)
     cfg_path = run / "train_config.json"
     if not cfg_path.exists():
-        return {"run": str(run), "steps": None, "batch_size": None, "grad_accum": 1, "world_size": 1, "source": None}
+        return {"run": shown, "steps": None, "batch_size": None, "grad_accum": 1, "world_size": 1, "source": None}
     cfg = json.loads(cfg_path.read_text())
     steps, source = cfg.get("steps"), "train_config.json"
     metrics = run / "metrics.jsonl"
@@ -173,7 +176,7 @@ def run_info(export_dir: str | Path) -> dict:
     latest = run / "checkpoints" / "latest"
     if latest.exists() and latest.read_text().strip().startswith("step_"):
         steps, source = int(latest.read_text().strip()[5:]), "checkpoints/latest"
-    return {"run": str(run), "steps": steps, "batch_size": cfg.get("batch_size"), "grad_accum": cfg.get("grad_accum", 1),
+    return {"run": shown, "steps": steps, "batch_size": cfg.get("batch_size"), "grad_accum": cfg.get("grad_accum", 1),
             "world_size": cfg.get("world_size", 1), "source": source}
 
 

@@ -157,6 +157,13 @@ def test_stage_training_flops_reads_steps_from_the_run(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir()
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000047\n")
     assert run_info(export)["steps"] == 47
+    # the run's folder as reports record it: relative under the working directory, absolute elsewhere
+    assert run_info(export)["run"] == str(tmp_path / "run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert run_info("run/export/")["run"] == run_info(export)["run"] == "run"
+        mp.chdir(export)  # the run is above the working directory
+        assert run_info(".")["run"] == str(tmp_path / "run")
 
 
 def test_grid_tile_labels_wrap_to_the_tile_instead_of_being_cut(tmp_path):
