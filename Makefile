@@ -260,7 +260,9 @@ compare-matched: setup
 # took 57.5 min on a 2-core Zen 3 at 175-181 GFLOP/s after the demo and the evaluator CLIP (+16 min); the same work
 # (DECODER_MUON_LR=0.02) 50 min on a 2-core Zen 2 at 150-152, with the AdamW decoder (DECODER_OPTIMIZER=adamw) 49. At
 # BUDGETS=2.2e13,4.4e13,8.8e13 with the AdamW decoder, docs/compare/scaling_to_8.8e13 took 69 min at 152 GFLOP/s, and
-# docs/compare/scaling_adamw (the AdamW recipe's) 55 min at 183.
+# docs/compare/scaling_adamw (the AdamW recipe's) 55 min at 183. AR samples at the demo's temperature (DEMO_TEMPERATURE:
+# 0.35 for the Muon transformer, 0.7 for AdamW's): on the committed run's models, 0.35 drew as many right images as 0.7
+# or more at every budget and both rerank settings (bench/results/compare_scaling_temperature_cpu.json).
 compare-scaling: setup
 	@test -f $(DEMO)/data/tokens/meta.json || $(MAKE) demo
 	mkdir -p $(SCALING) && date +%s > $(SCALING)/.start
@@ -268,7 +270,7 @@ compare-scaling: setup
 	$(PY) train/compare_scaling.py --budgets $(BUDGETS) --train-images $(DEMO)/data/shapes \
 		--train-tokens $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --dvae $(DEMO)/runs/dvae/export \
 		--clip $(DEMO)/runs/clip/export --eval-clip $(COMPARE)/runs/eval_clip/export --synthetic-prompts 32 \
-		--samples-per-prompt 4 --seed 0 --ar-rerank 1,16 --ar-temperature 0.7 --ar-top-k 16 --unclip-guidance 1,3 \
+		--samples-per-prompt 4 --seed 0 --ar-rerank 1,16 --ar-temperature $(DEMO_TEMPERATURE) --ar-top-k 16 --unclip-guidance 1,3 \
 		--unclip-steps 16,64 --real-images 256 $(COMPARE_AR_ARGS) $(COMPARE_UNCLIP_ARGS) --out $(SCALING) \
 		--report docs/compare/scaling
 	@echo "compare-scaling finished in $$(( $$(date +%s) - $$(cat $(SCALING)/.start) )) s: see docs/compare/scaling/report.md"

@@ -280,7 +280,8 @@ def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
     """compare-matched and compare-scaling pass the demo transformer's optimizer flags to train_matched.py's
     transformer, and the decoder's (with the caption) to its unCLIP decoder, as compare-models (make compare) passes
     them to its own decoder: Muon by default, AdamW with OPTIMIZER=adamw (the recipe docs/compare/scaling_adamw was
-    made with); DECODER_OPTIMIZER sets the decoder's alone, DECODER_MUON_LR its Muon lr."""
+    made with); DECODER_OPTIMIZER sets the decoder's alone, DECODER_MUON_LR its Muon lr. compare-scaling's AR samples at
+    the demo eval's temperature."""
     import shlex
 
     demo = tmp_path / "demo"  # a demo that looks done, so that make -n plans no demo before the comparison
@@ -295,6 +296,16 @@ def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
         argv = shlex.split(next(line for line in lines if script in line))
         return {stage: [a.split("=", 1)[1] for a in argv if a.startswith(f"--{stage}-args=")]
                 for stage in ("transformer", "prior", "decoder")}
+
+    def ar_temperature(*args):
+        lines = make_plan("compare-scaling", f"DEMO={demo}", f"COMPARE={tmp_path / 'c'}", f"SCALING={tmp_path / 's'}",
+                          *args)
+        argv = shlex.split(next(line for line in lines if "train/compare_scaling.py" in line))
+        return argv[argv.index("--ar-temperature") + 1]
+
+    # compare-scaling's AR samples at the demo's temperature: 0.35 for the Muon transformer, 0.7 for AdamW's
+    assert (ar_temperature(), ar_temperature("OPTIMIZER=adamw"), ar_temperature("DEMO_TEMPERATURE=0.5")) == \
+        ("0.35", "0.7", "0.5")
 
     muon = "--optimizer muon --grad_clip 0 --no-muon_compile --muon_lr 0.01 --muon_momentum 0.95"
     decoder_muon = "--use_caption --optimizer muon --zero_stage 0 --grad_clip 0 --muon_lr 0.01"
