@@ -84,7 +84,7 @@ THREADS_ENV = OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS)
 # of the cores
 TEST_WORKERS ?= 2
 
-.PHONY: setup setup-dev demo demo-clip demo-dvae demo-tokens demo-dvae-check demo-seeds test test-browser play bench clean compare compare-models compare-matched \
+.PHONY: setup setup-dev demo demo-clip demo-dvae demo-tokens demo-dvae-check demo-tokenizer demo-seeds test test-browser play bench clean compare compare-models compare-matched \
 	compare-scaling
 
 # `make setup`: what the demo, the comparisons and the benchmarks run on; `make setup-dev` adds the test and playground
@@ -140,9 +140,8 @@ demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
 	$(PY) -m bench.machine --out $(DEMO)/machine.json
 	$(STAGE) shards -- $(PY) train/make_shards.py synthetic --out $(DEMO)/data/shapes --num $(DALLE_IMAGES)
-	$(STAGE) tokenizer -- $(PY) train/train_tokenizer.py --data '$(BASE_SHARDS)' --out $(DEMO)/runs/tokenizer --vocab_size 512
 	@echo "the CLIP trains beside the dVAE, $(THREADS) thread(s) each, then the transformer on 2 ranks; CLIP progress: tail -f $(DEMO)/clip.log"
-	$(MAKE) --no-print-directory -j2 demo-clip demo-tokens demo-dvae-check
+	$(MAKE) --no-print-directory -j2 demo-clip demo-tokens demo-dvae-check demo-tokenizer
 	$(THREADS_ENV) $(STAGE) transformer -- $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
 		train/train_dalle.py --data $(DEMO)/data/tokens --tokenizer $(DEMO)/runs/tokenizer --out $(DEMO)/runs/dalle \
 		--steps $(DALLE_STEPS) --batch_size 16 --lr 2e-3 --warmup_steps 50 --seed $(SEED) $(DALLE_OPT_FLAGS)
@@ -153,8 +152,8 @@ demo: setup
 	echo $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) > $(DEMO)/.seconds
 	@echo "demo finished in $$(cat $(DEMO)/.seconds) s ($$(cat $(DEMO)/machine.json)): see $(DEMO)/grid.png, $(DEMO)/eval/scores.json"
 
-# The demo's concurrent parts (run by `make demo -j2` after the shards and the tokenizer, before the transformer): the CLIP
-# on one core; the dVAE on the other, then the encoding of the images into tokens there, and the dVAE's check on the
+# The demo's concurrent parts (run by `make demo -j2` after the shards, before the transformer): the CLIP on one core;
+# the dVAE on the other, then the encoding of the images into tokens there, and the dVAE's check and the tokenizer on the
 # first core free (on the 2-core CPU the dVAE took 353-380 s and the encoding of 20,000 images 42-44 s, the CLIP's 350
 # steps 386-400 s, the check 14-15 s).
 # The CLIP reads 16 caption tokens: the shapes world's longest caption is 14 with its start and end tokens, and a
@@ -181,6 +180,10 @@ demo-tokens: demo-dvae
 demo-dvae-check: demo-dvae
 	$(THREADS_ENV) $(STAGE) dvae_quality -- $(PY) -m bench.dvae_quality --dvae $(DEMO)/runs/dvae/export --synthetic 1024 --grid $(DEMO)/dvae_heldout.png \
 		--out $(DEMO)/dvae_quality.json
+
+# the transformer's BPE tokenizer (4 s), on the first core free after the CLIP or the dVAE: off the dVAE's path
+demo-tokenizer:
+	$(STAGE) tokenizer -- $(PY) train/train_tokenizer.py --data '$(BASE_SHARDS)' --out $(DEMO)/runs/tokenizer --vocab_size 512
 
 # `make demo-seeds [SEEDS="0 1 2"]`: the demo once per training/sampling seed (same data, same held-out prompts), then
 # the spread of every figure (bench/demo_spread.py): the noise a recipe change has to beat. ~20 min per seed. Writes
