@@ -246,6 +246,11 @@ def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_ref
     assert (clip_steps(), clip_steps("OPTIMIZER=adamw"), clip_steps("CLIP_STEPS=300")) == ("350", "400", "300")
     encode = next(line for line in lines if "train/encode.py" in line)
     assert encode.endswith("--batch_size 64 --num_workers 1")
+    # the transformer's tokenizer trains in the concurrent part (on the first core free), before the transformer
+    group = next(i for i, line in enumerate(lines) if "-j2 demo-clip" in line)
+    tokenizer = next(i for i, line in enumerate(lines) if "train/train_tokenizer.py" in line)
+    transformer = next(i for i, line in enumerate(lines) if "train/train_dalle.py" in line)
+    assert "demo-tokenizer" in lines[group] and group < tokenizer < transformer
     # one sampling run: 64 held-out prompts scored, the grid of the first 8 copied to the demo's top level
     runs = [line for line in lines if "sample/generate.py" in line]
     assert len(runs) == 1 and "--synthetic_prompts 64" in runs[0] and runs[0].endswith("--grid_prompts 8")
