@@ -294,18 +294,20 @@ def test_make_comparisons_train_each_backend_with_its_optimizer(tmp_path):
     (demo / "runs" / "dalle" / "export").mkdir(parents=True)
     (demo / "data" / "tokens" / "meta.json").write_text("{}")
 
-    def stage_args(target, *args):
+    def comparison_argv(target, *args):
+        """The comparison script's arguments in make `target`'s plan, for these make variables."""
         lines = make_plan(target, f"DEMO={demo}", f"COMPARE={tmp_path / 'c'}", f"MATCHED={tmp_path / 'm'}",
                           f"SCALING={tmp_path / 's'}", *args)
         script = {"compare-matched": "train/train_matched.py", "compare-scaling": "train/compare_scaling.py"}[target]
-        argv = shlex.split(next(line for line in lines if script in line))
+        return shlex.split(next(line for line in lines if script in line))
+
+    def stage_args(target, *args):
+        argv = comparison_argv(target, *args)
         return {stage: [a.split("=", 1)[1] for a in argv if a.startswith(f"--{stage}-args=")]
                 for stage in ("transformer", "prior", "decoder")}
 
     def ar_temperature(*args):
-        lines = make_plan("compare-scaling", f"DEMO={demo}", f"COMPARE={tmp_path / 'c'}", f"SCALING={tmp_path / 's'}",
-                          *args)
-        argv = shlex.split(next(line for line in lines if "train/compare_scaling.py" in line))
+        argv = comparison_argv("compare-scaling", *args)
         return argv[argv.index("--ar-temperature") + 1]
 
     # compare-scaling's AR samples at the demo's temperature: 0.35 for the Muon transformer, 0.7 for AdamW's
