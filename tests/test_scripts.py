@@ -205,16 +205,44 @@ def test_mismatched_tokens_are_a_one_line_error(pipeline):
     assert "Traceback" not in proc.stderr
 
 
-def make_plan(target: str, *variables: str) -> list[str]:
-    """The commands `make <target>` would run with these make variables, one per line (make -n: nothing runs).
+def make_plan(target: str, *variables: str, env: dict | None = None) -> list[str]:
+    """The commands `make <target>` would run with these make variables (and environment),
+    one per line (make -n: nothing runs).
     Skips the test without make or the project's .venv."""
     import shutil
     import subprocess
 
     if shutil.which("make") is None or not (ROOT / ".venv" / ".installed").exists():
         pytest.skip("needs make and the project's .venv (what `make test` sets up)")
-    return subprocess.run(["make", "-n", target, *variables], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.replace("\\\n", "").splitlines()
+    return subprocess.run(["make", "-n", target, *variables], cwd=ROOT, env=env, capture_output=True,
+                          text=True, check=True).stdout.replace("\\\n", "").splitlines()
+
+
+def test_make_setup_installs_with_uv_from_the_package_indexes_pip_is_configured_with(tmp_path):
+    """uv does not read pip's configuration: `make setup` passes pip's indexes and wheel folders on as flags, from pip's
+    config files and PIP_* variables alike, and none when pip has none."""
+    import os
+
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nindex-url = https://mirror.example/simple\n"
+                    "extra-index-url = file:///a/simple file:///b/simple\n[install]\nfind-links = /some/wheels\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+
+    def uv_commands(**pip_env):
+        lines = make_plan("setup", f"VENV={tmp_path / 'venv'}", env={**env, **pip_env})
+        return [line.split(" pip install ", 1)[1] for line in lines if "/bin/uv pip install" in line]
+
+    torch, project = uv_commands(PIP_CONFIG_FILE=str(conf), PIP_EXTRA_INDEX_URL="file:///c/simple")
+    for command in (torch, project):
+        assert "-c constraints.txt --index-strategy unsafe-best-match" in command
+        for flags in ("--index-url https://mirror.example/simple",
+                      "--extra-index-url file:///a/simple --extra-index-url file:///b/simple",
+                      "--find-links /some/wheels", "--extra-index-url file:///c/simple"):
+            assert flags in command
+    assert torch.endswith(" torch==2.14.1 torchvision==0.29.1 pip") and "-e ." in project
+
+    for command in uv_commands(PIP_CONFIG_FILE=os.devnull):  # no config file read, no PIP_* variable: PyPI alone
+        assert "--index-url" not in command and "--find-links" not in command
 
 
 def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_refuses_others(tmp_path):
