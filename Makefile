@@ -99,7 +99,10 @@ setup-dev: $(DEV_STAMP)
 # setup takes ~43 s against ~65 s on the 2-core CPU, with the same versions of every package. uv does not read pip's
 # configuration: it gets the package indexes and wheel folders pip is configured with (a machine's local mirror, say)
 # as flags, and takes the best version found on any of them, as pip does.
-UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt --index-strategy unsafe-best-match $(UV_INDEXES)
+UV_INSTALL = UV_CACHE_DIR=$(UV_CACHE_DIR) $(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt --index-strategy unsafe-best-match $(UV_INDEXES)
+# uv's cache of unpacked wheels: in the venv unless UV_CACHE_DIR is set, so it is on the venv's file system (uv
+# hardlinks from it: no second copy) and needs no writable home directory
+UV_CACHE_DIR ?= $(VENV)/.uv-cache
 # pip's indexes and wheel folders as uv flags (`pip config list` prints each option as <where>.<option>='<values>'),
 # read once, when a recipe needs them
 PIP_INDEXES = $(PYTHON) -m pip config list 2>/dev/null | \

@@ -226,11 +226,15 @@ def test_make_setup_installs_with_uv_from_the_package_indexes_pip_is_configured_
     conf = tmp_path / "pip.conf"
     conf.write_text("[global]\nindex-url = https://mirror.example/simple\n"
                     "extra-index-url = file:///a/simple file:///b/simple\n[install]\nfind-links = /some/wheels\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
 
     def uv_commands(**pip_env):
         lines = make_plan("setup", f"VENV={tmp_path / 'venv'}", env={**env, **pip_env})
-        return [line.split(" pip install ", 1)[1] for line in lines if "/bin/uv pip install" in line]
+        uv = [line.strip() for line in lines if "/bin/uv pip install" in line]
+        # the cache on the venv's file system, no home directory needed
+        cache = f"UV_CACHE_DIR={tmp_path / 'venv'}/.uv-cache {tmp_path / 'venv'}/bin/uv pip install "
+        assert uv and all(cache in line for line in uv)
+        return [line.split(" pip install ", 1)[1] for line in uv]
 
     torch, project = uv_commands(PIP_CONFIG_FILE=str(conf), PIP_EXTRA_INDEX_URL="file:///c/simple")
     for command in (torch, project):
