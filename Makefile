@@ -2,7 +2,8 @@
 # dVAE and the transformer trained with Muon, the transformer's 575 steps with momentum; the CLIP's 350 steps; sampled
 # at temperature 0.35): 871-901 s with setup from fresh clones of three seeds on a 148-149 GFLOP/s 2-core AVX2 CPU (seed 0
 # on a machine's first run, with an empty torch Inductor cache: 905 s; bench/results/demo_fast_zen2_cpu.json), 836-972 s
-# on a 2-core Zen 3 at 172-189 (seed 0: 935 s at 178, 859 s at 188; seed 1: 836 s at 189, 972 s as it fell to 172); CLIP top-1 96.9% +- 1.6 (at least 95.3%), 93.4% +- 1.1 of candidates right, rerank
+# on a 2-core Zen 3 at 172-189 (seed 0: 935 s at 178, 859 s at 188; seed 1: 836 s at 189, 972 s as it fell to 172; with
+# uv's 43-46 s of setup, seed 0 took 1,012-1,051 s while the VM read 93-170: bench/results/setup_uv_zen3_cpu.json); CLIP top-1 96.9% +- 1.6 (at least 95.3%), 93.4% +- 1.1 of candidates right, rerank
 # efficiency at least 0.95 (bench/results/demo_seeds_muon_t035_zen3_cpu.json).
 # `make demo DALLE_STEPS=650 DALLE_IMAGES=32000 CLIP_STEPS=400`: the recipe before it (16.3 min, CLIP top-1 97.4% +- 0.9,
 # 93.9% +- 2.9 of candidates right: demo_speed_zen2_cpu.json, demo_steps650_zen2_cpu.json). `make demo OPTIMIZER=adamw`:
