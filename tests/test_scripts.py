@@ -225,7 +225,8 @@ def test_make_setup_installs_with_uv_from_the_package_indexes_pip_is_configured_
 
     conf = tmp_path / "pip.conf"
     conf.write_text("[global]\nindex-url = https://mirror.example/simple\n"
-                    "extra-index-url = file:///a/simple file:///b/simple\n[install]\nfind-links = /some/wheels\n")
+                    "extra-index-url =\n    file:///a/simple\n    file:///b/simple\n"  # one per line, as pip's docs show
+                    "[install]\nfind-links = /some/wheels /more/wheels\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
 
     def uv_commands(**pip_env):
@@ -241,7 +242,7 @@ def test_make_setup_installs_with_uv_from_the_package_indexes_pip_is_configured_
         assert "-c constraints.txt --index-strategy unsafe-best-match" in command
         for flags in ("--index-url https://mirror.example/simple",
                       "--extra-index-url file:///a/simple --extra-index-url file:///b/simple",
-                      "--find-links /some/wheels", "--extra-index-url file:///c/simple"):
+                      "--find-links /some/wheels --find-links /more/wheels", "--extra-index-url file:///c/simple"):
             assert flags in command
     assert torch.endswith(" torch==2.14.1 torchvision==0.29.1 pip") and "-e ." in project
 
