@@ -104,11 +104,13 @@ UV_INSTALL = UV_CACHE_DIR=$(UV_CACHE_DIR) $(VENV)/bin/uv pip install -q --python
 # uv's cache of unpacked wheels: in the venv unless UV_CACHE_DIR is set, so it is on the venv's file system (uv
 # hardlinks from it: no second copy) and needs no writable home directory
 UV_CACHE_DIR ?= $(VENV)/.uv-cache
-# pip's indexes and wheel folders as uv flags (`pip config list` prints each option as <where>.<option>='<values>', the
-# values apart by spaces or, from a config file's lines, by \n), read once, when a recipe needs them
+# pip's indexes, wheel folders and no-index as uv flags (`pip config list` prints each option as
+# <where>.<option>='<values>', the values apart by spaces or, from a config file's lines, by \n), read once, when a
+# recipe needs them
 PIP_INDEXES = $(PYTHON) -m pip config list 2>/dev/null | \
-	sed -n "s/^[^=]*\.\(index-url\|extra-index-url\|find-links\)='\(.*\)'$$/\1 \2/p" | sed 's/\\n/ /g' | \
-	awk '{for (i = 2; i <= NF; i++) printf "--%s %s ", $$1, $$i}'
+	sed -n "s/^[^=]*\.\(index-url\|extra-index-url\|find-links\|no-index\)='\(.*\)'$$/\1 \2/p" | sed 's/\\n/ /g' | \
+	awk '$$1 == "no-index" { if (tolower($$2) ~ /^(1|y|yes|t|true|on)$$/) printf "--no-index "; next } \
+		{ for (i = 2; i <= NF; i++) printf "--%s %s ", $$1, $$i }'
 UV_INDEXES = $(eval UV_INDEXES := $(shell $(PIP_INDEXES)))$(UV_INDEXES)
 
 $(STAMP): pyproject.toml constraints.txt

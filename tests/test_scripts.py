@@ -219,8 +219,8 @@ def make_plan(target: str, *variables: str, env: dict | None = None) -> list[str
 
 
 def test_make_setup_installs_with_uv_from_the_package_indexes_pip_is_configured_with(tmp_path):
-    """uv does not read pip's configuration: `make setup` passes pip's indexes and wheel folders on as flags, from pip's
-    config files and PIP_* variables alike, and none when pip has none."""
+    """uv does not read pip's configuration: `make setup` passes pip's indexes, wheel folders and no-index on as flags,
+    from pip's config files and PIP_* variables alike, and none when pip has none."""
     import os
 
     conf = tmp_path / "pip.conf"
@@ -247,7 +247,11 @@ def test_make_setup_installs_with_uv_from_the_package_indexes_pip_is_configured_
     assert torch.endswith(" torch==2.14.1 torchvision==0.29.1 pip") and "-e ." in project
 
     for command in uv_commands(PIP_CONFIG_FILE=os.devnull):  # no config file read, no PIP_* variable: PyPI alone
-        assert "--index-url" not in command and "--find-links" not in command
+        assert "--index-url" not in command and "--find-links" not in command and "--no-index" not in command
+    for command in uv_commands(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="yes", PIP_FIND_LINKS="/offline/wheels"):
+        assert "--no-index --find-links /offline/wheels " in command or "--find-links /offline/wheels --no-index" in command
+    for command in uv_commands(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="false"):
+        assert "--no-index" not in command
 
 
 def test_make_demo_passes_its_optimizers_to_the_dvae_and_the_transformer_and_refuses_others(tmp_path):
