@@ -98,8 +98,8 @@ setup-dev: $(DEV_STAMP)
 # uv installs the packages (uv itself from the venv's pip, pinned in constraints.txt): it unpacks wheels on every core,
 # so torch's ~5 GB (the CUDA build and its NVIDIA libraries) install in ~17 s against ~42 s with pip, and the whole
 # setup takes ~43 s against ~65 s on the 2-core CPU, with the same versions of every package. uv does not read pip's
-# configuration: it gets the package indexes and wheel folders pip is configured with (a machine's local mirror, say)
-# as flags, and takes the best version found on any of them, as pip does.
+# configuration: it gets the package indexes, wheel folders and no-index pip is configured with (a machine's local
+# mirror, say) as flags, and takes the best version found on any of them, as pip does.
 UV_INSTALL = UV_CACHE_DIR=$(UV_CACHE_DIR) $(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt --index-strategy unsafe-best-match $(UV_INDEXES)
 # uv's cache of unpacked wheels: in the venv unless UV_CACHE_DIR is set, so it is on the venv's file system (uv
 # hardlinks from it: no second copy) and needs no writable home directory
