@@ -183,9 +183,11 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
-    # DeepSpeed's muon_update runs torch.compile'd, which compiles it afresh for every matrix shape. --no-muon_compile runs
-    # it eagerly: on the CPU the demo's transformer steps as fast without it and skips 12-19 s of compiling; the dVAE's
-    # 38 kernels step 5 ms slower eagerly (README, *What the demo does*).
+    # DeepSpeed's muon_update runs torch.compile'd with dynamic shapes: one graph per kind of matrix (tall or wide, small
+    # or large), not one per shape (DeepSpeed's own compiled eight for the dVAE, 8.6 s more on a first run, and would
+    # run eagerly past torch.compile's recompile limit). --no-muon_compile runs it eagerly: on the CPU the demo's
+    # transformer steps as fast without it and skips 12-19 s of compiling; the dVAE's 38 kernels step 5 ms slower
+    # eagerly (README, *What the demo does*).
     muon_compile: bool = True
 
     PRECISIONS: ClassVar[tuple[str, ...]] = get_args(Precision)

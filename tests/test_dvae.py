@@ -247,3 +247,31 @@ def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_mom
     with pytest.raises(ConfigError, match="--zero_stage 0"):
         build_optimizer(DiscreteVAE(preset(DVAEConfig, "tiny")),
                         TrainConfig(optimizer="muon", zero_stage=2, grad_clip=0.0, muon_momentum=0.0))
+
+
+def test_compiled_muon_update_serves_every_kernel_size_with_a_few_graphs(monkeypatch, deepspeed_newton_schulz):
+    """The dVAE's Muon (muon_update compiled, the default) compiles one graph per kind of matrix (tall or wide, small
+    or large), not one per kernel shape: the tiny dVAE's kernels come in more shapes than torch.compile's recompile
+    limit, and every graph costs seconds of compiling on a machine's first run (the demo's dVAE compiled eight,
+    25-30 s, before muon_update took dynamic shapes and plain 2-D tensors). Compiled or eager, it steps every kernel."""
+    from torch._dynamo.utils import counters
+
+    from dalle_ar.config import TrainConfig
+    from dalle_ar.engine.optim import build_optimizer
+
+    monkeypatch.setattr("dalle_ar.engine.optim.native_bf16_matmul", lambda: False)
+    torch.manual_seed(0)
+    model = DiscreteVAE(preset(DVAEConfig, "tiny"))
+    shapes = {tuple(k.view(len(k), -1).shape) for k in model.muon_params()}
+    kinds = {(rows > cols, rows * cols > 4096) for rows, cols in shapes}
+    assert len(shapes) > torch._dynamo.config.recompile_limit and len(kinds) <= 4, (shapes, kinds)
+    cfg = TrainConfig(optimizer="muon", zero_stage=0, grad_clip=0.0, lr=1e-2, muon_lr=1e-2, weight_decay=0.0)
+    torch._dynamo.reset()
+    counters.clear()
+    opt = build_optimizer(model, cfg)
+    before = [k.detach().clone() for k in model.muon_params()]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert 1 <= counters["stats"]["unique_graphs"] <= len(kinds), (counters["stats"], kinds)
+    assert all(not torch.equal(k, k0) for k, k0 in zip(model.muon_params(), before))

@@ -146,6 +146,9 @@ def newton_schulz_in_fp32() -> None:
     original_muon.zeropower_via_gram_newtonschulz = gram_newton_schulz
 
 
+_COMPILED_MUON_UPDATE: dict = {}
+
+
 def compile_muon_update(compiled: bool) -> None:
     """Make DeepSpeed's Muon (deepspeed 0.19.7) run `muon_update` compiled (its own way: wrapped in torch.compile,
     which compiles it again for every matrix shape it meets) or uncompiled, in this process (`--no-muon_compile`). The
@@ -155,7 +158,9 @@ def compile_muon_update(compiled: bool) -> None:
 
     wrapped = original_muon.muon_update
     # the function torch.compile wraps; DeepSpeed with its compiler off exposes the plain function
-    fn = wrapped if compiled else getattr(wrapped, "_torchdynamo_orig_callable", wrapped)
+    fn = getattr(wrapped, "_torchdynamo_orig_callable", wrapped)
+    if compiled:
+        fn = _COMPILED_MUON_UPDATE.setdefault(fn, torch.compile(fn, dynamic=True))
     for module in (muon_optimizer, stage_1_and_2, stage3):
         module.muon_update = fn
 
@@ -235,7 +240,10 @@ def _muon_with_kernels() -> type[torch.optim.Optimizer]:
                 state = self.state[p]
                 if not state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                update = muon_optimizer.muon_update(grad.view(len(p), -1), state["momentum_buffer"].view(len(p), -1),
+                # detached: the same memory, but not a view of a 4-D tensor, whose strides a compiled muon_update
+                # would otherwise guard on (a graph per kernel size)
+                update = muon_optimizer.muon_update(grad.view(len(p), -1).detach(),
+                                                    state["momentum_buffer"].view(len(p), -1).detach(),
                                                     beta=group["momentum"], ns_method=group.get("ns_method", "gram"))
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.view_as(p), alpha=-group["lr"])
