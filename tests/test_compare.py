@@ -445,3 +445,22 @@ def test_best_setting_is_the_highest_caption_accuracy_then_clip_score():
     assert scaling.best_setting(settings, "ar")["setting"] == "b"
     with pytest.raises(ConfigError, match="pass --synthetic-prompts N"):
         scaling.best_setting([{**settings[0], "caption_accuracy": None}], "ar")
+
+
+def test_committed_reports_name_their_runs_inside_the_clone_they_ran_in():
+    """The committed comparison reports name each model's run relative to the clone's root (as `metrics.run_info`
+    writes it), never a path of the machine that made them."""
+    reports = sorted((ROOT / "docs" / "compare").rglob("report.json"))
+    assert len(reports) >= 7
+    runs = []
+
+    def collect(node):
+        if isinstance(node, dict):
+            runs.extend(v for k, v in node.items() if k == "run" and isinstance(v, str))
+            [collect(v) for v in node.values()]
+        elif isinstance(node, list):
+            [collect(v) for v in node]
+
+    for path in reports:
+        collect(json.loads(path.read_text()))
+    assert runs and all(not Path(r).is_absolute() and r.startswith("outputs/") for r in runs), runs
