@@ -187,7 +187,7 @@ class TrainConfig:
     # or large), not one per shape (DeepSpeed's own compiled eight for the dVAE, 8.6 s more on a first run, and would
     # run eagerly past torch.compile's recompile limit). --no-muon_compile runs it eagerly: on the CPU the demo's
     # transformer steps as fast without it and skips 12-19 s of compiling; the dVAE's 38 kernels step 5 ms slower
-    # eagerly (README, *What the demo does*).
+    # eagerly (docs/demo.md).
     muon_compile: bool = True
 
     PRECISIONS: ClassVar[tuple[str, ...]] = get_args(Precision)
