@@ -1,9 +1,11 @@
 """The DeepSpeed engine on CPU: ZeRO stages, resume, export."""
 
+import json
 import os
 
 import pytest
 import torch
+from conftest import run_script
 
 from dalle_ar import models
 from dalle_ar.config import ConfigError, DalleConfig, TrainConfig, preset
@@ -444,3 +446,18 @@ def test_muon_settings_that_cannot_work_are_refused(tmp_path):
         Trainer(torch.nn.Linear(4, 4), TrainConfig(out=str(tmp_path / "x"), optimizer="muon", grad_clip=0.0,
                                                    muon_momentum=0.0, progress=False, wandb="disabled"),
                 name="test", export_config={})
+
+
+def test_deepspeeds_muon_bugs_the_engine_works_around_are_still_there():
+    """docs/upstream/deepspeed_muon_repro.py in a process of its own (no dalle_ar patch applied): the pinned
+    deepspeed's ZeRO 2 loses the momentum of all but the last Muon matrix of a partition, and its `muon_update` cannot
+    step a conv kernel; with `zero_muon_keeps_every_momentum` applied, ZeRO 2 ends where ZeRO 0 ends. When an upgrade
+    fixes a bug, this fails and names the workaround to drop."""
+    report = json.loads(run_script("docs/upstream/deepspeed_muon_repro.py", "--patched").stdout.strip().splitlines()[-1])
+    zero2, conv, fixed = (report[k] for k in ("zero2_keeps_only_the_last_matrix_momentum", "muon_update_on_conv_kernels",
+                                              "zero2_with_dalle_ar_fix"))
+    assert zero2["present"] and zero2["matrices_that_lost_their_momentum"] == [0], (
+        f"deepspeed {report['deepspeed']} keeps every matrix's momentum at ZeRO 2: drop zero_muon_keeps_every_momentum",
+        zero2)
+    assert conv["present"], f"deepspeed {report['deepspeed']} steps conv kernels: MuonWithKernels can go ({conv})"
+    assert not fixed["present"] and max(fixed["max_abs_gap_zero2_to_zero0"]) == 0.0, fixed

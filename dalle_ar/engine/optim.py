@@ -171,7 +171,8 @@ def zero_muon_keeps_every_momentum() -> None:
     a step skipped for overflow leaves it untouched) once per matrix, so each copy wipes what the matrices before it
     wrote and only the last one keeps its momentum; the others step as with momentum 0. Here the copy is made once
     per pass over the partition, and each matrix's momentum then lasts to the commit. A matrix's update is then
-    stage 0's (Muon on the averaged gradient; tests/test_engine.py)."""
+    stage 0's (Muon on the averaged gradient; tests/test_engine.py). Reproduced for upstream in
+    docs/upstream/deepspeed_muon.md."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
     if getattr(Zero, "_stages_momentum_once", False):
