@@ -448,16 +448,57 @@ def test_muon_settings_that_cannot_work_are_refused(tmp_path):
                 name="test", export_config={})
 
 
-def test_deepspeeds_muon_bugs_the_engine_works_around_are_still_there():
-    """docs/upstream/deepspeed_muon_repro.py in a process of its own (no dalle_ar patch applied): the pinned
-    deepspeed's ZeRO 2 loses the momentum of all but the last Muon matrix of a partition, and its `muon_update` cannot
-    step a conv kernel; with `zero_muon_keeps_every_momentum` applied, ZeRO 2 ends where ZeRO 0 ends. When an upgrade
-    fixes a bug, this fails and names the workaround to drop."""
-    report = json.loads(run_script("docs/upstream/deepspeed_muon_repro.py", "--patched").stdout.strip().splitlines()[-1])
-    zero2, conv, fixed = (report[k] for k in ("zero2_keeps_only_the_last_matrix_momentum", "muon_update_on_conv_kernels",
-                                              "zero2_with_dalle_ar_fix"))
+def test_deepspeeds_bugs_the_engine_works_around_are_still_there():
+    """docs/upstream/deepspeed_repro.py in a process of its own (no dalle_ar patch applied): the pinned deepspeed's
+    ZeRO 2 loses the momentum of all but the last Muon matrix of a partition, its `muon_update` cannot step a conv
+    kernel, and its ZeRO-0 gradient clipping raises for a 0-dim parameter; with `zero_muon_keeps_every_momentum` and
+    `deepspeed_clips_zero_dim_gradients` applied, ZeRO 2 ends where ZeRO 0 ends and the clipped step runs. When an
+    upgrade fixes a bug, this fails and names the workaround to drop."""
+    report = json.loads(run_script("docs/upstream/deepspeed_repro.py", "--patched").stdout.strip().splitlines()[-1])
+    version = f"deepspeed {report['deepspeed']}"
+    zero2, conv, clip = (report[k] for k in ("zero2_keeps_only_the_last_matrix_momentum", "muon_update_on_conv_kernels",
+                                             "zero0_clip_on_a_0_dim_parameter"))
     assert zero2["present"] and zero2["matrices_that_lost_their_momentum"] == [0], (
-        f"deepspeed {report['deepspeed']} keeps every matrix's momentum at ZeRO 2: drop zero_muon_keeps_every_momentum",
-        zero2)
-    assert conv["present"], f"deepspeed {report['deepspeed']} steps conv kernels: MuonWithKernels can go ({conv})"
+        f"{version} keeps every matrix's momentum at ZeRO 2: drop zero_muon_keeps_every_momentum", zero2)
+    assert conv["present"], f"{version} steps conv kernels: MuonWithKernels can go ({conv})"
+    assert clip["present"], f"{version} clips 0-dim gradients at ZeRO 0: drop deepspeed_clips_zero_dim_gradients"
+    fixed = report["zero2_with_dalle_ar_fix"]
     assert not fixed["present"] and max(fixed["max_abs_gap_zero2_to_zero0"]) == 0.0, fixed
+    assert report["zero0_clip_with_dalle_ar_fix"] == {"present": False, "step": "ok"}
+
+
+def test_zero_0_clips_a_0_dim_parameters_gradient_with_the_others(tmp_path):
+    """deepspeed 0.19.7 clips fp32 gradients at ZeRO 0 by multiplying each in place by a 1-element tensor, which the
+    gradient of a 0-dim parameter (open_clip's `logit_scale`) cannot take: `train_clip.py --zero_stage 0` raised at its
+    first step. The Trainer's engine clips it with the others, as torch's clip_grad_norm_ does."""
+    import copy
+
+    from torch import nn
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            return (self.lin(x) * self.logit_scale.exp()).pow(2).mean()
+
+    torch.manual_seed(0)
+    model, x = Scaled(), torch.randn(4, 4)
+    reference = copy.deepcopy(model)
+    reference(x).backward()
+    total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e-3)
+    assert total > 1e-2  # so the clip acts
+    cfg = TrainConfig(out=str(tmp_path), steps=1, batch_size=4, zero_stage=0, grad_clip=1e-3, progress=False,
+                      wandb="disabled", save_every=0)
+    trainer = Trainer(model, cfg, name="test", export_config={})
+    seen = []
+    step = trainer.engine.optimizer.step
+    trainer.engine.optimizer.step = lambda *a, **k: (seen.append([p.grad.clone() for p in model.parameters()]),
+                                                     step(*a, **k))[1]
+    trainer.engine.backward(trainer.engine(x))
+    trainer.engine.step()
+    assert len(seen) == 1 and seen[0][0].dim() == 0  # logit_scale (a module's own parameters come first)
+    for got, want in zip(seen[0], (p.grad for p in reference.parameters())):
+        torch.testing.assert_close(got, want)

@@ -172,7 +172,7 @@ def zero_muon_keeps_every_momentum() -> None:
     wrote and only the last one keeps its momentum; the others step as with momentum 0. Here the copy is made once
     per pass over the partition, and each matrix's momentum then lasts to the commit. A matrix's update is then
     stage 0's (Muon on the averaged gradient; tests/test_engine.py). Reproduced for upstream in
-    docs/upstream/deepspeed_muon.md."""
+    docs/upstream/deepspeed.md."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
     if getattr(Zero, "_stages_momentum_once", False):
@@ -199,6 +199,36 @@ def zero_muon_keeps_every_momentum() -> None:
     Zero._muon_staging_momentum = staged_once
     Zero.get_flat_partition = one_pass
     Zero._stages_momentum_once = True
+
+
+def deepspeed_clips_zero_dim_gradients() -> None:
+    """Make deepspeed 0.19.7's gradient clipping at ZeRO stage 0 in fp32 take 0-dim parameters (open_clip's
+    `logit_scale`), in this process. Its `clip_grad_norm_` multiplies every gradient in place by a 1-element tensor,
+    which a 0-dim gradient cannot take ("output with shape [] doesn't match the broadcast shape [1]"), so
+    `train_clip.py --zero_stage 0` failed at its first step. It now sees a 0-dim parameter's gradient as a 1-element
+    view of the same memory; everything else it reads of the parameter is the parameter's own. Reproduced for upstream
+    in docs/upstream/deepspeed.md."""
+    from deepspeed.runtime import engine
+
+    if getattr(engine.DeepSpeedEngine, "_clips_zero_dim_gradients", False):
+        return
+
+    def clip_fp32_gradients(self):
+        params = [_OneElementGrad(p) if p.grad is not None and p.grad.dim() == 0 else p for p in self.module.parameters()]
+        engine.clip_grad_norm_(parameters=params, max_norm=self.gradient_clipping(), mpu=self.mpu)
+
+    engine.DeepSpeedEngine.clip_fp32_gradients = clip_fp32_gradients
+    engine.DeepSpeedEngine._clips_zero_dim_gradients = True
+
+
+class _OneElementGrad:
+    """A 0-dim parameter as `clip_grad_norm_` sees it: its gradient viewed as one element."""
+
+    def __init__(self, param: nn.Parameter):
+        self._param, self.grad = param, param.grad.view(1)
+
+    def __getattr__(self, name):
+        return getattr(self._param, name)
 
 
 def _muon_with_kernels() -> type[torch.optim.Optimizer]:

@@ -26,7 +26,7 @@ from dalle_ar.engine.distributed import any_rank, mean_over_ranks, rank, setup_d
 from dalle_ar.engine.ds_config import build_ds_config, compute_dtype
 from dalle_ar.engine.ema import EMA
 from dalle_ar.engine.logger import RunLogger
-from dalle_ar.engine.optim import MUON_ORDER, build_optimizer
+from dalle_ar.engine.optim import MUON_ORDER, build_optimizer, deepspeed_clips_zero_dim_gradients
 from dalle_ar.engine.rng import RNGStreams, rng_state, set_rng_state
 from dalle_ar.engine.schedules import PlateauHalving, lr_factor
 from dalle_ar.engine.signals import Interrupted, StopSignal, Stopped, fault_point, mark_completed
@@ -90,6 +90,7 @@ class Trainer:
         factor = lr_factor(cfg, self.plateau, lr_decay_steps)
         self.grad_scaler = self._prepare_model(model, ds_config)
         optimizer = build_optimizer(model, cfg)
+        deepspeed_clips_zero_dim_gradients()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             lr_scheduler=lambda opt: LambdaLR(opt, factor))

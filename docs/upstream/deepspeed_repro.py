@@ -1,15 +1,16 @@
-"""Reproduces two bugs of DeepSpeed 0.19.7's Muon, with torch and deepspeed alone, on a CPU (one process, gloo).
+"""Reproduces three bugs of DeepSpeed 0.19.7, with torch and deepspeed alone, on a CPU (one process, gloo).
 
-    python docs/upstream/deepspeed_muon_repro.py            # prints one JSON object; exit status 0 either way
-    python docs/upstream/deepspeed_muon_repro.py --patched  # then the first again with dalle_ar's fix applied
+    python docs/upstream/deepspeed_repro.py            # prints one JSON object; exit status 0 either way
+    python docs/upstream/deepspeed_repro.py --patched  # then 1 and 3 again with dalle_ar's fixes applied
 
 1. ZeRO stage 1/2 keeps the momentum of only the last Muon matrix of a rank's partition. Two hidden matrices trained
    three steps with momentum 0.95 at ZeRO 2 should end where ZeRO 0 ends (the same Muon on the same gradient); the
    first matrix ends where momentum 0 ends instead.
 2. `muon_update` on a convolution kernel (out, in, k, k), which Muon's docstring says it handles by viewing it as a
    matrix, raises for a 3x3 kernel and returns an (out, in, out, in) tensor for a 1x1 one.
+3. Gradient clipping at ZeRO stage 0 in fp32 raises for a 0-dim parameter (open_clip's `logit_scale`).
 
-See deepspeed_muon.md beside this file for the report.
+See deepspeed.md beside this file for the report.
 """
 
 import json
@@ -73,15 +74,42 @@ def conv_kernels() -> dict:
     return {"present": any(v != str(tuple(eval(k))) for k, v in out.items()), "muon_update_returns": out}
 
 
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))  # 0-dim, as open_clip's CLIP has it
+
+    def forward(self, x):
+        return (self.lin(x) * self.logit_scale.exp()).pow(2).mean()
+
+
+def zero0_clip_0dim() -> dict:
+    torch.manual_seed(0)
+    model = Scaled()
+    config = {"train_batch_size": 4, "zero_optimization": {"stage": 0}, "gradient_clipping": 1.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine.backward(engine(torch.randn(4, 4)))
+    try:
+        engine.step()
+    except RuntimeError as error:
+        return {"present": True, "step": f"RuntimeError: {str(error).splitlines()[0]}"}
+    return {"present": False, "step": "ok"}
+
+
 if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")
     report = {"deepspeed": deepspeed.__version__, "torch": torch.__version__,
               "zero2_keeps_only_the_last_matrix_momentum": zero2_momentum(),
-              "muon_update_on_conv_kernels": conv_kernels()}
-    if "--patched" in sys.argv:  # dalle_ar.engine.optim's fix: stage the step's momentum once per pass over a partition
+              "muon_update_on_conv_kernels": conv_kernels(),
+              "zero0_clip_on_a_0_dim_parameter": zero0_clip_0dim()}
+    if "--patched" in sys.argv:  # dalle_ar.engine.optim's fixes of 1 and 3
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-        from dalle_ar.engine.optim import zero_muon_keeps_every_momentum
+        from dalle_ar.engine.optim import deepspeed_clips_zero_dim_gradients, zero_muon_keeps_every_momentum
 
         zero_muon_keeps_every_momentum()
         report["zero2_with_dalle_ar_fix"] = zero2_momentum()
+        deepspeed_clips_zero_dim_gradients()
+        report["zero0_clip_with_dalle_ar_fix"] = zero0_clip_0dim()
     print(json.dumps(report))
