@@ -215,13 +215,16 @@ class TrainConfig:
         if self.lr_schedule not in ("cosine", "plateau"):
             raise ConfigError(f"lr_schedule={self.lr_schedule!r}: use cosine or plateau")
         if self.ema_decay and self.zero_stage == 3:
-            raise ConfigError("--ema_decay needs full parameters on every rank; use --zero_stage 0, 1 or 2 with it")
+            raise ConfigError(f"--ema_decay {self.ema_decay} needs full parameters on every rank, which ZeRO 3 shards: pass "
+                              "--zero_stage 0, 1 or 2, or --ema_decay 0 (no EMA weights)")
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"optimizer={self.optimizer!r}: use adamw or muon")
         if self.optimizer == "muon":
             if self.zero_stage == 3 or self.offload != "none":
+                fix = " and ".join(f for f, bad in (("pass --zero_stage 0, 1 or 2", self.zero_stage == 3),
+                                                     ("drop --offload", self.offload != "none")) if bad)
                 raise ConfigError("--optimizer muon runs at ZeRO stage 0, 1 or 2 without offload (DeepSpeed orthogonalises "
-                                  "each matrix where its gradient is reduced); drop --offload / pass --zero_stage 2")
+                                  f"each matrix where its gradient is reduced): {fix}, or use --optimizer adamw")
             if self.zero_stage in (1, 2) and self.grad_clip > 0:
                 raise ConfigError(f"--optimizer muon at ZeRO stage {self.zero_stage} needs --grad_clip 0: DeepSpeed measures "
                                   f"the norm after orthogonalising, so a clip of {self.grad_clip} would shrink every update; "

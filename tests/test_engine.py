@@ -149,6 +149,9 @@ def test_fp16_offload_and_checkpointing_settings(tmp_path):
         build_ds_config(TrainConfig(offload="nvme", precision="fp32"))
     with pytest.raises(ConfigError, match="ZeRO"):
         build_ds_config(TrainConfig(zero_stage=0, offload="cpu", precision="fp32"))
+    with pytest.raises(ConfigError, match="ZeRO 3 shards: pass --zero_stage 0, 1 or 2, or --ema_decay 0"):
+        build_ds_config(TrainConfig(zero_stage=3, ema_decay=0.99, precision="fp32"))
+    assert build_ds_config(TrainConfig(zero_stage=3, ema_decay=0.0, precision="fp32"))["zero_optimization"]["stage"] == 3
     if not fp16_supported():
         with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
             build_ds_config(TrainConfig(precision="fp16"))
@@ -436,10 +439,12 @@ def test_gram_newton_schulz_is_the_standard_iteration_up_to_fp32_rounding():
 def test_muon_settings_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="--grad_clip 0"):
         TrainConfig(optimizer="muon", zero_stage=2, grad_clip=1.0)
-    with pytest.raises(ConfigError, match="offload"):
+    with pytest.raises(ConfigError, match=r"reduced\): drop --offload, or use --optimizer adamw"):
         TrainConfig(optimizer="muon", zero_stage=2, grad_clip=0.0, offload="cpu")
-    with pytest.raises(ConfigError, match="ZeRO stage 0, 1 or 2"):
+    with pytest.raises(ConfigError, match=r"reduced\): pass --zero_stage 0, 1 or 2, or use --optimizer adamw"):
         TrainConfig(optimizer="muon", zero_stage=3, grad_clip=0.0)
+    with pytest.raises(ConfigError, match="pass --zero_stage 0, 1 or 2 and drop --offload, or"):
+        TrainConfig(optimizer="muon", zero_stage=3, grad_clip=0.0, offload="cpu")
     TrainConfig(optimizer="muon", zero_stage=0, grad_clip=1.0)  # stage 0 clips the raw gradients
     TrainConfig(optimizer="muon", zero_stage=2, grad_clip=0.0)  # with its momentum (zero_muon_keeps_every_momentum)
     with pytest.raises(ConfigError, match="muon_params"):
