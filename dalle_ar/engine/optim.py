@@ -150,9 +150,11 @@ _COMPILED_MUON_UPDATE: dict = {}
 
 
 def compile_muon_update(compiled: bool) -> None:
-    """Make DeepSpeed's Muon (deepspeed 0.19.7) run `muon_update` compiled (its own way: wrapped in torch.compile,
-    which compiles it again for every matrix shape it meets) or uncompiled, in this process (`--no-muon_compile`). The
-    modules that step Muon parameters call the one chosen; DeepSpeed's own stays in `original_muon`."""
+    """Make DeepSpeed's Muon (deepspeed 0.19.7) run `muon_update` compiled or uncompiled (`--no-muon_compile`), in
+    this process. Compiled, it takes dynamic shapes: one graph per kind of matrix (tall or wide, and the size past
+    which Inductor's CPU reductions change), where DeepSpeed's own wrapper compiles one per shape and runs eagerly past
+    torch.compile's recompile limit. The modules that step Muon parameters call the one chosen; DeepSpeed's own stays
+    in `original_muon`."""
     from deepspeed.runtime.zero import stage3, stage_1_and_2
     from deepspeed.runtime.zero.muon import muon_optimizer, original_muon
 
