@@ -253,7 +253,7 @@ def test_compiled_muon_update_serves_every_kernel_size_with_a_few_graphs(monkeyp
     """The dVAE's Muon (muon_update compiled, the default) compiles one graph per kind of matrix (tall or wide, small
     or large), not one per kernel shape: the tiny dVAE's kernels come in more shapes than torch.compile's recompile
     limit, and every graph costs seconds of compiling on a machine's first run (the demo's dVAE compiled eight,
-    25-30 s, before muon_update took dynamic shapes and plain 2-D tensors). Compiled or eager, it steps every kernel."""
+    20-30 s, before muon_update took dynamic shapes and plain 2-D tensors). The step moves every kernel."""
     from torch._dynamo.utils import counters
 
     from dalle_ar.config import TrainConfig
