@@ -163,12 +163,14 @@ def test_guidance_scale_one_is_the_conditional_output(kind):
 # the models learn
 # ------------------------------------------------------------------------------------------------
 
-def test_prior_overfits_a_handful_of_embeddings():
+def prior_that_overfits(opt_for=lambda model: torch.optim.AdamW(model.parameters(), lr=3e-3)):
+    """The tiny prior trained 60 steps on four (caption, embedding) pairs: each sampled embedding must come out
+    within cosine 0.9 of its own."""
     torch.manual_seed(0)
     model = DiffusionPrior(PriorConfig(**{**asdict(PRIOR), "text_drop_prob": 0.0}), DiffusionConfig(target="x0"))
     text = torch.randint(0, 64, (4, 12))
     text_embed, image_embed = F.normalize(torch.randn(4, 32), dim=-1), F.normalize(torch.randn(4, 32), dim=-1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = opt_for(model)
     g = torch.Generator().manual_seed(0)
     for _ in range(60):
         loss, _ = model.loss(text.repeat(4, 1), text_embed.repeat(4, 1), image_embed.repeat(4, 1), generator=g)
@@ -180,6 +182,28 @@ def test_prior_overfits_a_handful_of_embeddings():
     cos = F.cosine_similarity(z, image_embed, dim=-1)
     assert cos.min() > 0.9, cos  # the random image embeddings are near-orthogonal to each other
     assert torch.allclose(z.norm(dim=-1), torch.ones(4))
+    return model
+
+
+def test_prior_overfits_a_handful_of_embeddings():
+    prior_that_overfits()
+
+
+def test_prior_trains_its_hidden_matrices_with_muon(deepspeed_newton_schulz):
+    """--optimizer muon on the prior: Muon takes every transformer block's attention and MLP matrices, AdamW the
+    embeddings, projections, output head, norms and biases; it overfits the same pairs as with AdamW."""
+    from dalle_ar.config import TrainConfig
+    from dalle_ar.engine.optim import build_optimizer
+
+    model = DiffusionPrior(PRIOR, DiffusionConfig())
+    hidden = {id(p) for p in model.muon_params()}
+    for block in model.blocks:
+        assert {id(p) for p in block.parameters() if p.ndim == 2} <= hidden
+    outside = [model.token_embed.weight, model.text_embed_proj.weight, model.image_embed_proj.weight, model.out.weight,
+               *model.time_mlp.parameters(), model.pos_embed, model.query]
+    assert hidden and hidden.isdisjoint(id(p) for p in outside)
+    cfg = TrainConfig(optimizer="muon", zero_stage=0, grad_clip=0.0, lr=3e-3, muon_lr=0.02, weight_decay=0.0)
+    prior_that_overfits(lambda model: build_optimizer(model, cfg))
 
 
 def overfit_decoder(model: UnetDecoder, opt: torch.optim.Optimizer) -> tuple[float, float]:

@@ -53,6 +53,11 @@ class DiffusionPrior(nn.Module):
     def scale(self) -> float:
         return self.config.scale
 
+    def muon_params(self) -> list[nn.Parameter]:
+        """The transformer blocks' hidden matrices (attention and MLP weights) for `--optimizer muon`; the token,
+        embedding and timestep projections, the output head, norms and biases train with AdamW."""
+        return [p for p in self.blocks.parameters() if p.ndim >= 2]
+
     def null_text(self, batch: int, device) -> torch.Tensor:
         """The all-pad caption (text.null_caption)."""
         return null_caption(self.config.text_vocab_size, self.config.text_len, batch, device)
