@@ -71,7 +71,7 @@ def conv_kernels() -> dict:
             out[str(shape)] = str(tuple(update(grad.clone(), torch.zeros(shape), beta=0.95, ns_method="standard").shape))
         except RuntimeError as error:
             out[str(shape)] = f"RuntimeError: {str(error).splitlines()[0]}"
-    return {"present": any(v != str(tuple(eval(k))) for k, v in out.items()), "muon_update_returns": out}
+    return {"present": any(v != shape for shape, v in out.items()), "muon_update_returns": out}
 
 
 class Scaled(nn.Module):
