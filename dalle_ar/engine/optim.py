@@ -3,6 +3,8 @@ towards zero, or (`--optimizer muon`) DeepSpeed's Muon on the model's hidden wei
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -146,7 +148,10 @@ def newton_schulz_in_fp32() -> None:
     original_muon.zeropower_via_gram_newtonschulz = gram_newton_schulz
 
 
-_COMPILED_MUON_UPDATE: dict = {}
+@functools.cache
+def _compiled(fn):
+    """`fn` compiled once per process with dynamic shapes (every engine of a process shares its graphs)."""
+    return torch.compile(fn, dynamic=True)
 
 
 def compile_muon_update(compiled: bool) -> None:
@@ -162,7 +167,7 @@ def compile_muon_update(compiled: bool) -> None:
     # the function torch.compile wraps; DeepSpeed with its compiler off exposes the plain function
     fn = getattr(wrapped, "_torchdynamo_orig_callable", wrapped)
     if compiled:
-        fn = _COMPILED_MUON_UPDATE.setdefault(fn, torch.compile(fn, dynamic=True))
+        fn = _compiled(fn)
     for module in (muon_optimizer, stage_1_and_2, stage3):
         module.muon_update = fn
 
@@ -207,20 +212,22 @@ def deepspeed_clips_zero_dim_gradients() -> None:
     """Make deepspeed 0.19.7's gradient clipping at ZeRO stage 0 in fp32 take 0-dim parameters (open_clip's
     `logit_scale`), in this process. Its `clip_grad_norm_` multiplies every gradient in place by a 1-element tensor,
     which a 0-dim gradient cannot take ("output with shape [] doesn't match the broadcast shape [1]"), so
-    `train_clip.py --zero_stage 0` failed at its first step. It now sees a 0-dim parameter's gradient as a 1-element
-    view of the same memory; everything else it reads of the parameter is the parameter's own. Reproduced for upstream
-    in docs/upstream/deepspeed.md."""
+    `train_clip.py --zero_stage 0` failed at its first step. The engine's `clip_grad_norm_` (both its callers) now
+    sees a 0-dim parameter's gradient as a 1-element view of the same memory; everything else it reads of the
+    parameter is the parameter's own. Reproduced for upstream in docs/upstream/deepspeed.md."""
     from deepspeed.runtime import engine
 
-    if getattr(engine.DeepSpeedEngine, "_clips_zero_dim_gradients", False):
+    if getattr(engine.clip_grad_norm_, "_takes_zero_dim_gradients", False):
         return
+    clip = engine.clip_grad_norm_
 
-    def clip_fp32_gradients(self):
-        params = [_OneElementGrad(p) if p.grad is not None and p.grad.dim() == 0 else p for p in self.module.parameters()]
-        engine.clip_grad_norm_(parameters=params, max_norm=self.gradient_clipping(), mpu=self.mpu)
+    def clip_grad_norm_(parameters, *args, **kwargs):
+        parameters = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+        return clip([_OneElementGrad(p) if p.grad is not None and p.grad.dim() == 0 else p for p in parameters],
+                    *args, **kwargs)
 
-    engine.DeepSpeedEngine.clip_fp32_gradients = clip_fp32_gradients
-    engine.DeepSpeedEngine._clips_zero_dim_gradients = True
+    clip_grad_norm_._takes_zero_dim_gradients = True
+    engine.clip_grad_norm_ = clip_grad_norm_
 
 
 class _OneElementGrad:
