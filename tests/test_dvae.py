@@ -11,7 +11,7 @@ from dvae.config import DVAEConfig, DVAELossConfig
 from dvae.loss import (codebook_usage, dvae_loss, kl_to_uniform, kl_weight, logit_laplace_nll, random_crop,
                        temperature)
 from dvae.metrics import psnr, ssim
-from dvae.model import map_pixels, unmap_pixels
+from dvae.model import Upsample2x, map_pixels, unmap_pixels
 
 
 def images(n, seed=0):
@@ -148,6 +148,37 @@ def test_encoder_runs_channels_last_and_gives_the_codes_of_the_nchw_layout():
     with torch.no_grad():
         nchw = model.encoder(map_pixels(x).contiguous()).argmax(dim=1)
     assert torch.equal(codes, nchw)
+
+
+def test_decoder_upsamples_as_torchs_nearest_upsample_bit_for_bit():
+    """The decoder's faster CPU upsampling gives the reconstructions and gradients of `nn.Upsample`, so training
+    gives the same weights."""
+    torch.manual_seed(0)
+    model = DiscreteVAE(preset(DVAEConfig, "tiny"))
+    z = torch.softmax(torch.randn(4, model.config.num_tokens, 4, 4), dim=1)
+
+    def run():
+        model.zero_grad()
+        out = model.decoder(z)
+        out.square().mean().backward()
+        return out, [p.grad.clone() for p in model.decoder.parameters()]
+
+    fast, fast_grads = run()
+    ups = [name for name, m in model.decoder.named_modules() if isinstance(m, Upsample2x)]
+    assert len(ups) == model.config.group_count - 1
+    for name in ups:
+        model.decoder.get_submodule(name.rsplit(".", 1)[0]).upsample = torch.nn.Upsample(scale_factor=2, mode="nearest")
+    ref, ref_grads = run()
+    assert torch.equal(fast, ref)
+    assert all(torch.equal(a, b) for a, b in zip(fast_grads, ref_grads))
+    for dtype in (torch.float32, torch.bfloat16):  # odd sizes, and the bf16 of autocast
+        x = torch.randn(2, 3, 5, 7, dtype=dtype, requires_grad=True)
+        y = Upsample2x()(x)
+        assert type(y.grad_fn).__name__ == "_NearestUpsample2xBackward"
+        g = torch.randn_like(y)
+        ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        assert torch.equal(y, ref)
+        assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
 def test_codebook_usage_and_perplexity():
