@@ -179,6 +179,8 @@ def test_decoder_upsamples_as_torchs_nearest_upsample_bit_for_bit():
         ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
         assert torch.equal(y, ref)
         assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    y = Upsample2x()(torch.randn(1, 2, 3, 3, requires_grad=True))
+    torch.relu_(y).sum().backward()  # its output takes in-place ops, as any layer's
 
 
 def test_codebook_usage_and_perplexity():
