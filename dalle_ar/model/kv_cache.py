@@ -6,6 +6,10 @@ Two ways in: `update` appends a chunk at `length` (prefill, primed image rows: t
 torch.compile / CUDA graphs see one graph for all steps). `keys_for` gives the cached slots a query may
 read under each mask: sparse masks allow a fixed set of raster distances, so their key set has a
 fixed size however long the prefix is.
+
+Each layer's keys and values are tensors of their own, not views of one (layers, ...) buffer: torch.compile
+writes the decode step's slot into them in place, where through a view of one shared buffer Inductor copied every
+layer's whole buffer out and back at every step (the step's cost growing with batch and sequence length).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  device=None, dtype=torch.float32, text_slots: int = 0,
                  image_offsets: dict[str, torch.Tensor | None] | None = None):
-        shape = (num_layers, batch, heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, heads, max_len, head_dim)
+        self.k = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers))
+        self.v = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers))
         self.max_len = max_len
         self.length = 0  # positions filled by `update` (advanced by the model after all layers ran)
         # per mask kind: raster distances d >= 0 an image query may attend (None = every earlier slot)
@@ -29,19 +33,19 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, H, n, D) keys/values at the current position; return the filled prefix."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -64,6 +68,6 @@ class KVCache:
 
     def mark_static(self) -> "KVCache":
         """Tell torch.compile the buffers live at fixed addresses (CUDA graphs then update them in place)."""
-        for t in (self.k, self.v, self.slots, *(d for d in self.image_offsets.values() if d is not None)):
+        for t in (*self.k, *self.v, self.slots, *(d for d in self.image_offsets.values() if d is not None)):
             torch._dynamo.mark_static_address(t)
         return self
