@@ -8,7 +8,9 @@ eager vs torch.compile'd decode step, against the memory-bandwidth floor.
 Decoding one token is memory-bound: each step reads the weights it uses plus the cached keys/values its
 masks allow. floor per step = (decode weight bytes + KV bytes that step's masks read) / bandwidth, with
 the bandwidth measured by a large device-to-device copy; summed over the image tokens, divided by the
-batch. Random weights (speed does not depend on them). bf16 on CUDA, fp32 on CPU. One JSON object.
+batch. Random weights (speed does not depend on them). bf16 on CUDA, fp32 on CPU. One JSON object. Each
+batch size's first call (torch.compile's compilation and CUDA-graph recording, when compiled) is timed apart
+(`first_call_seconds`), so whether compiling pays off for a job of a given length can be read off.
 """
 
 from __future__ import annotations
@@ -123,8 +125,10 @@ def main(argv=None) -> dict:
             text = torch.randint(0, cfg.text_vocab_size, (b, cfg.text_len), device=args.device)
             gen = torch.Generator(device=args.device).manual_seed(0)
             run = lambda: generate_codes(model, text, generator=gen, compile=variant == "compiled")  # noqa: E731
+            start = time.perf_counter()
             run()  # warm-up (and compilation)
             sync(args.device)
+            first = time.perf_counter() - start
             start = time.perf_counter()
             for _ in range(args.repeats):
                 run()
@@ -133,6 +137,7 @@ def main(argv=None) -> dict:
             floor = float(((weights + kv_bytes_per_step(model, b, elem)) / bandwidth).sum())
             results[variant][str(b)] = {
                 "seconds_per_batch": round(seconds, 4), "seconds_per_image": round(seconds / b, 5),
+                "first_call_seconds": round(first, 3),  # with compilation (and CUDA-graph recording) when compiled
                 "image_tokens_per_s": round(b * N / seconds, 1),
                 "floor_seconds_per_image": round(floor / b, 5), "x_floor": round(seconds / floor, 2)}
             if args.profile_tokens:
