@@ -123,8 +123,7 @@ def tiny_exports(d: Path, vocab_size: int = 120, text_len: int = 12, image_fmap_
 @pytest.fixture
 def deepspeed_newton_schulz(monkeypatch):
     """DeepSpeed's Muon module with its own (bf16 / fp16) Newton-Schulz iterations, put back after the test:
-    `--optimizer muon` on a CPU without bf16 matrix instructions puts the fp32 ones in their place for the rest of the
-    process."""
+    `--optimizer muon` on CPU puts the fp32 ones in their place for the rest of the process."""
     from deepspeed.runtime.zero.muon import original_muon
 
     from dalle_ar.engine.optim import gram_newton_schulz, newton_schulz

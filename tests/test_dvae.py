@@ -225,19 +225,15 @@ def test_overfits_16_images(reconstruction):
     assert np.mean(errors[-5:]) * 3 < np.mean(errors[:3]), (errors[:3], errors[-5:])
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_momentum(monkeypatch, deepspeed_newton_schulz,
-                                                                                    native_bf16):
+def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_momentum(deepspeed_newton_schulz):
     """--optimizer muon on the dVAE (ZeRO stage 0): each residual block's kernel (out, in, k, k) moves by its momentum
     orthogonalised as an (out, in*k*k) matrix (given full-rank gradients, every singular value of the update near 1,
     x sqrt(rows/cols) for a tall one), while the pixel-facing convs, the code logits and the code embedding train with
     AdamW; the kernels' momentum is in the optimizer's state, so a resumed run steps as a straight one. ZeRO 1/2 are
-    refused by name (DeepSpeed's partitioned Muon takes matrices only). With native bf16 DeepSpeed's bf16 iteration (small
-    kernels: quick on any CPU), without it the fp32 one in its place."""
+    refused by name (DeepSpeed's partitioned Muon takes matrices only). On CPU the fp32 iteration in DeepSpeed's place."""
     from dalle_ar.config import TrainConfig
     from dalle_ar.engine.optim import build_optimizer
 
-    monkeypatch.setattr("dalle_ar.engine.optim.native_bf16_matmul", lambda: native_bf16)
     lr = 1e-2
     cfg = TrainConfig(optimizer="muon", zero_stage=0, grad_clip=0.0, lr=lr, muon_lr=lr, weight_decay=0.0)
     torch.manual_seed(0)
@@ -282,7 +278,7 @@ def test_muon_steps_hidden_conv_kernels_as_orthogonal_matrices_and_keeps_its_mom
                         TrainConfig(optimizer="muon", zero_stage=2, grad_clip=0.0, muon_momentum=0.0))
 
 
-def test_compiled_muon_update_serves_every_kernel_size_with_a_few_graphs(monkeypatch, deepspeed_newton_schulz):
+def test_compiled_muon_update_serves_every_kernel_size_with_a_few_graphs(deepspeed_newton_schulz):
     """The dVAE's Muon (muon_update compiled, the default) compiles one graph per kind of matrix (tall or wide, small
     or large), not one per kernel shape: the tiny dVAE's kernels come in more shapes than torch.compile's recompile
     limit, and every graph costs seconds of compiling on a machine's first run (the demo's dVAE compiled eight,
@@ -292,7 +288,6 @@ def test_compiled_muon_update_serves_every_kernel_size_with_a_few_graphs(monkeyp
     from dalle_ar.config import TrainConfig
     from dalle_ar.engine.optim import build_optimizer
 
-    monkeypatch.setattr("dalle_ar.engine.optim.native_bf16_matmul", lambda: False)
     torch.manual_seed(0)
     model = DiscreteVAE(preset(DVAEConfig, "tiny"))
     shapes = {tuple(k.view(len(k), -1).shape) for k in model.muon_params()}

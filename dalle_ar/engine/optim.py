@@ -41,14 +41,6 @@ def muon_params(model: nn.Module, zero_stage: int = 0) -> list[nn.Parameter]:
     return params
 
 
-def native_bf16_matmul() -> bool:
-    """Whether this machine multiplies bf16 matrices in hardware: CUDA, or a CPU with AVX512-BF16 or AMX. Without
-    them a CPU's bf16 matmul runs many times slower than its fp32 one (8x on a 127 GFLOP/s AVX2 EPYC)."""
-    if torch.cuda.is_available():
-        return True
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (`cfg.lr`, betas, decoupled weight decay), or Muon + AdamW in one optimizer: Muon (`cfg.muon_lr`,
     Nesterov momentum `cfg.muon_momentum`, 5 Newton-Schulz steps) on `muon_params(model)`, AdamW on the rest.
@@ -58,7 +50,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, fused=cfg.fused_adamw)
     hidden = muon_params(model, cfg.zero_stage)
-    if not native_bf16_matmul():
+    if not torch.cuda.is_available():  # on CUDA DeepSpeed's own, in fp16
         newton_schulz_in_fp32()
     if cfg.zero_stage in (1, 2):
         zero_muon_keeps_every_momentum()
@@ -67,7 +59,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     for p in model.parameters():
         p.use_muon = id(p) in ids
     groups = [dict(params=hidden, use_muon=True, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                   weight_decay=cfg.weight_decay, ns_method=newton_schulz_method())]
+                   weight_decay=cfg.weight_decay, ns_method=NEWTON_SCHULZ_METHOD)]
     groups += [dict(g, use_muon=False, lr=cfg.lr, betas=betas, eps=1e-8)
                for g in param_groups(model, cfg.weight_decay, exclude=ids) if g["params"]]
     return _muon_with_kernels()(groups)
@@ -78,6 +70,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 MUON_ORDER = "model"
 
 QUINTIC = (3.4445, -4.7750, 2.0315)  # Jordan et al.'s (and DeepSpeed's) Newton-Schulz coefficients
+
+# DeepSpeed's `ns_method`: the iteration carried on the Gram matrix of a rectangular matrix's short side (its default;
+# fewer FLOPs), in fp16 on CUDA and in fp32 on every CPU (`gram_newton_schulz`): over the demo transformer's hidden
+# matrices, one thread of a 2-core AVX2 EPYC, 0.23 s a step against 0.37 for the standard iteration
+# (bench/results/newton_schulz_cpu.json).
+NEWTON_SCHULZ_METHOD = "gram"
 
 
 def _wide_fp32(g: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -97,16 +95,6 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
-
-
-def newton_schulz_method() -> str:
-    """DeepSpeed's `ns_method` for this machine. "gram" (DeepSpeed's default: the iteration carried on the small
-    Gram matrix of a rectangular matrix, fewer FLOPs) on CUDA, where it runs in fp16, and on CPUs without bf16 matrix
-    instructions, where it runs in fp32 (`gram_newton_schulz`): the demo transformer's hidden matrices, one thread of
-    a 2-core AVX2 EPYC, 0.23 s a step against 0.37 for "standard" (bench/results/newton_schulz_cpu.json). "standard"
-    (the quintic iteration on the matrix itself) on CPUs with them, where it runs in bf16 and trained the demo's
-    transformer faster than "gram" in fp32 (Zen 4: bench/results/transformer_muon_zen4_cpu.json)."""
-    return "standard" if native_bf16_matmul() and not torch.cuda.is_available() else "gram"
 
 
 def gram_newton_schulz(g: torch.Tensor, steps: int = 5, restart: int = 2) -> torch.Tensor:
@@ -136,12 +124,14 @@ def gram_newton_schulz(g: torch.Tensor, steps: int = 5, restart: int = 2) -> tor
 
 def newton_schulz_in_fp32() -> None:
     """Make DeepSpeed's Muon (deepspeed 0.19.7) orthogonalise in fp32 (`newton_schulz`, `gram_newton_schulz`), in
-    this process. It runs the standard iteration in bf16 wherever its accelerator says bf16 is supported, which its
-    CPU accelerator always says, and the Gram one in fp16 wherever it says fp16 is; a CPU
+    this process: what every CPU runs. DeepSpeed runs the standard iteration in bf16 wherever its accelerator says bf16
+    is supported, which its CPU accelerator always says, and the Gram one in fp16 wherever it says fp16 is. A CPU
     without bf16 matrix instructions multiplies bf16 matrices many times slower than fp32 (the demo's transformer,
-    one process of batch 32 on one thread of a 2-core AVX2 EPYC: 13 s a step against 1.4). Every Muon path (ZeRO
-    0, 1 and 2, and the kernels `MuonWithKernels` steps) calls DeepSpeed's `muon_update`, which looks the iteration
-    up in its module."""
+    one process of batch 32 on one thread of a 2-core AVX2 EPYC: 13 s a step against 1.4); on one with them (AMX),
+    the bf16 iteration was faster but its demo models picked 58-62 of 64 held-out prompts right over three seeds
+    against 63-64 in fp32, tying on 128 development prompts (bench/results/demo_newton_schulz_xeon_cpu.json), so a
+    run's numbers do not depend on which instructions its CPU has. Every Muon path (ZeRO 0, 1 and 2, and the kernels
+    `MuonWithKernels` steps) calls DeepSpeed's `muon_update`, which looks the iteration up in its module."""
     from deepspeed.runtime.zero.muon import original_muon
 
     original_muon.zeropower_via_newtonschulz5 = newton_schulz
