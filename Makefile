@@ -39,7 +39,7 @@ DALLE_IMAGES ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),20000,8000)
 # (rerank_clip_steps_cpu.json).
 CLIP_STEPS ?= $(if $(filter muon,$(DALLE_OPTIMIZER)),350,400)
 # the optimizer of the demo's dVAE and transformer: adamw, or muon (DeepSpeed's Muon on the hidden weight matrices and
-# conv kernels, AdamW on the rest; in fp32 on a CPU without bf16 matrix instructions). DVAE_OPTIMIZER / DALLE_OPTIMIZER
+# conv kernels, AdamW on the rest; orthogonalised in fp32 on CPU). DVAE_OPTIMIZER / DALLE_OPTIMIZER
 # set one each.
 OPTIMIZER ?= muon
 # the transformer's: Muon at lr 0.01 with momentum 0.95 (at ZeRO 2, which keeps every matrix's momentum:
