@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Muon's Newton-Schulz iteration in fp32 (what a CPU without bf16 matrix instructions runs): seconds per training
+"""Muon's Newton-Schulz iteration in fp32 (what Muon runs on every CPU): seconds per training
 step for the standard iteration and for the Gram one (`dalle_ar.engine.optim`), over a preset's hidden matrices,
 and how far apart their results are. The transformer splits these matrices between its ranks; this times them all
 on torch's thread count.
