@@ -5,6 +5,9 @@ prompts apart, and where its errors come from:
   text       caption -> prior -> decoder: what a user gets (per candidate, oracle, CLIP top-1 of the candidates)
   decoder    the decoder alone, from the true CLIP image embedding of a render of the same caption: the ceiling
              the prior can reach (a wrong image here is the decoder's fault, or the embedding's)
+  caption_only  a decoder that reads the caption, from the caption alone (its null image embedding; GLIDE's
+             conditioning from the same network): whether the image embedding helps or hurts, e.g. at binding two
+             objects' attributes, which the unCLIP paper finds its decoder worse at than GLIDE
   prior_cos  cosine between the prior's image embedding and the render's true one (the prior's fit)
   upsampler_alone  with --upsampler: the upsampler alone, from the renders shrunk to its input size, against the bilinear
              resize of the same inputs: caption accuracy, PSNR to the render, background tint
@@ -156,6 +159,15 @@ def main(argv=None) -> dict:
         result["decoder_only"][f"g={scale:g}"] = {**summary(caption_report(
             decoded, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))})),
             "background_tint": tint_summary(decoded)}
+        if pipe.decoder.config.use_caption:  # the caption alone (same noise seed)
+            g = torch.Generator().manual_seed(args.seed)
+            rows = [pipe.decode(None, [c for c in prompts[i:i + args.batch_size] for _ in range(n)], steps=args.steps,
+                                guidance=scale, generator=g, progress=not args.no_progress).cpu()
+                    for i in range(0, len(prompts), args.batch_size)]
+            alone = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
+            result.setdefault("caption_only", {})[f"g={scale:g}"] = {**summary(caption_report(
+                alone, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))})),
+                "background_tint": tint_summary(alone)}
         if args.grid:
             save_grid(images[:8].flatten(0, 1), args.grid, nrow=n)
     if pipe.upsampler is not None:

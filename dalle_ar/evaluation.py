@@ -16,7 +16,8 @@ the reranker separately (DALL-E section 2.6: sample many, keep the one CLIP like
 
 `clip_discrimination` is the test a CLIP must pass before its scores mean anything here: for held-out scenes it
 compares the CLIP's cosine for the caption against a render of the scene and a render of the scene with one
-attribute changed (`synthetic.perturb`); the pairwise accuracy is how often the true render wins.
+attribute changed (`synthetic.perturb`); the pairwise accuracy is how often the true render wins. Its `binding`
+part does the same against two-shape scenes with their colours or kinds swapped between the shapes.
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ def clip_discrimination(scorer, num_scenes: int = 256, seed: int = synthetic.HEL
     """Pairwise accuracy of a CLIP (`clip.ClipScorer`) on the shapes world: for each held-out scene (world `seed`,
     not the training seed) and each attribute it can change, is cos(render(scene), caption) greater than
     cos(render(scene with that attribute changed), caption)? Returns the overall accuracy, per attribute, and the
-    number of pairs."""
+    number of pairs; and apart, under `binding`, the same test against renders of the two-shape scenes with their
+    colours or kinds swapped (`synthetic.swap`: the same words, bound to the other shape), which a CLIP that sees
+    which attributes are present but not which shape has which cannot pass."""
     wins: dict[str, list[bool]] = {}
+    binding: dict[str, list[bool]] = {}
     rng = np.random.default_rng([seed, 1])
     for i in range(num_scenes):
         scene = synthetic.example_scene(i, seed)
@@ -98,10 +102,23 @@ def clip_discrimination(scorer, num_scenes: int = 256, seed: int = synthetic.HEL
         names = synthetic.perturbable(scene)
         renders = [synthetic.render(scene, image_size)] + [synthetic.render(synthetic.perturb(scene, a, rng), image_size)
                                                            for a in names]
-        batch = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in renders]).float() / 255
+        batch = torch.stack([_tensor(im) for im in renders])
         cos = scorer.scores(batch, [text])[:, 0].float().cpu()
         for k, name in enumerate(names):
             wins.setdefault(name, []).append(bool(cos[0] > cos[k + 1]))
+        swaps = synthetic.swappable(scene)
+        if swaps:
+            batch = torch.stack([_tensor(synthetic.render(synthetic.swap(scene, a), image_size)) for a in swaps])
+            swapped = scorer.scores(batch, [text])[:, 0].float().cpu()
+            for k, name in enumerate(swaps):
+                binding.setdefault(name, []).append(bool(cos[0] > swapped[k]))
     every = [w for v in wins.values() for w in v]
+    bound = [w for v in binding.values() for w in v]
     return {"pairwise_accuracy": float(np.mean(every)), "pairs": len(every), "scenes": num_scenes, "seed": seed,
-            "per_attribute": {name: float(np.mean(v)) for name, v in wins.items()}}
+            "per_attribute": {name: float(np.mean(v)) for name, v in wins.items()},
+            "binding": {"pairwise_accuracy": float(np.mean(bound)) if bound else None, "pairs": len(bound),
+                        "per_swap": {name: float(np.mean(v)) for name, v in binding.items()}}}
+
+
+def _tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255

@@ -66,7 +66,10 @@ def test_clip_discrimination_tells_a_perfect_scorer_from_a_blind_one():
     perfect = clip_discrimination(CheckScorer(), num_scenes=40)
     assert perfect["pairwise_accuracy"] >= 0.95 and perfect["pairs"] == 40 * 4
     assert set(perfect["per_attribute"]) == {"colour", "shape", "size", "position", "relation"}
-    assert clip_discrimination(BlindScorer(), num_scenes=40)["pairwise_accuracy"] == 0.0
+    binding = perfect["binding"]  # swaps within the two-shape scenes, apart from the one-attribute pairs
+    assert binding["pairwise_accuracy"] >= 0.95 and binding["pairs"] >= 20 and set(binding["per_swap"]) == {"colour", "shape"}
+    blind = clip_discrimination(BlindScorer(), num_scenes=40)
+    assert blind["pairwise_accuracy"] == 0.0 and blind["binding"]["pairwise_accuracy"] == 0.0
 
 
 def test_demo_spread_reports_mean_and_spread_over_runs(tmp_path):

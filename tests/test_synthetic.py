@@ -412,6 +412,32 @@ def test_perturb_refuses_an_attribute_the_scene_lacks():
         S.perturb(one, "relation", np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("attribute", ["colour", "shape"])
+def test_swap_binds_the_same_words_to_the_other_shape(attribute):
+    """A swapped scene's caption has the original's words in another order; its render shows its own caption and
+    fails the original's, while both shapes keep their places."""
+    scenes_ = [sc for sc in scenes() if attribute in S.swappable(sc)][:80]
+    assert len(scenes_) >= 60
+    own, wrong = [], []
+    for sc in scenes_:
+        swapped = S.swap(sc, attribute)
+        assert sorted(S.caption(swapped).split()) == sorted(S.caption(sc).split()) != S.caption(swapped).split()
+        assert [(s.x, s.y) for s in swapped.shapes] == [(s.x, s.y) for s in sc.shapes]
+        assert S.swap(sc.spec, attribute) == swapped.spec
+        im = S.render(swapped)
+        own.append(S.check(im, S.caption(swapped)))
+        wrong.append(not S.check(im, S.caption(sc)))
+    assert np.mean(own) >= 0.95 and np.mean(wrong) >= 0.95, (np.mean(own), np.mean(wrong))
+
+
+def test_swap_refuses_what_would_not_change_the_binding():
+    one = next(sc for sc in scenes() if len(sc.shapes) == 1)
+    twins = next(sc for sc in scenes() if len(sc.shapes) == 2 and sc.shapes[0].shape == sc.shapes[1].shape)
+    assert S.swappable(one) == () and "shape" not in S.swappable(twins)
+    with pytest.raises(ValueError, match="swap"):
+        S.swap(twins, "shape")
+
+
 def test_variants_are_every_caption_wrong_in_exactly_one_attribute():
     """The contrast set of a caption: each shape in every unused colour, as each other kind, at the other size, then the
     mirrored position/relation; every one a caption the checker rejects on that attribute alone."""

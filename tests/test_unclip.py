@@ -445,6 +445,17 @@ def test_pipeline_generates_and_edits_deterministically(world, prior_run, decode
     kw = dict(seed=3, prior_steps=4, decoder_steps=3, prior_guidance=2.0, decoder_guidance=3.0, batch_size=3)
     a = pipe.generate(["a red circle", "a blue square"], 2, **kw)
     assert a.shape == (2, 2, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    # the caption alone (the decoder's null image embedding): its own images, the same for the same seed
+    bare = UnclipPipeline.load(prior_run / "export", decoder_run / "export", device="cpu")
+    kw_decode = dict(steps=2, guidance=2.0)
+    alone = [bare.decode(None, ["a red circle"] * 2, **kw_decode, generator=torch.Generator().manual_seed(0))
+             for _ in range(2)]
+    assert alone[0].shape == (2, 3, 16, 16) and torch.equal(*alone)
+    z = bare.image_embed(torch.rand(2, 3, 32, 32))
+    assert not torch.equal(alone[0], bare.decode(z, ["a red circle"] * 2, **kw_decode,
+                                                 generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="captions"):
+        bare.decode(None, None, steps=2, guidance=1.0, generator=torch.Generator())
     assert torch.equal(a, pipe.generate(["a red circle", "a blue square"], 2, **kw))
     assert not torch.equal(a, pipe.generate(["a red circle", "a blue square"], 2, **{**kw, "seed": 4}))
     base = ["--prior", str(prior_run / "export"), "--decoder", str(decoder_run / "export"), "--out", str(tmp_path / "e"),
@@ -482,8 +493,9 @@ def test_generate_script_with_the_unclip_backend(world, prior_run, decoder_run, 
 
 
 def test_unclip_accuracy_bench_splits_prior_and_decoder(prior_run, decoder_run, tmp_path):
-    """bench/unclip_accuracy.py: caption accuracy of text -> prior -> decoder and of the decoder alone from the renders'
-    own embeddings, by number of objects, at the world's 64 px (the 16 px decoder's images are resized)."""
+    """bench/unclip_accuracy.py: caption accuracy of text -> prior -> decoder, of the decoder alone from the renders'
+    own embeddings and from the caption alone, by number of objects, at the world's 64 px (the 16 px decoder's
+    images are resized)."""
     from bench.unclip_accuracy import main as unclip_accuracy
 
     r = unclip_accuracy(["--prior", str(prior_run / "export"), "--decoder", str(decoder_run / "export"), "--prompts", "3",
@@ -491,7 +503,7 @@ def test_unclip_accuracy_bench_splits_prior_and_decoder(prior_run, decoder_run, 
                          "--out", str(tmp_path / "r.json")])
     assert r["image_size"] == 16 and r["resized"] and r["checked_at"] == 64
     assert r["decoder_config"]["image_size"] == 16 and r["decoder_config"]["attention_pos_embed"] == "none"
-    for part in ("text", "decoder_only"):
+    for part in ("text", "decoder_only", "caption_only"):
         assert list(r[part]) == ["g=1", "g=2"]
         s = r[part]["g=2"]
         assert s["candidates"] == 6 and 0 <= s["per_candidate"] <= s["oracle"] <= 1

@@ -252,6 +252,28 @@ def perturb(scene: Scene | SceneSpec, attribute: str, rng: np.random.Generator) 
     return type(scene)(shapes, scene.relation)
 
 
+def swappable(scene: Scene | SceneSpec) -> tuple[str, ...]:
+    """The attributes ``swap`` can exchange between a scene's two shapes: colour when the shapes differ in kind or
+    size (so the swap changes which shape wears which colour, not just where), shape when their kinds differ. Empty
+    for one shape."""
+    if len(scene.shapes) != 2:
+        return ()
+    a, b = scene.shapes
+    return (("colour",) if (a.shape, a.size) != (b.shape, b.size) else ()) + (("shape",) if a.shape != b.shape else ())
+
+
+def swap(scene: Scene | SceneSpec, attribute: str) -> Scene | SceneSpec:
+    """The two-shape scene with ``attribute`` (colour or shape) exchanged between its shapes, each staying where it is.
+    Its caption has the same words in another order: only a model that binds attributes to objects tells the two
+    apart (what the unCLIP paper finds CLIP image embeddings weak at, in its section on limitations)."""
+    if attribute not in swappable(scene):
+        raise ValueError(f"cannot swap {attribute!r} in {caption(scene)!r}; use one of {swappable(scene)}")
+    key = "color" if attribute == "colour" else "shape"
+    a, b = scene.shapes
+    shapes = (dataclasses.replace(a, **{key: getattr(b, key)}), dataclasses.replace(b, **{key: getattr(a, key)}))
+    return type(scene)(shapes, scene.relation)
+
+
 def wrong_captions(text: str, k: int, rng: np.random.Generator) -> list[str]:
     """Up to ``k`` captions that are each wrong about one attribute of ``text`` (distinct attributes, chosen at
     random): hard negatives for contrastive training. Empty for text that is not a shapes-world caption."""

@@ -83,11 +83,16 @@ class UnclipPipeline:
             return None
         return self.decoder_tokenizer.encode(list(captions)).to(self.device)
 
-    def decode(self, image_embed: torch.Tensor, captions: Sequence[str] | None = None, *, steps: int, guidance: float,
-               generator: torch.Generator, noise: torch.Tensor | None = None, eta: float = 0.0,
+    def decode(self, image_embed: torch.Tensor | None, captions: Sequence[str] | None = None, *, steps: int,
+               guidance: float, generator: torch.Generator, noise: torch.Tensor | None = None, eta: float = 0.0,
                upsampler_steps: int | None = None, progress: bool = False) -> torch.Tensor:
-        """Image embeddings (B, D) -> images (B, 3, H, W) in [0, 1] (through the upsampler when loaded)."""
-        images = self.decoder.sample(image_embed.to(self.device), self._decoder_text(captions), steps=steps,
+        """Image embeddings (B, D) -> images (B, 3, H, W) in [0, 1] (through the upsampler when loaded). With
+        `image_embed` None, a decoder that reads the caption draws from the caption alone (its null image embedding,
+        which it trained on 10% of the time: GLIDE's conditioning, from the same network)."""
+        text = self._decoder_text(captions)
+        if image_embed is None and text is None:
+            raise ValueError("decode needs image embeddings, or captions for a decoder trained with --use_caption")
+        images = self.decoder.sample(None if image_embed is None else image_embed.to(self.device), text, steps=steps,
                                      guidance=guidance, eta=eta, generator=generator, noise=noise, progress=progress)
         if self.upsampler is not None:  # unguided, as the paper's upsamplers
             images = self.upsampler.sample(low_res=images, steps=upsampler_steps or steps, generator=generator,
