@@ -9,6 +9,9 @@ prompts apart, and where its errors come from:
              conditioning from the same network): whether the image embedding helps or hurts, e.g. at binding two
              objects' attributes, which the unCLIP paper finds its decoder worse at than GLIDE
   prior_cos  cosine between the prior's image embedding and the render's true one (the prior's fit)
+
+--text_guidance T adds, at each decoder guidance S, the settings "g=S,gt=T": the caption guided on its own scale T
+beside the image embedding's S (diffusion.guided; T = S is plain guidance).
   upsampler_alone  with --upsampler: the upsampler alone, from the renders shrunk to its input size, against the bilinear
              resize of the same inputs: caption accuracy, PSNR to the render, background tint
 
@@ -111,12 +114,15 @@ def main(argv=None) -> dict:
     p.add_argument("--first_prompt", type=int, default=0, help="64: held-out prompts after the demo's 64 (development)")
     p.add_argument("--candidates", type=int, default=4, help="images per prompt and setting")
     p.add_argument("--guidance", default="1,3", help="decoder guidance scales")
+    p.add_argument("--text_guidance", default="",
+                   help="also, at each --guidance scale, these scales for the caption on its own (a decoder that reads "
+                        "the caption; diffusion.guided): settings 'g=S,gt=T'")
     p.add_argument("--prior_guidance", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=32, help="DDIM steps of the prior and the decoder")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--grid", default=None, help="PNG: per prompt (first 8) its text candidates at the last guidance")
+    p.add_argument("--grid", default=None, help="PNG: per prompt (first 8) its text candidates at the last setting")
     p.add_argument("--out", default=None)
     p.add_argument("--no_progress", action="store_true", help="no progress bars (they go to stderr)")
     args = p.parse_args(argv)
@@ -141,31 +147,37 @@ def main(argv=None) -> dict:
     result["prior_cos"] = float(F.cosine_similarity(z, true_embed).mean())
     result["text_embed_cos"] = float(F.cosine_similarity(text_embed, true_embed).mean())
 
-    for scale in [float(s) for s in args.guidance.split(",")]:
+    scales = [float(s) for s in args.guidance.split(",")]
+    text_scales = [float(s) for s in args.text_guidance.split(",") if s]
+    if text_scales and not pipe.decoder.config.use_caption:
+        p.error(f"--text_guidance needs a decoder that reads the caption; {args.decoder} was trained without --use_caption")
+    settings = [(s, None) for s in scales] + [(s, t) for s in scales for t in text_scales]
+    for scale, text_scale in settings:
+        key = f"g={scale:g}" if text_scale is None else f"g={scale:g},gt={text_scale:g}"
         images = at_world_size(pipe.generate(prompts, n, seed=args.seed, prior_steps=args.steps,
                                              decoder_steps=args.steps, prior_guidance=args.prior_guidance,
-                                             decoder_guidance=scale, batch_size=args.batch_size,
-                                             progress=not args.no_progress))
+                                             decoder_guidance=scale, decoder_text_guidance=text_scale,
+                                             batch_size=args.batch_size, progress=not args.no_progress))
         orders = {"clip": clip_order(pipe, images, prompts), "sampling": np.tile(np.arange(n), (len(prompts), 1))}
-        result["text"][f"g={scale:g}"] = {**summary(caption_report(images, prompts, orders)),
-                                          "background_tint": tint_summary(images)}
+        result["text"][key] = {**summary(caption_report(images, prompts, orders)),
+                               "background_tint": tint_summary(images)}
         # the decoder alone, from the renders' own embeddings (same noise seed)
         g = torch.Generator().manual_seed(args.seed)
         rows = [pipe.decode(true_embed[i:i + args.batch_size].repeat_interleave(n, 0).to(pipe.device),
                             [c for c in prompts[i:i + args.batch_size] for _ in range(n)], steps=args.steps,
-                            guidance=scale, generator=g, progress=not args.no_progress).cpu()
+                            guidance=scale, text_guidance=text_scale, generator=g, progress=not args.no_progress).cpu()
                 for i in range(0, len(prompts), args.batch_size)]
         decoded = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
-        result["decoder_only"][f"g={scale:g}"] = {**summary(caption_report(
+        result["decoder_only"][key] = {**summary(caption_report(
             decoded, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))})),
             "background_tint": tint_summary(decoded)}
-        if pipe.decoder.config.use_caption:  # the caption alone (same noise seed)
+        if pipe.decoder.config.use_caption and text_scale is None:  # the caption alone (same noise seed)
             g = torch.Generator().manual_seed(args.seed)
             rows = [pipe.decode(None, [c for c in prompts[i:i + args.batch_size] for _ in range(n)], steps=args.steps,
                                 guidance=scale, generator=g, progress=not args.no_progress).cpu()
                     for i in range(0, len(prompts), args.batch_size)]
             alone = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
-            result.setdefault("caption_only", {})[f"g={scale:g}"] = {**summary(caption_report(
+            result.setdefault("caption_only", {})[key] = {**summary(caption_report(
                 alone, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))})),
                 "background_tint": tint_summary(alone)}
         if args.grid:

@@ -122,6 +122,30 @@ def test_ddim_eta0_is_deterministic_and_inverts():
     assert (back - x1).abs().mean() < 0.01 and torch.allclose(back, x1, atol=0.04), (back - x1).abs().max()
 
 
+def test_text_guidance_guides_the_caption_apart_from_the_image_embedding():
+    """guided(..., text_scale): u + s (c_image - u) + t (c - c_image), three rows in one forward, on the real decoder's
+    dict drops; t equal to s is plain guidance."""
+    torch.manual_seed(0)
+    cfg = UnetConfig(**{**asdict(UNET), "use_caption": True, "text_vocab_size": 64, "text_len": 12})
+    model, x = UnetDecoder(cfg, DiffusionConfig()).eval(), torch.randn(3, 3, 16, 16)
+    cond = {"image_embed": F.normalize(torch.randn(3, 32), dim=-1), "text": torch.randint(1, 64, (3, 12))}
+    with torch.no_grad():
+        model.null_image_embed.normal_()
+        for p in model.parameters():  # zero-initialised output layers would hide any difference
+            p.add_(torch.randn_like(p) * 0.05)
+    t = torch.tensor([3, 400, 999])
+    keep, drop = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        c = model(x, t, cond, {"image": keep, "text": keep})
+        c_image = model(x, t, cond, {"image": keep, "text": drop})
+        u = model(x, t, cond, {"image": drop, "text": drop})
+        assert (c - c_image).abs().max() > 1e-3 and (c_image - u).abs().max() > 1e-3
+        assert torch.allclose(guided(model, cond, 2.0, 5.0)(x, t), u + 2 * (c_image - u) + 5 * (c - c_image), atol=1e-4)
+        assert torch.equal(guided(model, cond, 3.0, 3.0)(x, t), guided(model, cond, 3.0)(x, t))
+        with pytest.raises(ValueError, match="use_caption"):
+            UnetDecoder(UNET, DiffusionConfig()).sample(cond["image_embed"], steps=2, text_guidance=4.0)
+
+
 def test_seeded_sampling_is_reproducible():
     d = GaussianDiffusion.from_config("linear", 100, "v").respace(10)
     denoise = gaussian_denoiser(d, 0.0, 1.0)
@@ -499,12 +523,13 @@ def test_unclip_accuracy_bench_splits_prior_and_decoder(prior_run, decoder_run, 
     from bench.unclip_accuracy import main as unclip_accuracy
 
     r = unclip_accuracy(["--prior", str(prior_run / "export"), "--decoder", str(decoder_run / "export"), "--prompts", "3",
-                         "--candidates", "2", "--guidance", "1,2", "--steps", "2", "--grid", str(tmp_path / "g.png"),
-                         "--out", str(tmp_path / "r.json")])
+                         "--candidates", "2", "--guidance", "1,2", "--text_guidance", "4", "--steps", "2",
+                         "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "r.json")])
     assert r["image_size"] == 16 and r["resized"] and r["checked_at"] == 64
     assert r["decoder_config"]["image_size"] == 16 and r["decoder_config"]["attention_pos_embed"] == "none"
+    assert list(r["text"]) == list(r["decoder_only"]) == ["g=1", "g=2", "g=1,gt=4", "g=2,gt=4"]
+    assert list(r["caption_only"]) == ["g=1", "g=2"]  # the caption alone: no image embedding to guide apart
     for part in ("text", "decoder_only", "caption_only"):
-        assert list(r[part]) == ["g=1", "g=2"]
         s = r[part]["g=2"]
         assert s["candidates"] == 6 and 0 <= s["per_candidate"] <= s["oracle"] <= 1
         assert sum(b["prompts"] for b in s["by_objects"].values()) == 3

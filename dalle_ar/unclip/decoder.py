@@ -325,17 +325,21 @@ class UnetDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, image_embed: torch.Tensor | None = None, text: torch.Tensor | None = None,
-               low_res: torch.Tensor | None = None, *, steps: int = 50, guidance: float = 1.0, sampler: str = "ddim",
-               eta: float = 0.0, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               low_res: torch.Tensor | None = None, *, steps: int = 50, guidance: float = 1.0,
+               text_guidance: float | None = None, sampler: str = "ddim", eta: float = 0.0,
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                batch: int | None = None, progress: bool = False) -> torch.Tensor:
-        """Images (B, 3, S, S) in [0, 1]. Guidance mixes the full condition with the all-dropped one."""
+        """Images (B, 3, S, S) in [0, 1]. Guidance mixes the full condition with the all-dropped one; with
+        `text_guidance` (a decoder that reads the caption) the caption gets its own scale (`diffusion.guided`)."""
+        if text_guidance is not None and not (self.config.use_caption and text is not None):
+            raise ValueError("text_guidance needs a decoder trained with --use_caption, and captions")
         cond = self.condition(image_embed, text, low_res)
         ref = next((v for v in (image_embed, text, low_res, noise) if v is not None), None)
         b = batch or ref.shape[0]
         device = ref.device if ref is not None else next(self.parameters()).device
         s = self.config.image_size
         diffusion = self.diffusion.respace(steps)
-        x = loop.sample(diffusion, guided(self, cond, guidance), (b, 3, s, s), sampler=sampler, eta=eta,
+        x = loop.sample(diffusion, guided(self, cond, guidance, text_guidance), (b, 3, s, s), sampler=sampler, eta=eta,
                         generator=generator, device=device, noise=noise, progress=progress)
         if self.config.low_res_residual:
             x = x + self.resized_low_res(cond)

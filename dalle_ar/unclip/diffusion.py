@@ -18,7 +18,8 @@ The loops, with their progress bar, live in unclip/loop.py.
 
 Guidance: a `model_fn(x, t, cond, drop)` runs the network with conditioning `cond` (a dict of batched
 tensors) where `drop` (B,) bool says which rows see the null condition; `guided(...)` runs the
-conditional and unconditional rows in one forward and mixes them as u + s (c - u).
+conditional and unconditional rows in one forward and mixes them as u + s (c - u). A decoder that reads both an
+image embedding and a caption can have the caption guided on its own scale (`text_scale`, below).
 """
 
 from __future__ import annotations
@@ -204,9 +205,16 @@ class GaussianDiffusion:
         return a.sqrt() * x0_hat + (1 - a).sqrt() * eps_from
 
 
-def guided(model_fn: ModelFn, cond: dict, scale: float) -> DenoiseFn:
+def guided(model_fn: ModelFn, cond: dict, scale: float, text_scale: float | None = None) -> DenoiseFn:
     """Classifier-free guidance: out = u + scale (c - u), the conditional and unconditional rows in one
-    batched forward. At scale 1 that is c: the conditional forward alone, at half the cost."""
+    batched forward. At scale 1 that is c: the conditional forward alone, at half the cost.
+
+    With `text_scale` (for a model whose `drop` takes {"image": mask, "text": mask}, as the decoder's), the caption
+    is guided apart from the image embedding, as InstructPix2Pix guides its two conditions (Brooks et al. 2023):
+    out = u + scale (c_image - u) + text_scale (c - c_image), where c_image drops the caption only: three rows per
+    forward. `text_scale` equal to `scale` is plain guidance."""
+    if text_scale is not None and text_scale != scale:
+        return _guided_apart(model_fn, cond, scale, text_scale)
     if scale == 1:
         return conditional(model_fn, cond)
 
@@ -216,6 +224,18 @@ def guided(model_fn: ModelFn, cond: dict, scale: float) -> DenoiseFn:
         both = model_fn(torch.cat([x, x]), torch.cat([t, t]), {k: torch.cat([v, v]) for k, v in cond.items()}, drop)
         c, u = both.float().chunk(2)
         return u + scale * (c - u)
+
+    return denoise
+
+
+def _guided_apart(model_fn: ModelFn, cond: dict, scale: float, text_scale: float) -> DenoiseFn:
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        zeros, ones = (torch.full((x.shape[0],), v, dtype=torch.bool, device=x.device) for v in (False, True))
+        drop = {"image": torch.cat([zeros, zeros, ones]), "text": torch.cat([zeros, ones, ones])}
+        rows = model_fn(torch.cat([x, x, x]), torch.cat([t, t, t]), {k: torch.cat([v, v, v]) for k, v in cond.items()},
+                        drop)
+        c, c_image, u = rows.float().chunk(3)
+        return u + scale * (c_image - u) + text_scale * (c - c_image)
 
     return denoise
 

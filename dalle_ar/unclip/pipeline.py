@@ -85,7 +85,8 @@ class UnclipPipeline:
 
     def decode(self, image_embed: torch.Tensor | None, captions: Sequence[str] | None = None, *, steps: int,
                guidance: float, generator: torch.Generator, noise: torch.Tensor | None = None, eta: float = 0.0,
-               upsampler_steps: int | None = None, progress: bool = False) -> torch.Tensor:
+               upsampler_steps: int | None = None, text_guidance: float | None = None,
+               progress: bool = False) -> torch.Tensor:
         """Image embeddings (B, D) -> images (B, 3, H, W) in [0, 1] (through the upsampler when loaded). With
         `image_embed` None, a decoder that reads the caption draws from the caption alone (its null image embedding,
         which it trained on 10% of the time: GLIDE's conditioning, from the same network)."""
@@ -93,7 +94,8 @@ class UnclipPipeline:
         if image_embed is None and text is None:
             raise ValueError("decode needs image embeddings, or captions for a decoder trained with --use_caption")
         images = self.decoder.sample(None if image_embed is None else image_embed.to(self.device), text, steps=steps,
-                                     guidance=guidance, eta=eta, generator=generator, noise=noise, progress=progress)
+                                     guidance=guidance, text_guidance=text_guidance, eta=eta, generator=generator,
+                                     noise=noise, progress=progress)
         if self.upsampler is not None:  # unguided, as the paper's upsamplers
             images = self.upsampler.sample(low_res=images, steps=upsampler_steps or steps, generator=generator,
                                            progress=progress)
@@ -103,12 +105,13 @@ class UnclipPipeline:
     def generate(self, prompts: Sequence[str], num_candidates: int = 1, *, seed: int = 0, prior_steps: int = 64,
                  decoder_steps: int = 64, prior_guidance: float = 1.0, decoder_guidance: float = 3.0,
                  batch_size: int = 16, prior_candidates: int = 2, upsampler_steps: int | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 decoder_text_guidance: float | None = None, progress: bool = False) -> torch.Tensor:
         """`num_candidates` images per prompt: (P, N, 3, H, W) in [0, 1].
 
         Each candidate gets its own prior sample (the best of `prior_candidates` by similarity to the text
         embedding) and decoder sample; `batch_size` candidates run at once. Steps are DDIM (eta 0) steps
-        on the respaced schedule; guidance scales are classifier-free (1 = off)."""
+        on the respaced schedule; guidance scales are classifier-free (1 = off). `decoder_text_guidance` guides a
+        caption-reading decoder's caption on its own scale (None: the decoder guidance for both conditions)."""
         g = torch.Generator().manual_seed(seed)
         flat = [p for p in prompts for _ in range(num_candidates)]
         out = []
@@ -118,7 +121,8 @@ class UnclipPipeline:
             z = self.prior.sample(self.tokenizer.encode(chunk).to(self.device), text_embed, steps=prior_steps,
                                   guidance=prior_guidance, candidates=prior_candidates, generator=g, progress=progress)
             out.append(self.decode(z, chunk, steps=decoder_steps, guidance=decoder_guidance, generator=g,
-                                   upsampler_steps=upsampler_steps, progress=progress).cpu())
+                                   upsampler_steps=upsampler_steps, text_guidance=decoder_text_guidance,
+                                   progress=progress).cpu())
         images = torch.cat(out)
         return images.view(len(prompts), num_candidates, *images.shape[1:])
 
