@@ -9,11 +9,11 @@ prompts apart, and where its errors come from:
              conditioning from the same network): whether the image embedding helps or hurts, e.g. at binding two
              objects' attributes, which the unCLIP paper finds its decoder worse at than GLIDE
   prior_cos  cosine between the prior's image embedding and the render's true one (the prior's fit)
+  upsampler_alone  with --upsampler: the upsampler alone, from the renders shrunk to its input size, against the bilinear
+             resize of the same inputs: caption accuracy, PSNR to the render, background tint
 
 --text_guidance T adds, at each decoder guidance S, the settings "g=S,gt=T": the caption guided on its own scale T
 beside the image embedding's S (diffusion.guided; T = S is plain guidance).
-  upsampler_alone  with --upsampler: the upsampler alone, from the renders shrunk to its input size, against the bilinear
-             resize of the same inputs: caption accuracy, PSNR to the render, background tint
 
 Every image set also reports its background tint: per image, the median RGB distance (0-255) of its pixels from the
 world's background colour (shapes cover at most about a third of an image, so the median pixel is background; a render
