@@ -103,6 +103,21 @@ def clip_order(pipe: UnclipPipeline, images: torch.Tensor, prompts: list[str]) -
     return torch.argsort((img * txt[:, None]).sum(-1), dim=1, descending=True).cpu().numpy()
 
 
+def decoded_report(pipe: UnclipPipeline, embeds: torch.Tensor | None, prompts: list[str], args, scale: float,
+                   text_scale: float | None) -> dict:
+    """The figures of --candidates decodes per prompt from its embedding (None: from its caption alone), with the
+    noise seed of the text -> prior -> decoder run, in sampling order."""
+    n, bs = args.candidates, args.batch_size
+    g = torch.Generator().manual_seed(args.seed)
+    rows = [pipe.decode(None if embeds is None else embeds[i:i + bs].repeat_interleave(n, 0).to(pipe.device),
+                        [c for c in prompts[i:i + bs] for _ in range(n)], steps=args.steps, guidance=scale,
+                        text_guidance=text_scale, generator=g, progress=not args.no_progress).cpu()
+            for i in range(0, len(prompts), bs)]
+    images = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
+    order = {"sampling": np.tile(np.arange(n), (len(prompts), 1))}
+    return {**summary(caption_report(images, prompts, order)), "background_tint": tint_summary(images)}
+
+
 @torch.no_grad()
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,25 +176,10 @@ def main(argv=None) -> dict:
         orders = {"clip": clip_order(pipe, images, prompts), "sampling": np.tile(np.arange(n), (len(prompts), 1))}
         result["text"][key] = {**summary(caption_report(images, prompts, orders)),
                                "background_tint": tint_summary(images)}
-        # the decoder alone, from the renders' own embeddings (same noise seed)
-        g = torch.Generator().manual_seed(args.seed)
-        rows = [pipe.decode(true_embed[i:i + args.batch_size].repeat_interleave(n, 0).to(pipe.device),
-                            [c for c in prompts[i:i + args.batch_size] for _ in range(n)], steps=args.steps,
-                            guidance=scale, text_guidance=text_scale, generator=g, progress=not args.no_progress).cpu()
-                for i in range(0, len(prompts), args.batch_size)]
-        decoded = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
-        result["decoder_only"][key] = {**summary(caption_report(
-            decoded, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))})),
-            "background_tint": tint_summary(decoded)}
-        if pipe.decoder.config.use_caption and text_scale is None:  # the caption alone (same noise seed)
-            g = torch.Generator().manual_seed(args.seed)
-            rows = [pipe.decode(None, [c for c in prompts[i:i + args.batch_size] for _ in range(n)], steps=args.steps,
-                                guidance=scale, generator=g, progress=not args.no_progress).cpu()
-                    for i in range(0, len(prompts), args.batch_size)]
-            alone = at_world_size(torch.cat(rows).view(len(prompts), n, *rows[0].shape[1:]))
-            result.setdefault("caption_only", {})[key] = {**summary(caption_report(
-                alone, prompts, {"sampling": np.tile(np.arange(n), (len(prompts), 1))})),
-                "background_tint": tint_summary(alone)}
+        # the decoder alone, from the renders' own embeddings, then (a decoder that reads it) the caption alone
+        result["decoder_only"][key] = decoded_report(pipe, true_embed, prompts, args, scale, text_scale)
+        if pipe.decoder.config.use_caption and text_scale is None:
+            result.setdefault("caption_only", {})[key] = decoded_report(pipe, None, prompts, args, scale, None)
         if args.grid:
             save_grid(images[:8].flatten(0, 1), args.grid, nrow=n)
     if pipe.upsampler is not None:
