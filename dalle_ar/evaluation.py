@@ -107,7 +107,7 @@ def clip_discrimination(scorer, num_scenes: int = 256, seed: int = synthetic.HEL
         for k, name in enumerate(names):
             wins.setdefault(name, []).append(bool(cos[0] > cos[k + 1]))
         swaps = synthetic.swappable(scene)
-        if swaps:
+        if swaps:  # a batch of their own: the one-attribute cosines stay those measured before binding was added
             batch = torch.stack([_tensor(synthetic.render(synthetic.swap(scene, a), image_size)) for a in swaps])
             swapped = scorer.scores(batch, [text])[:, 0].float().cpu()
             for k, name in enumerate(swaps):
